@@ -1,0 +1,237 @@
+//! Hot-path benchmark: what fusebox adds to a call, against the cost of one Redis round trip
+//! measured in the same run on the same Redis through the same client.
+//!
+//! ```sh
+//! cargo bench --bench hot_path                     # spawns redis-server on a free port
+//! REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench hot_path
+//! FUSEBOX_BENCH_SECS=5 cargo bench --bench hot_path
+//! ```
+//!
+//! Rows, each at concurrency 1 and 64:
+//! (a) raw `EVALSHA` of a trivial script through a redis-rs `ConnectionManager` (the client
+//!     fusebox uses); (b) a fusebox-guarded no-op call (admit + record + release) on the
+//!     Redis store, with a breaker, a bulkhead and a rate limit in force; (c) the same on the
+//!     in-memory store; (d) a deadpool-redis checkout + the same `EVALSHA`, to show what a
+//!     pool checkout would cost on the hot path.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fusebox::{CallOutcome, Config, Coordinator, FeatureConfig, RateConfig, RedisConfig};
+
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn redis_url() -> (String, Server) {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return (url, Server(None));
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH (apt-get install redis-server), or set REDIS_URL");
+    let url = format!("redis://127.0.0.1:{port}/");
+    let client = redis::Client::open(url.as_str()).expect("url");
+    for _ in 0..200 {
+        if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100)) {
+            if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                return (url, Server(Some(child)));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("redis-server did not start on port {port}");
+}
+
+#[derive(Clone, Copy)]
+struct Figures {
+    ops: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn measure<F, Fut>(concurrency: usize, secs: f64, op: F) -> Figures
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    // Warm-up.
+    for _ in 0..200 {
+        op().await;
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let op = Arc::clone(&op);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                op().await;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("bench task"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
+    Figures {
+        ops: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+fn config(redis: Option<String>) -> Config {
+    let mut c = Config {
+        namespace: format!("bench-{}", std::process::id()),
+        ..Config::default()
+    };
+    c.redis = redis.map(|url| RedisConfig {
+        url: Some(url),
+        timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    });
+    c.features.insert(
+        "bench".into(),
+        FeatureConfig {
+            max_concurrent: Some(100_000),
+            rate: Some(RateConfig {
+                requests: 100_000_000,
+                per: Duration::from_secs(100),
+                burst: Some(100_000_000),
+            }),
+            ..FeatureConfig::default()
+        },
+    );
+    c
+}
+
+fn row(name: &str, c: usize, f: Figures) {
+    println!(
+        "{name:<44} c={c:<3} {:>10.0} ops/s   p50 {:>8.1} µs   p99 {:>8.1} µs",
+        f.ops, f.p50_us, f.p99_us
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would run us too: do little then.
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let secs: f64 = std::env::var("FUSEBOX_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (url, _server) = redis_url();
+    rt.block_on(async move {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let conn = client
+            .get_connection_manager()
+            .await
+            .expect("connect to Redis");
+        let script = Arc::new(redis::Script::new("return 1"));
+        let redis_fusebox = Coordinator::new(config(Some(url.clone())))
+            .await
+            .expect("coordinator");
+        let memory_fusebox = Coordinator::new(config(None)).await.expect("coordinator");
+        let pool = deadpool_redis::Config::from_url(url.as_str())
+            .builder()
+            .expect("pool config")
+            .max_size(64)
+            .wait_timeout(Some(Duration::from_secs(2)))
+            .create_timeout(Some(Duration::from_secs(2)))
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .build()
+            .expect("pool");
+
+        println!("fusebox hot path, {secs} s per row, same Redis, same run ({url})");
+        for &c in &[1usize, 64] {
+            let (conn_a, script_a) = (conn.clone(), Arc::clone(&script));
+            let a = measure(c, secs, move || {
+                let mut conn = conn_a.clone();
+                let script = Arc::clone(&script_a);
+                async move {
+                    let _: i64 = script.invoke_async(&mut conn).await.expect("EVALSHA");
+                }
+            })
+            .await;
+            let fb = redis_fusebox.clone();
+            let b = measure(c, secs, move || {
+                let fb = fb.clone();
+                async move {
+                    let p = fb.admit("bench", "model").await.expect("admitted");
+                    p.record(CallOutcome::Success);
+                }
+            })
+            .await;
+            let fm = memory_fusebox.clone();
+            let m = measure(c, secs, move || {
+                let fm = fm.clone();
+                async move {
+                    let p = fm.admit("bench", "model").await.expect("admitted");
+                    p.record(CallOutcome::Success);
+                }
+            })
+            .await;
+            let (pool_d, script_d) = (pool.clone(), Arc::clone(&script));
+            let d = measure(c, secs, move || {
+                let pool = pool_d.clone();
+                let script = Arc::clone(&script_d);
+                async move {
+                    let mut conn = pool.get().await.expect("pool checkout");
+                    let _: i64 = script.invoke_async(&mut conn).await.expect("EVALSHA");
+                }
+            })
+            .await;
+            row("(a) raw EVALSHA (baseline)", c, a);
+            row("(b) fusebox guarded no-op, RedisStore", c, b);
+            row("(c) fusebox guarded no-op, MemoryStore", c, m);
+            row("(d) deadpool checkout + EVALSHA", c, d);
+            println!(
+                "    c={c}: ratio b/a = {:.2} (ops/s); p50 added by fusebox = {:.1} µs = {:.2} baseline round trips; deadpool d/a = {:.2}",
+                b.ops / a.ops,
+                b.p50_us - a.p50_us,
+                (b.p50_us - a.p50_us) / a.p50_us,
+                d.ops / a.ops
+            );
+        }
+        redis_fusebox.flush(Duration::from_secs(5)).await;
+    });
+}

@@ -1,0 +1,629 @@
+//! The coordinator: admits calls against shared state, runs them, settles their outcomes.
+//!
+//! It owns the store (Redis, or the embedded in-memory store), a local in-memory store for
+//! Redis-down mode, a breaker around Redis itself ([`health`]) and the background settle
+//! queue ([`flusher`]).
+
+mod flusher;
+mod health;
+mod permit;
+
+pub use permit::{Heartbeat, Permit};
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{mpsc, Notify};
+
+use self::flusher::Msg;
+use self::health::{Change, Health, Route};
+use crate::breaker::{BreakerParams, BreakerSnapshot, CallOutcome, Force, Transition};
+use crate::bulkhead::BulkheadParams;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{check_name, Config, FeatureConfig, StorePolicy};
+use crate::keys::{feature_keys, target_keys};
+use crate::observer::{trace, Event, Observer};
+use crate::ratelimit::RateParams;
+use crate::store::{
+    AdmitRequest, Admission, FeatureSpec, MemoryStore, RedisStore, Settle, Store, TargetSpec,
+};
+use crate::{Error, Rejection, StoreError};
+
+/// Most target names remembered (unconfigured targets get the default breaker settings;
+/// past this many distinct names, specs are built per call instead of cached).
+const TARGET_CACHE_MAX: usize = 10_000;
+
+/// Admits calls to targets on behalf of features, against state shared by the whole fleet.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("namespace", &self.shared.namespace)
+            .field("redis", &self.shared.remote.is_some())
+            .field("degraded", &self.is_degraded())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct FeatureRt {
+    pub(crate) spec: Arc<FeatureSpec>,
+    /// The same feature with limits divided by the fleet size, for local mode.
+    pub(crate) local: Arc<FeatureSpec>,
+    pub(crate) max_wait: Duration,
+    pub(crate) policy: StorePolicy,
+    pub(crate) lease: Duration,
+    /// Woken when a permit of this feature is released, so waiters retry at once.
+    pub(crate) released: Notify,
+}
+
+pub(crate) struct Remote {
+    pub(crate) store: RedisStore,
+    pub(crate) queue: mpsc::Sender<Msg>,
+    /// What the background flusher needs; it holds no `Shared`, so dropping the last
+    /// coordinator closes the queue and ends the task after it delivered what was queued.
+    pub(crate) sink: Sink,
+}
+
+/// Reports events and store health; shared by the coordinator and the flusher.
+#[derive(Clone)]
+pub(crate) struct Reporter {
+    observer: Arc<dyn Observer>,
+    health: Option<Arc<Health>>,
+}
+
+impl Reporter {
+    pub(crate) fn emit(&self, event: Event) {
+        trace(&event);
+        self.observer.on_event(&event);
+    }
+
+    pub(crate) fn store_ok(&self) {
+        if let Some(h) = &self.health {
+            if h.success() == Change::Recovered {
+                self.emit(Event::StoreRecovered);
+            }
+        }
+    }
+
+    pub(crate) fn store_failed(&self, error: &StoreError) {
+        if let Some(h) = &self.health {
+            if error.is_unavailable() && h.failure() == Change::Degraded {
+                self.emit(Event::StoreDegraded {
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+
+    fn observe<T>(&self, res: &Result<T, StoreError>) {
+        match res {
+            Ok(_) => self.store_ok(),
+            Err(e) => self.store_failed(e),
+        }
+    }
+}
+
+/// The flusher's view: the store, the reporter, and the features' release notifiers.
+#[derive(Clone)]
+pub(crate) struct Sink {
+    pub(crate) store: RedisStore,
+    pub(crate) reporter: Reporter,
+    pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
+}
+
+pub(crate) struct Shared {
+    namespace: String,
+    default_breaker: BreakerParams,
+    idle_ttl_ms: u64,
+    targets: RwLock<HashMap<String, Arc<TargetSpec>>>,
+    pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
+    pub(crate) remote: Option<Remote>,
+    pub(crate) health: Option<Arc<Health>>,
+    /// The embedded store (no Redis configured), or local state for Redis-down mode.
+    pub(crate) local: MemoryStore,
+    pub(crate) reporter: Reporter,
+    replica: String,
+    counter: AtomicU64,
+}
+
+/// Builds a [`Coordinator`]: configuration plus optional observer and clock.
+pub struct CoordinatorBuilder {
+    config: Config,
+    observer: Arc<dyn Observer>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for CoordinatorBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorBuilder {
+    /// Receives transitions, rejections and store health changes.
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// The clock of the in-memory store (tests; Redis always uses its own `TIME`).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Validates the configuration and connects. Fails on invalid configuration (naming the
+    /// field), never because Redis is unreachable: then it starts in local mode.
+    pub async fn build(self) -> Result<Coordinator, Error> {
+        let config = self.config;
+        config.validate()?;
+        let idle_ttl = config
+            .redis
+            .as_ref()
+            .map_or(Duration::from_secs(24 * 3600), |r| r.idle_ttl);
+        let idle_ttl_ms = idle_ttl.as_millis() as u64;
+        let replicas = config.redis.as_ref().map_or(1, |r| r.replicas);
+        let ns = config.namespace.clone();
+
+        let mut targets = HashMap::new();
+        for (name, b) in &config.targets {
+            targets.insert(
+                name.clone(),
+                Arc::new(TargetSpec {
+                    name: name.clone(),
+                    keys: target_keys(&ns, name),
+                    params: BreakerParams::from_config(b, idle_ttl_ms),
+                }),
+            );
+        }
+        let features: Arc<HashMap<_, _>> = Arc::new(
+            config
+                .features
+                .iter()
+                .map(|(name, f)| (name.clone(), Arc::new(feature_rt(&ns, name, f, replicas))))
+                .collect(),
+        );
+
+        let local = MemoryStore::new(self.clock);
+        let health = config
+            .redis
+            .as_ref()
+            .map(|rc| Arc::new(Health::new(rc.failure_threshold, rc.retry_interval)));
+        let reporter = Reporter {
+            observer: self.observer,
+            health: health.clone(),
+        };
+        let mut flusher = None;
+        let remote = match &config.redis {
+            None => None,
+            Some(rc) => {
+                let store = RedisStore::connect(rc).await?;
+                let (tx, rx) = mpsc::channel(rc.settle_queue);
+                let sink = Sink {
+                    store: store.clone(),
+                    reporter: reporter.clone(),
+                    features: Arc::clone(&features),
+                };
+                flusher = Some((sink.clone(), rx, rc.settle_batch));
+                Some(Remote {
+                    store,
+                    queue: tx,
+                    sink,
+                })
+            }
+        };
+        let replica: u64 = rand::rng().random();
+        let shared = Arc::new(Shared {
+            namespace: ns,
+            default_breaker: BreakerParams::from_config(&config.breaker, idle_ttl_ms),
+            idle_ttl_ms,
+            targets: RwLock::new(targets),
+            features,
+            remote,
+            health,
+            local,
+            reporter,
+            replica: format!("{replica:016x}"),
+            counter: AtomicU64::new(0),
+        });
+        if let Some((sink, rx, batch)) = flusher {
+            tokio::spawn(flusher::run(sink, rx, batch));
+        }
+        Ok(Coordinator { shared })
+    }
+}
+
+fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> FeatureRt {
+    let lease_ms = f.lease.as_millis() as u64;
+    let rate = f.rate.as_ref().map(|r| {
+        let per_us = r.per.as_micros() as u64;
+        let requests = u64::from(r.requests.max(1));
+        RateParams {
+            emission_us: (per_us / requests).max(1),
+            burst: r.burst.unwrap_or(r.requests).max(1),
+        }
+    });
+    let spec = FeatureSpec {
+        name: name.to_owned(),
+        keys: feature_keys(ns, name),
+        bulkhead: f.max_concurrent.map(|limit| BulkheadParams { limit, lease_ms }),
+        rate,
+    };
+    let r = replicas.max(1);
+    let local = FeatureSpec {
+        bulkhead: spec.bulkhead.map(|b| BulkheadParams {
+            limit: b.limit.div_ceil(r),
+            ..b
+        }),
+        rate: spec.rate.map(|p| RateParams {
+            emission_us: p.emission_us.saturating_mul(u64::from(r)),
+            burst: p.burst.div_ceil(r),
+        }),
+        ..spec.clone()
+    };
+    FeatureRt {
+        spec: Arc::new(spec),
+        local: Arc::new(local),
+        max_wait: f.max_wait,
+        policy: f.on_store_unavailable,
+        lease: f.lease,
+        released: Notify::new(),
+    }
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, event: Event) {
+        self.reporter.emit(event);
+    }
+
+    pub(crate) fn route(&self) -> Route {
+        self.health.as_ref().map_or(Route::Remote, |h| h.route())
+    }
+
+    fn target(&self, name: &str) -> Result<Arc<TargetSpec>, Error> {
+        if let Some(t) = self
+            .targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(Arc::clone(t));
+        }
+        check_name("target", name)?;
+        let spec = Arc::new(TargetSpec {
+            name: name.to_owned(),
+            keys: target_keys(&self.namespace, name),
+            params: self.default_breaker.clone(),
+        });
+        let mut map = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() < TARGET_CACHE_MAX {
+            map.insert(name.to_owned(), Arc::clone(&spec));
+        }
+        Ok(spec)
+    }
+
+    fn feature(&self, name: &str) -> Result<Arc<FeatureRt>, Error> {
+        self.features
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownFeature(name.to_owned()))
+    }
+
+    fn next_call_id(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.replica)
+    }
+
+    /// Queues a settle for the shared store without waiting.
+    pub(crate) fn enqueue(self: &Arc<Self>, settle: Settle) {
+        let Some(remote) = &self.remote else { return };
+        match remote.queue.try_send(Msg::Settle(settle)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Msg::Settle(s))) => {
+                let sink = remote.sink.clone();
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move { flusher::deliver(&sink, &[s]).await });
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Where an admitted call's state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Location {
+    Shared,
+    Local,
+}
+
+impl Coordinator {
+    /// Validates `config` and connects (see [`CoordinatorBuilder::build`]).
+    pub async fn new(config: Config) -> Result<Self, Error> {
+        Self::builder(config).build().await
+    }
+
+    /// A builder, to add an observer or a clock.
+    pub fn builder(config: Config) -> CoordinatorBuilder {
+        CoordinatorBuilder {
+            config,
+            observer: Arc::new(()),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// True while Redis is configured but unreachable and this replica runs on local state.
+    pub fn is_degraded(&self) -> bool {
+        self.shared.health.as_ref().is_some_and(|h| h.is_degraded())
+    }
+
+    /// Asks to run one call of `feature` against `target`. Waits up to the feature's
+    /// `max_wait` for a bulkhead permit or rate-limit slot; otherwise answers at once.
+    /// The returned [`Permit`] must be given the call's outcome ([`Permit::record`]);
+    /// dropping it releases what it holds without counting an outcome.
+    pub async fn admit(&self, feature: &str, target: &str) -> Result<Permit, Error> {
+        let f = self.shared.feature(feature)?;
+        let t = self.shared.target(target)?;
+        let deadline = Instant::now() + f.max_wait;
+        let mut attempt: u32 = 0;
+        loop {
+            let released = f.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let rejection = match self.try_admit(&f, &t).await {
+                Ok(permit) => return Ok(permit),
+                Err(r) => r,
+            };
+            let now = Instant::now();
+            let waitable = matches!(
+                rejection,
+                Rejection::BulkheadFull { .. } | Rejection::RateLimited { .. }
+            );
+            if !waitable || now >= deadline {
+                self.shared.emit(Event::Rejected {
+                    feature: f.spec.name.clone(),
+                    target: t.name.clone(),
+                    rejection: rejection.clone(),
+                });
+                return Err(Error::Rejected(rejection));
+            }
+            let left = deadline - now;
+            let pause = wait_step(&rejection, attempt).min(left);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = &mut released => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn try_admit(&self, f: &Arc<FeatureRt>, t: &Arc<TargetSpec>) -> Result<Permit, Rejection> {
+        let call_id = self.shared.next_call_id();
+        if let Some(remote) = &self.shared.remote {
+            if self.shared.route() == Route::Remote {
+                let req = AdmitRequest {
+                    target: t,
+                    feature: &f.spec,
+                    call_id: &call_id,
+                };
+                match remote.store.admit(req).await {
+                    Ok(admission) => {
+                        self.shared.reporter.store_ok();
+                        return self.finish(admission, f, t, call_id, Location::Shared);
+                    }
+                    Err(error) => {
+                        tracing::debug!(target: "fusebox", event = "store_error", error = %error, "admit failed");
+                        self.shared.reporter.store_failed(&error);
+                        // A timed-out script may still have run: give back whatever it may
+                        // have taken (release and probe-free are idempotent).
+                        self.shared.enqueue(Settle {
+                            target: Arc::clone(t),
+                            feature: Arc::clone(&f.spec),
+                            call_id: call_id.clone(),
+                            generation: 0,
+                            probe: true,
+                            permit: f.spec.bulkhead.is_some(),
+                            refund_rate: false,
+                            outcome: CallOutcome::Ignored,
+                            elapsed_ms: 0,
+                        });
+                    }
+                }
+            }
+            if f.policy == StorePolicy::FailClosed {
+                return Err(Rejection::StoreUnavailable {
+                    feature: f.spec.name.clone(),
+                });
+            }
+            let req = AdmitRequest {
+                target: t,
+                feature: &f.local,
+                call_id: &call_id,
+            };
+            let admission = self.shared.local.admit_now(req);
+            return self.finish(admission, f, t, call_id, Location::Local);
+        }
+        let req = AdmitRequest {
+            target: t,
+            feature: &f.spec,
+            call_id: &call_id,
+        };
+        let admission = self.shared.local.admit_now(req);
+        self.finish(admission, f, t, call_id, Location::Shared)
+    }
+
+    fn finish(
+        &self,
+        admission: Admission,
+        f: &Arc<FeatureRt>,
+        t: &Arc<TargetSpec>,
+        call_id: String,
+        location: Location,
+    ) -> Result<Permit, Rejection> {
+        match admission {
+            Admission::Admitted(a) => {
+                if let Some(tr) = a.transition.clone() {
+                    self.shared.emit(Event::Transition(tr));
+                }
+                Ok(Permit::new(
+                    Arc::clone(&self.shared),
+                    Arc::clone(f),
+                    Arc::clone(t),
+                    call_id,
+                    a,
+                    location,
+                ))
+            }
+            Admission::Rejected {
+                rejection,
+                transition,
+            } => {
+                if let Some(tr) = transition {
+                    self.shared.emit(Event::Transition(tr));
+                }
+                Err(rejection)
+            }
+        }
+    }
+
+    /// Runs `call` if admitted and records its outcome: `Ok` is a success, `Err` a failure.
+    /// The outer `Result` is fusebox's (a rejection), the inner one is the call's.
+    pub async fn call<T, E, Fut>(
+        &self,
+        feature: &str,
+        target: &str,
+        call: impl FnOnce() -> Fut,
+    ) -> Result<Result<T, E>, Error>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_classified(feature, target, call, |r| match r {
+            Ok(_) => CallOutcome::Success,
+            Err(_) => CallOutcome::Failure,
+        })
+        .await
+    }
+
+    /// Like [`Self::call`], with `classify` deciding what the result means for the breaker
+    /// (e.g. a 400 is [`CallOutcome::Ignored`], a 529 a [`CallOutcome::Failure`]).
+    pub async fn call_classified<T, E, Fut>(
+        &self,
+        feature: &str,
+        target: &str,
+        call: impl FnOnce() -> Fut,
+        classify: impl FnOnce(&Result<T, E>) -> CallOutcome,
+    ) -> Result<Result<T, E>, Error>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let permit = self.admit(feature, target).await?;
+        let result = call().await;
+        permit.record(classify(&result));
+        Ok(result)
+    }
+
+    /// Sets a fleet-wide "not before" instant for `target` (from an upstream `retry-after`):
+    /// no replica sends to it for `retry_after`. Not a breaker failure.
+    pub async fn set_not_before(&self, target: &str, retry_after: Duration) -> Result<(), Error> {
+        let t = self.shared.target(target)?;
+        let ms = retry_after.as_millis().min(u128::from(u32::MAX)) as u64;
+        // Local state learns it too, so a replica that degrades later still honours it.
+        self.shared.local.set_not_before(&t, ms).await?;
+        if let Some(r) = &self.shared.remote {
+            if self.shared.route() == Route::Remote {
+                let res = r.store.set_not_before(&t, ms).await;
+                self.shared.reporter.observe(&res);
+            }
+        }
+        Ok(())
+    }
+
+    /// An operator command on `target`'s breaker, applied fleet-wide.
+    pub async fn force(&self, target: &str, cmd: Force) -> Result<Option<Transition>, Error> {
+        let t = self.shared.target(target)?;
+        let tr = match &self.shared.remote {
+            Some(r) => {
+                let res = r.store.force(&t, cmd).await;
+                self.shared.reporter.observe(&res);
+                res?
+            }
+            None => self.shared.local.force(&t, cmd).await?,
+        };
+        if let Some(tr) = &tr {
+            self.shared.emit(Event::Transition(tr.clone()));
+        }
+        Ok(tr)
+    }
+
+    /// `target`'s breaker as the fleet sees it (or this replica, in local mode).
+    pub async fn snapshot(&self, target: &str) -> Result<BreakerSnapshot, Error> {
+        let t = self.shared.target(target)?;
+        if let Some(r) = &self.shared.remote {
+            if self.shared.route() == Route::Remote {
+                let res = r.store.snapshot(&t).await;
+                self.shared.reporter.observe(&res);
+                if let Ok(s) = res {
+                    return Ok(s);
+                }
+            }
+        }
+        Ok(self.shared.local.snapshot(&t).await?)
+    }
+
+    /// Bulkhead permits of `feature` in flight fleet-wide (or on this replica, in local mode).
+    pub async fn in_flight(&self, feature: &str) -> Result<u32, Error> {
+        let f = self.shared.feature(feature)?;
+        if let Some(r) = &self.shared.remote {
+            if self.shared.route() == Route::Remote {
+                let res = r.store.in_flight(&f.spec).await;
+                self.shared.reporter.observe(&res);
+                if let Ok(n) = res {
+                    return Ok(n);
+                }
+            }
+        }
+        Ok(self.shared.local.in_flight(&f.local).await?)
+    }
+
+    /// Delivers every queued outcome and release to the store, waiting at most `timeout`
+    /// (then what is left is delivered in the background as usual). Call it before a clean
+    /// shutdown; dropping the coordinator also delivers the queue if the runtime lives on.
+    pub async fn flush(&self, timeout: Duration) {
+        let Some(remote) = &self.shared.remote else {
+            return;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if remote.queue.send(Msg::Flush(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(timeout, rx).await;
+        }
+    }
+}
+
+/// How long to wait before retrying a refused admission: the store's hint for rate limits
+/// (exact), a jittered exponential step for bulkheads (2 ms doubling to 100 ms, full jitter
+/// above 1 ms), so that waiters neither spin on Redis nor sleep through a freed permit. A
+/// local release wakes waiters at once.
+fn wait_step(rejection: &Rejection, attempt: u32) -> Duration {
+    match rejection {
+        Rejection::RateLimited { retry_after, .. } => *retry_after,
+        _ => {
+            let cap_ms = 2u64.saturating_mul(1 << attempt.min(6)).min(100);
+            let hint = rejection
+                .retry_after()
+                .map_or(cap_ms, |d| d.as_millis() as u64);
+            let cap = cap_ms.min(hint.max(1));
+            Duration::from_millis(rand::rng().random_range(1..=cap.max(1)))
+        }
+    }
+}

@@ -1,0 +1,19 @@
+#![doc = include_str!("../README.md")]
+
+pub mod breaker;
+pub mod bulkhead;
+pub mod clock;
+pub mod config;
+mod error;
+pub mod keys;
+pub mod ratelimit;
+pub mod store;
+
+pub use breaker::{CallOutcome, CircuitState, Force, Transition, TransitionReason};
+pub use config::{BreakerConfig, Config, FeatureConfig, RateConfig, RedisConfig, StorePolicy};
+pub use error::{Error, Rejection, StoreError};
+// pub mod coordinator; // re-enabled once RedisStore lands
+pub mod observer;
+
+// pub use coordinator::{Coordinator, CoordinatorBuilder, Heartbeat, Permit};
+pub use observer::{Event, Observer};

@@ -1,0 +1,98 @@
+//! Observer hook: transitions, rejections and store degradation, as they happen.
+//!
+//! Every event is also emitted as a `tracing` event under the `fusebox` target with stable
+//! field names (see README, "Observability").
+
+use crate::breaker::Transition;
+use crate::{Rejection, StoreError};
+
+/// Something worth telling operators about.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// A breaker changed state. Reported once, by the replica whose call made the change.
+    Transition(Transition),
+    /// A call was refused.
+    Rejected {
+        /// The call's feature.
+        feature: String,
+        /// The call's target.
+        target: String,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// The shared store stopped answering; this replica runs on local state.
+    StoreDegraded {
+        /// The failure that tipped it.
+        error: StoreError,
+    },
+    /// The shared store answers again; this replica is back on shared state.
+    StoreRecovered,
+    /// Outcomes or releases could not be delivered to the store and were dropped (permits
+    /// still come back when their lease ends).
+    SettleDropped {
+        /// How many.
+        count: usize,
+        /// Why.
+        error: StoreError,
+    },
+}
+
+/// Receives [`Event`]s. The default for `()` does nothing. Called inline on the hot path:
+/// keep it quick (count, or hand off to a channel).
+pub trait Observer: Send + Sync + 'static {
+    /// One event.
+    fn on_event(&self, event: &Event) {
+        let _ = event;
+    }
+}
+
+impl Observer for () {}
+
+pub(crate) fn trace(event: &Event) {
+    match event {
+        Event::Transition(t) => tracing::info!(
+            target: "fusebox",
+            event = "transition",
+            breaker.target = %t.target,
+            from = t.from.as_str(),
+            to = t.to.as_str(),
+            generation = t.generation,
+            reason = t.reason.as_str(),
+            "circuit {} -> {}", t.from, t.to
+        ),
+        Event::Rejected {
+            feature,
+            target,
+            rejection,
+        } => tracing::debug!(
+            target: "fusebox",
+            event = "rejected",
+            feature = %feature,
+            breaker.target = %target,
+            kind = rejection.kind(),
+            retry_after_ms = rejection.retry_after().map(|d| d.as_millis() as u64),
+            "call rejected"
+        ),
+        Event::StoreDegraded { error } => tracing::warn!(
+            target: "fusebox",
+            event = "store_degraded",
+            degraded = true,
+            error = %error,
+            "shared store unavailable: running on local state"
+        ),
+        Event::StoreRecovered => tracing::info!(
+            target: "fusebox",
+            event = "store_recovered",
+            degraded = false,
+            "shared store reachable again"
+        ),
+        Event::SettleDropped { count, error } => tracing::warn!(
+            target: "fusebox",
+            event = "settle_dropped",
+            count = *count,
+            error = %error,
+            "outcomes not delivered to the store"
+        ),
+    }
+}

@@ -1,0 +1,267 @@
+//! The in-process store: the embedded default for a single replica, the local state in
+//! Redis-down mode, and the reference model the Redis scripts are tested against.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{AdmitRequest, Admission, Admitted, FeatureSpec, Settle, Store, TargetSpec};
+use crate::breaker::{BreakerSnapshot, BreakerState, Force, Transition, Verdict};
+use crate::bulkhead::Permits;
+use crate::clock::{Clock, SystemClock};
+use crate::{Rejection, StoreError};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+struct FeatureState {
+    permits: Permits,
+    tat_us: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    breakers: HashMap<String, (BreakerState, u64)>,
+    features: HashMap<String, FeatureState>,
+    ops: u64,
+}
+
+/// In-process [`Store`]. Cheap to clone (clones share state).
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(Arc::new(SystemClock))
+    }
+}
+
+const SWEEP_EVERY: u64 = 4096;
+
+impl MemoryStore {
+    /// A store reading time from `clock`.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        MemoryStore {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            clock,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the plain data half-written in a way
+        // that matters more than refusing all further calls would.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Synchronous admit (the trait method wraps it).
+    pub fn admit_now(&self, req: AdmitRequest<'_>) -> Admission {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        inner.sweep(now);
+        let p = &req.target.params;
+        let (verdict, transition) = {
+            let entry = inner
+                .breakers
+                .entry(req.target.keys.breaker.clone())
+                .or_default();
+            entry.1 = now;
+            entry.0.evaluate(p, &req.target.name, now)
+        };
+        let probe = match verdict {
+            Verdict::Allow => false,
+            Verdict::Probe => true,
+            Verdict::Reject {
+                state,
+                retry_after_ms,
+            } => {
+                return Admission::Rejected {
+                    rejection: Rejection::CircuitOpen {
+                        target: req.target.name.clone(),
+                        state,
+                        retry_after: retry_after_ms.map(Duration::from_millis),
+                    },
+                    transition,
+                }
+            }
+            Verdict::NotBefore { retry_after_ms } => {
+                return Admission::Rejected {
+                    rejection: Rejection::NotBefore {
+                        target: req.target.name.clone(),
+                        retry_after: Duration::from_millis(retry_after_ms),
+                    },
+                    transition,
+                }
+            }
+        };
+        let f = req.feature;
+        let fs = inner.features.entry(f.keys.permits.clone()).or_default();
+        let now_us = now * 1000;
+        let rate = f.rate.map(|r| r.check(fs.tat_us, now_us));
+        if let Some(d) = rate {
+            if !d.allowed {
+                return Admission::Rejected {
+                    rejection: Rejection::RateLimited {
+                        feature: f.name.clone(),
+                        retry_after: Duration::from_micros(d.retry_after_us),
+                    },
+                    transition,
+                };
+            }
+        }
+        if let Some(b) = &f.bulkhead {
+            fs.permits.reclaim(now);
+            if let Err(wait_ms) = fs.permits.check(b, now) {
+                return Admission::Rejected {
+                    rejection: Rejection::BulkheadFull {
+                        feature: f.name.clone(),
+                        limit: b.limit,
+                        retry_after: Some(Duration::from_millis(wait_ms)),
+                    },
+                    transition,
+                };
+            }
+            fs.permits.insert(b, req.call_id, now);
+        }
+        if let Some(d) = rate {
+            fs.tat_us = Some(d.new_tat_us);
+        }
+        let generation = {
+            let entry = inner
+                .breakers
+                .entry(req.target.keys.breaker.clone())
+                .or_default();
+            if probe {
+                entry.0.take_probe(p, req.call_id, now);
+            }
+            entry.0.generation
+        };
+        Admission::Admitted(Admitted {
+            generation,
+            probe,
+            permit: f.bulkhead.is_some(),
+            transition,
+        })
+    }
+
+    /// Synchronous settle.
+    pub fn settle_now(&self, items: &[Settle]) -> Vec<Transition> {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for s in items {
+            if let Some(entry) = inner.breakers.get_mut(&s.target.keys.breaker) {
+                entry.1 = now;
+                let probe_id = s.probe.then_some(s.call_id.as_str());
+                if let Some(t) = entry.0.record(
+                    &s.target.params,
+                    &s.target.name,
+                    now,
+                    s.generation,
+                    s.outcome,
+                    s.elapsed_ms,
+                    probe_id,
+                ) {
+                    out.push(t);
+                }
+            }
+            if let Some(fs) = inner.features.get_mut(&s.feature.keys.permits) {
+                if s.permit {
+                    fs.permits.release(&s.call_id);
+                }
+                if let (true, Some(r), Some(tat)) = (s.refund_rate, s.feature.rate, fs.tat_us) {
+                    fs.tat_us = Some(r.refund(tat, now * 1000));
+                }
+            }
+        }
+        out
+    }
+
+    /// Synchronous heartbeat.
+    pub fn heartbeat_now(&self, feature: &FeatureSpec, call_id: &str) -> bool {
+        let now = self.clock.now_ms();
+        let Some(b) = &feature.bulkhead else {
+            return false;
+        };
+        let mut inner = self.lock();
+        inner
+            .features
+            .get_mut(&feature.keys.permits)
+            .is_some_and(|fs| fs.permits.heartbeat(b, call_id, now))
+    }
+
+    fn with_breaker<R>(
+        &self,
+        target: &TargetSpec,
+        f: impl FnOnce(&mut BreakerState, u64) -> R,
+    ) -> R {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        let entry = inner
+            .breakers
+            .entry(target.keys.breaker.clone())
+            .or_default();
+        entry.1 = now;
+        f(&mut entry.0, now)
+    }
+}
+
+impl Inner {
+    /// Forgets idle state so that arbitrary target names cannot grow memory without bound
+    /// (the in-memory twin of Redis key expiry).
+    fn sweep(&mut self, now: u64) {
+        self.ops += 1;
+        if self.ops % SWEEP_EVERY != 0 {
+            return;
+        }
+        self.breakers.retain(|_, (b, touched)| {
+            b.state.is_operator_state()
+                || b.state != crate::breaker::CircuitState::Closed
+                || now.saturating_sub(*touched) < 24 * 3600 * 1000
+        });
+        self.features.retain(|_, f| {
+            f.permits.reclaim(now);
+            !f.permits.is_empty() || f.tat_us.is_some_and(|t| t > now * 1000)
+        });
+    }
+}
+
+impl Store for MemoryStore {
+    async fn admit(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        Ok(self.admit_now(req))
+    }
+
+    async fn settle(&self, items: &[Settle]) -> Result<Vec<Transition>, StoreError> {
+        Ok(self.settle_now(items))
+    }
+
+    async fn heartbeat(&self, feature: &FeatureSpec, call_id: &str) -> Result<bool, StoreError> {
+        Ok(self.heartbeat_now(feature, call_id))
+    }
+
+    async fn set_not_before(
+        &self,
+        target: &TargetSpec,
+        retry_after_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with_breaker(target, |b, now| b.set_not_before(now, retry_after_ms));
+        Ok(())
+    }
+
+    async fn force(&self, target: &TargetSpec, cmd: Force) -> Result<Option<Transition>, StoreError> {
+        Ok(self.with_breaker(target, |b, now| b.force(&target.name, cmd, now)))
+    }
+
+    async fn snapshot(&self, target: &TargetSpec) -> Result<BreakerSnapshot, StoreError> {
+        Ok(self.with_breaker(target, |b, now| b.snapshot(&target.params, now)))
+    }
+
+    async fn in_flight(&self, feature: &FeatureSpec) -> Result<u32, StoreError> {
+        let now = self.clock.now_ms();
+        let inner = self.lock();
+        Ok(inner
+            .features
+            .get(&feature.keys.permits)
+            .map_or(0, |f| f.permits.in_flight(now)))
+    }
+}

@@ -1,0 +1,652 @@
+//! The Redis store: one Lua script per operation (`lua/*.lua`), so every replica of a fleet
+//! shares one view of breakers, bulkheads and rate limits. Semantics are those of
+//! [`MemoryStore`](super::MemoryStore); time is the Redis server's (`TIME`), one clock for the
+//! whole fleet.
+//!
+//! * Single node: `admit` is ONE `admit.lua` call (breaker + rate + bulkhead, all or nothing).
+//! * Redis Cluster: a target's keys and a feature's keys live under different hash tags, so
+//!   `admit` sends the breaker part and the feature part concurrently (one round trip on the
+//!   multiplexed connection) and compensates in the background when only one part admitted.
+//! * `settle` groups outcomes by target and releases by feature and sends every script call
+//!   of the batch concurrently.
+//!
+//! Every operation is bounded by [`RedisConfig::timeout`]. A timed-out script may still have
+//! run; see the notes on [`RedisStore::admit`](Store::admit) and `settle` below.
+
+mod conn;
+mod reply;
+mod scripts;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::{join, join_all};
+use redis::aio::ConnectionManagerConfig;
+use redis::cluster::ClusterClient;
+use redis::{IntoConnectionInfo, ScriptInvocation, Value};
+
+use self::conn::{map_err, ClusterHandle, Conn};
+use self::scripts::{AdmitMode, Outcome};
+use super::{AdmitRequest, Admission, Admitted, FeatureSpec, Settle, Store, TargetSpec};
+use crate::breaker::{BreakerSnapshot, CallOutcome, CircuitState, Force, Transition};
+use crate::config::RedisConfig;
+use crate::{Error, Rejection, StoreError};
+
+/// Reconnect backoff of the single-node connection: delays grow from this...
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// ...up to this...
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+/// ...for this many tries; then the next command starts a new round.
+const RECONNECT_TRIES: usize = 3;
+
+/// [`Store`] on Redis (single node or Cluster). Cheap to clone (clones share connections).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+    split_admit: bool,
+}
+
+struct Inner {
+    conn: Conn,
+    timeout: Duration,
+    settle_batch: usize,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // No URLs: they may carry passwords.
+        f.debug_struct("RedisStore")
+            .field("mode", &if self.is_cluster() { "cluster" } else { "single" })
+            .field("timeout", &self.inner.timeout)
+            .field("settle_batch", &self.inner.settle_batch)
+            .field("split_admit", &self.split_admit)
+            .finish()
+    }
+}
+
+/// What one `admit.lua` call (or part of a split admission) decided.
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Admitted {
+        generation: u64,
+        probe: bool,
+        permit: bool,
+    },
+    Rejected(Rejection),
+}
+
+impl RedisStore {
+    /// A store for `config.url` (single node) or `config.cluster` (seed nodes).
+    ///
+    /// Connects lazily: an unreachable Redis is not an error here (operations fail with
+    /// [`StoreError::Connection`] / [`StoreError::Timeout`] until it is back, and the
+    /// connection is re-established in the background). Fails only for a configuration that
+    /// cannot work: no URL, both `url` and `cluster`, or a URL that does not parse
+    /// ([`Error::Config`] naming the field). Must be called inside a Tokio runtime.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, Error> {
+        #[cfg(feature = "tls")]
+        {
+            // Fails only when a provider is already installed, which is just as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let conn = match (&config.url, config.cluster.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::config(
+                    "redis.cluster",
+                    "set either redis.url or redis.cluster, not both",
+                ))
+            }
+            (None, true) => {
+                return Err(Error::config(
+                    "redis.url",
+                    "a [redis] table needs url (single node) or cluster (seed nodes)",
+                ))
+            }
+            (Some(url), true) => Conn::Single(single_node(url, config)?),
+            (None, false) => Conn::Cluster(Arc::new(cluster(config)?)),
+        };
+        if let Conn::Single(cm) = &conn {
+            // Start connecting now, in the background, so the first call does not pay for it.
+            let mut cm = cm.clone();
+            tokio::spawn(async move {
+                let _ = redis::cmd("PING").query_async::<Value>(&mut cm).await;
+            });
+        }
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                timeout: config.timeout,
+                settle_batch: config.settle_batch.max(1),
+            }),
+            split_admit: false,
+        })
+    }
+
+    /// Forces (or stops forcing) split admission on a single node: the breaker part and the
+    /// feature part as two concurrent script calls with compensation, as on Redis Cluster.
+    /// For tests of the compensation path; on Cluster admission is always split.
+    pub fn with_split_admit(mut self, on: bool) -> Self {
+        self.split_admit = on;
+        self
+    }
+
+    /// Whether `admit` runs split (always on Cluster, or forced).
+    pub fn splits_admit(&self) -> bool {
+        self.split_admit || self.is_cluster()
+    }
+
+    /// Whether this store talks to Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
+    }
+
+    /// The bound on every operation ([`RedisConfig::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// PING (every master of a cluster), bounded by the timeout: to probe recovery while in
+    /// local mode.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let t = self.inner.timeout;
+        match tokio::time::timeout(t, self.inner.conn.ping()).await {
+            Ok(r) => r.map_err(|e| map_err(e, t)),
+            Err(_) => Err(StoreError::Timeout(t)),
+        }
+    }
+
+    /// One script call, bounded by the timeout.
+    async fn call(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
+        self.bounded(self.inner.conn.invoke(inv)).await
+    }
+
+    /// One call of a script that is safe to repeat: retried once (within the same timeout)
+    /// when the connection turned out to be dropped, since the connection manager reconnects
+    /// in the background but does not resend the failed command.
+    async fn call_idempotent(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
+        let conn = &self.inner.conn;
+        self.bounded(async move {
+            match conn.invoke(inv).await {
+                Err(e) if e.is_connection_dropped() => conn.invoke(inv).await,
+                r => r,
+            }
+        })
+        .await
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, StoreError> {
+        let t = self.inner.timeout;
+        match tokio::time::timeout(t, fut).await {
+            Ok(r) => r.map_err(|e| map_err(e, t)),
+            Err(_) => Err(StoreError::Timeout(t)),
+        }
+    }
+
+    async fn admit_part(
+        &self,
+        mode: AdmitMode,
+        req: AdmitRequest<'_>,
+    ) -> Result<(Part, Option<Transition>), StoreError> {
+        let inv = scripts::admit(
+            mode,
+            (&req.target.keys, &req.target.params),
+            req.feature,
+            req.call_id,
+        );
+        let v = self.call(&inv).await?;
+        parse_admit(v, &req.target.name, req.feature)
+    }
+
+    async fn admit_one_call(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        match self.admit_part(AdmitMode::Both, req).await {
+            Ok((Part::Admitted { generation, probe, permit }, transition)) => {
+                Ok(Admission::Admitted(Admitted {
+                    generation,
+                    probe,
+                    permit,
+                    transition,
+                }))
+            }
+            Ok((Part::Rejected(rejection), transition)) => Ok(Admission::Rejected {
+                rejection,
+                transition,
+            }),
+            Err(e) => {
+                if may_have_run(&e) {
+                    // The script may have taken a probe slot and a permit: give them back (both
+                    // releases are idempotent). A rate slot it may have taken is not refunded,
+                    // since a refund is not safe to repeat.
+                    self.spawn_free_probe(req.target, req.call_id);
+                    self.spawn_release(req.feature, req.call_id, true, false);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn admit_split(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        let (b, f) = join(
+            self.admit_part(AdmitMode::Breaker, req),
+            self.admit_part(AdmitMode::Feature, req),
+        )
+        .await;
+        let took_rate = req.feature.rate.is_some();
+        match (b, f) {
+            (Ok((bp, transition)), Ok((fp, _))) => Ok(match (bp, fp) {
+                (
+                    Part::Admitted {
+                        generation, probe, ..
+                    },
+                    Part::Admitted { permit, .. },
+                ) => Admission::Admitted(Admitted {
+                    generation,
+                    probe,
+                    permit,
+                    transition,
+                }),
+                (Part::Rejected(rejection), Part::Admitted { permit, .. }) => {
+                    self.spawn_release(req.feature, req.call_id, permit, took_rate);
+                    Admission::Rejected {
+                        rejection,
+                        transition,
+                    }
+                }
+                (Part::Admitted { probe, .. }, Part::Rejected(rejection)) => {
+                    if probe {
+                        self.spawn_free_probe(req.target, req.call_id);
+                    }
+                    Admission::Rejected {
+                        rejection,
+                        transition,
+                    }
+                }
+                (Part::Rejected(rejection), Part::Rejected(_)) => Admission::Rejected {
+                    rejection,
+                    transition,
+                },
+            }),
+            (Err(e), f) => {
+                if let Ok((Part::Admitted { permit, .. }, _)) = f {
+                    self.spawn_release(req.feature, req.call_id, permit, took_rate);
+                } else if f.as_ref().err().is_some_and(may_have_run) {
+                    self.spawn_release(req.feature, req.call_id, true, false);
+                }
+                if may_have_run(&e) {
+                    self.spawn_free_probe(req.target, req.call_id);
+                }
+                Err(e)
+            }
+            (Ok((bp, transition)), Err(e)) => {
+                if let Part::Admitted { probe: true, .. } = bp {
+                    self.spawn_free_probe(req.target, req.call_id);
+                }
+                if may_have_run(&e) {
+                    self.spawn_release(req.feature, req.call_id, true, false);
+                }
+                if let Some(t) = transition {
+                    log_lost_transition(&t);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Frees a probe slot in the background (an Ignored outcome: counts toward nothing).
+    fn spawn_free_probe(&self, target: &TargetSpec, call_id: &str) {
+        let outcome = Outcome {
+            generation: 0,
+            code: CallOutcome::Ignored.code(),
+            elapsed_ms: 0,
+            probe_id: call_id.to_owned(),
+        };
+        let inv = scripts::settle(&target.keys, &target.params, std::slice::from_ref(&outcome));
+        self.spawn_compensation(inv, "free probe slot", target.name.clone());
+    }
+
+    /// Releases a permit and/or refunds a rate slot in the background.
+    fn spawn_release(&self, feature: &FeatureSpec, call_id: &str, permit: bool, refund: bool) {
+        let emission_us = feature.rate.map_or(0, |r| r.emission_us);
+        let refunds = usize::from(refund && emission_us > 0);
+        let permit = permit && feature.bulkhead.is_some();
+        if !permit && refunds == 0 {
+            return;
+        }
+        let ids: &[&str] = if permit { &[call_id] } else { &[] };
+        let inv = scripts::release(&feature.keys, emission_us, refunds, ids);
+        self.spawn_compensation(inv, "release permit / refund rate", feature.name.clone());
+    }
+
+    fn spawn_compensation(&self, inv: ScriptInvocation<'static>, what: &'static str, name: String) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.call(&inv).await {
+                tracing::warn!(
+                    error = %e,
+                    name = %name,
+                    "fusebox: admission compensation ({what}) failed; the lease will expire"
+                );
+            }
+        });
+    }
+
+    /// Runs every script call of one settle batch concurrently. Returns the transitions of
+    /// the calls that succeeded and the first error.
+    async fn settle_all(&self, items: &[Settle]) -> (Vec<Transition>, Option<StoreError>) {
+        let batch = self.inner.settle_batch;
+        let (targets, features) = group(items);
+        let conn = &self.inner.conn;
+        let t = self.inner.timeout;
+
+        let target_calls = targets.iter().map(|(target, outcomes)| async move {
+            let mut out = Vec::new();
+            // Chunks of one target run in order, one after the other.
+            for chunk in outcomes.chunks(batch) {
+                let inv = scripts::settle(&target.keys, &target.params, chunk);
+                let r = match conn.invoke(&inv).await {
+                    Ok(v) => reply::transitions(v, &target.name, "settle.lua"),
+                    Err(e) => Err(map_err(e, t)),
+                };
+                match r {
+                    Ok(trs) => out.extend(trs),
+                    Err(e) => return (out, Some(e)),
+                }
+            }
+            (out, None)
+        });
+        let feature_calls = features.iter().flat_map(|g| {
+            let emission_us = g.feature.rate.map_or(0, |r| r.emission_us);
+            let mut chunks: Vec<(&[&str], usize)> =
+                g.ids.chunks(batch).map(|ids| (ids, 0)).collect();
+            match chunks.first_mut() {
+                Some(first) => first.1 = g.refunds,
+                None => chunks.push((&[], g.refunds)),
+            }
+            chunks.into_iter().map(move |(ids, refunds)| {
+                let inv = scripts::release(&g.feature.keys, emission_us, refunds, ids);
+                async move {
+                    match conn.invoke(&inv).await {
+                        Ok(v) => reply::int(&v, "release.lua").err(),
+                        Err(e) => Some(map_err(e, t)),
+                    }
+                }
+            })
+        });
+        let work = join(join_all(target_calls), join_all(feature_calls));
+        match tokio::time::timeout(t, work).await {
+            Err(_) => (Vec::new(), Some(StoreError::Timeout(t))),
+            Ok((target_results, feature_errors)) => {
+                let mut transitions = Vec::new();
+                let mut first_error = None;
+                for (trs, e) in target_results {
+                    transitions.extend(trs);
+                    if first_error.is_none() {
+                        first_error = e;
+                    }
+                }
+                if first_error.is_none() {
+                    first_error = feature_errors.into_iter().flatten().next();
+                }
+                (transitions, first_error)
+            }
+        }
+    }
+}
+
+/// Whether a failed script call may nevertheless have run (and changed state).
+fn may_have_run(e: &StoreError) -> bool {
+    !matches!(e, StoreError::Command(_))
+}
+
+fn log_lost_transition(t: &Transition) {
+    tracing::warn!(
+        target_name = %t.target,
+        from = %t.from,
+        to = %t.to,
+        generation = t.generation,
+        reason = t.reason.as_str(),
+        "fusebox: breaker transition made by a store call whose result was lost"
+    );
+}
+
+fn single_node(
+    url: &str,
+    config: &RedisConfig,
+) -> Result<redis::aio::ConnectionManager, Error> {
+    let client = redis::Client::open(url)
+        .map_err(|e| Error::config("redis.url", format!("is not a usable Redis URL: {e}")))?;
+    let cm_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.timeout))
+        .set_min_delay(RECONNECT_MIN_DELAY)
+        .set_max_delay(RECONNECT_MAX_DELAY)
+        .set_number_of_retries(RECONNECT_TRIES);
+    client
+        .get_connection_manager_lazy(cm_config)
+        .map_err(|e| Error::config("redis.url", e.to_string()))
+}
+
+fn cluster(config: &RedisConfig) -> Result<ClusterHandle, Error> {
+    for (i, url) in config.cluster.iter().enumerate() {
+        url.as_str().into_connection_info().map_err(|e| {
+            Error::config(
+                format!("redis.cluster[{i}]"),
+                format!("is not a usable Redis URL: {e}"),
+            )
+        })?;
+    }
+    let client = ClusterClient::builder(config.cluster.iter().map(String::as_str))
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.timeout)
+        // Redirects (MOVED / ASK) need retries; keep their waits well inside the timeout.
+        .retries(3)
+        .min_retry_wait(5)
+        .max_retry_wait(50)
+        .build()
+        .map_err(|e| Error::config("redis.cluster", e.to_string()))?;
+    Ok(ClusterHandle::new(client, config.connect_timeout))
+}
+
+/// One target's outcomes of a settle batch, in order.
+type TargetGroup<'a> = (&'a TargetSpec, Vec<Outcome>);
+
+/// One feature's releases of a settle batch.
+struct FeatureGroup<'a> {
+    feature: &'a FeatureSpec,
+    ids: Vec<&'a str>,
+    refunds: usize,
+}
+
+fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup<'_>>) {
+    let mut targets: Vec<TargetGroup<'_>> = Vec::new();
+    let mut target_at: HashMap<&str, usize> = HashMap::new();
+    let mut features: Vec<FeatureGroup<'_>> = Vec::new();
+    let mut feature_at: HashMap<&str, usize> = HashMap::new();
+    for s in items {
+        // An ignored outcome of a call without a probe slot changes nothing: not sent.
+        if s.outcome != CallOutcome::Ignored || s.probe {
+            let i = *target_at
+                .entry(s.target.keys.breaker.as_str())
+                .or_insert_with(|| {
+                    targets.push((&s.target, Vec::new()));
+                    targets.len() - 1
+                });
+            if let Some((_, outcomes)) = targets.get_mut(i) {
+                outcomes.push(Outcome {
+                    generation: s.generation,
+                    code: s.outcome.code(),
+                    elapsed_ms: s.elapsed_ms,
+                    probe_id: if s.probe {
+                        s.call_id.clone()
+                    } else {
+                        String::new()
+                    },
+                });
+            }
+        }
+        let refund = s.refund_rate && s.feature.rate.is_some();
+        if s.permit || refund {
+            let i = *feature_at
+                .entry(s.feature.keys.permits.as_str())
+                .or_insert_with(|| {
+                    features.push(FeatureGroup {
+                        feature: &s.feature,
+                        ids: Vec::new(),
+                        refunds: 0,
+                    });
+                    features.len() - 1
+                });
+            if let Some(g) = features.get_mut(i) {
+                if s.permit {
+                    g.ids.push(s.call_id.as_str());
+                }
+                g.refunds += usize::from(refund);
+            }
+        }
+    }
+    (targets, features)
+}
+
+/// The 9 integers of an `admit.lua` reply.
+fn parse_admit(
+    v: Value,
+    target: &str,
+    feature: &FeatureSpec,
+) -> Result<(Part, Option<Transition>), StoreError> {
+    const WHAT: &str = "admit.lua";
+    let xs = reply::ints(v, WHAT)?;
+    let [code, a, b, c, t_from, t_to, t_gen, t_reason, now] = xs[..] else {
+        return Err(StoreError::Reply(format!(
+            "{WHAT}: expected 9 integers, got {}",
+            xs.len()
+        )));
+    };
+    let now = reply::unsigned(now, WHAT)?;
+    let transition = if t_from < 0 {
+        None
+    } else {
+        Some(reply::transition(target, &[t_from, t_to, t_gen, t_reason], now)?)
+    };
+    let ms = |n: i64| reply::unsigned(n, WHAT).map(Duration::from_millis);
+    let part = match code {
+        0 => Part::Admitted {
+            generation: reply::unsigned(a, WHAT)?,
+            probe: b != 0,
+            permit: c != 0,
+        },
+        1 => Part::Rejected(Rejection::CircuitOpen {
+            target: target.to_owned(),
+            state: CircuitState::from_code(a)
+                .ok_or_else(|| StoreError::Reply(format!("{WHAT}: unknown state code {a}")))?,
+            retry_after: if b < 0 { None } else { Some(ms(b)?) },
+        }),
+        2 => Part::Rejected(Rejection::NotBefore {
+            target: target.to_owned(),
+            retry_after: ms(a)?,
+        }),
+        3 => Part::Rejected(Rejection::RateLimited {
+            feature: feature.name.clone(),
+            retry_after: Duration::from_micros(reply::unsigned(a, WHAT)?),
+        }),
+        4 => Part::Rejected(Rejection::BulkheadFull {
+            feature: feature.name.clone(),
+            limit: feature.bulkhead.map_or(0, |b| b.limit),
+            retry_after: Some(ms(a)?),
+        }),
+        other => {
+            return Err(StoreError::Reply(format!(
+                "{WHAT}: unknown result code {other}"
+            )))
+        }
+    };
+    Ok((part, transition))
+}
+
+impl Store for RedisStore {
+    /// One `admit.lua` call on a single node; two concurrent calls with background
+    /// compensation on Cluster (or when forced with [`RedisStore::with_split_admit`]).
+    ///
+    /// On a timeout or connection error the script may still have run: the probe slot and
+    /// permit it may have taken are released in the background (idempotent). A rate slot it
+    /// may have taken is not refunded.
+    async fn admit(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        if self.splits_admit() {
+            self.admit_split(req).await
+        } else {
+            self.admit_one_call(req).await
+        }
+    }
+
+    /// One `settle.lua` call per target (chunks of `settle_batch`, in order) and one
+    /// `release.lua` call per feature, all sent concurrently, bounded together by the timeout.
+    ///
+    /// On error some of the calls may have been applied (and a timed-out call may still
+    /// apply): re-sending the same items can count outcomes and refunds twice (permit
+    /// releases are idempotent). Transitions made by calls that succeeded are logged.
+    async fn settle(&self, items: &[Settle]) -> Result<Vec<Transition>, StoreError> {
+        let (transitions, error) = self.settle_all(items).await;
+        match error {
+            None => Ok(transitions),
+            Some(e) => {
+                transitions.iter().for_each(log_lost_transition);
+                Err(e)
+            }
+        }
+    }
+
+    async fn heartbeat(&self, feature: &FeatureSpec, call_id: &str) -> Result<bool, StoreError> {
+        let Some(b) = &feature.bulkhead else {
+            return Ok(false);
+        };
+        let v = self
+            .call_idempotent(&scripts::heartbeat(&feature.keys, call_id, b.lease_ms))
+            .await?;
+        Ok(reply::int(&v, "heartbeat.lua")? == 1)
+    }
+
+    async fn set_not_before(
+        &self,
+        target: &TargetSpec,
+        retry_after_ms: u64,
+    ) -> Result<(), StoreError> {
+        let inv = scripts::not_before(&target.keys, retry_after_ms, target.params.idle_ttl_ms);
+        let v = self.call_idempotent(&inv).await?;
+        match reply::ints(v, "not_before.lua")?[..] {
+            [_, _] => Ok(()),
+            ref other => Err(StoreError::Reply(format!(
+                "not_before.lua: expected 2 integers, got {}",
+                other.len()
+            ))),
+        }
+    }
+
+    async fn force(&self, target: &TargetSpec, cmd: Force) -> Result<Option<Transition>, StoreError> {
+        let inv = scripts::force(&target.keys, cmd, target.params.idle_ttl_ms);
+        let v = self.call_idempotent(&inv).await?;
+        let mut trs = reply::transitions(v, &target.name, "force.lua")?;
+        if trs.len() > 1 {
+            return Err(StoreError::Reply(format!(
+                "force.lua: {} transitions for one command",
+                trs.len()
+            )));
+        }
+        Ok(trs.pop())
+    }
+
+    async fn snapshot(&self, target: &TargetSpec) -> Result<BreakerSnapshot, StoreError> {
+        let v = self.call_idempotent(&scripts::snapshot(&target.keys)).await?;
+        let (now, state) = reply::snapshot_state(v)?;
+        Ok(state.snapshot(&target.params, now))
+    }
+
+    async fn in_flight(&self, feature: &FeatureSpec) -> Result<u32, StoreError> {
+        let v = self.call_idempotent(&scripts::in_flight(&feature.keys)).await?;
+        let n = reply::int(&v, "in_flight.lua")?;
+        u32::try_from(n).map_err(|_| StoreError::Reply(format!("in_flight.lua: count {n}")))
+    }
+}

@@ -1,0 +1,185 @@
+//! The Lua scripts (`lua/*.lua`), each prefixed with the shared prelude `lua/lib.lua`, and
+//! the argument layouts they expect. Keys are passed only through KEYS.
+
+use std::sync::LazyLock;
+
+use redis::{Script, ScriptInvocation};
+
+use crate::breaker::{BreakerParams, Force};
+use crate::keys::{FeatureKeys, TargetKeys};
+use crate::store::FeatureSpec;
+
+macro_rules! script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("../../../lua/lib.lua"),
+                "\n",
+                include_str!(concat!("../../../lua/", $file))
+            ))
+        })
+    };
+}
+
+pub(super) static ADMIT: LazyLock<Script> = script!("admit.lua");
+pub(super) static SETTLE: LazyLock<Script> = script!("settle.lua");
+pub(super) static RELEASE: LazyLock<Script> = script!("release.lua");
+pub(super) static HEARTBEAT: LazyLock<Script> = script!("heartbeat.lua");
+pub(super) static NOT_BEFORE: LazyLock<Script> = script!("not_before.lua");
+pub(super) static FORCE: LazyLock<Script> = script!("force.lua");
+pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
+pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
+
+/// Which part of admission one `admit.lua` call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AdmitMode {
+    /// Breaker, rate and bulkhead in one call (single node).
+    Both,
+    /// The target's breaker only (its own hash tag).
+    Breaker,
+    /// The feature's rate limit and bulkhead only (its own hash tag).
+    Feature,
+}
+
+impl AdmitMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            AdmitMode::Both => "both",
+            AdmitMode::Breaker => "breaker",
+            AdmitMode::Feature => "feature",
+        }
+    }
+}
+
+/// `admit.lua` with its keys and arguments.
+pub(super) fn admit(
+    mode: AdmitMode,
+    target: (&TargetKeys, &BreakerParams),
+    feature: &FeatureSpec,
+    call_id: &str,
+) -> ScriptInvocation<'static> {
+    let (keys, p) = target;
+    let mut inv = ADMIT.prepare_invoke();
+    if mode != AdmitMode::Feature {
+        inv.key(&keys.breaker).key(&keys.probes);
+    }
+    if mode != AdmitMode::Breaker {
+        inv.key(&feature.keys.rate).key(&feature.keys.permits);
+    }
+    let (emission_us, burst) = feature.rate.map_or((0, 0), |r| (r.emission_us, r.burst));
+    let (limit, lease_ms) = feature.bulkhead.map_or((0, 0), |b| (b.limit, b.lease_ms));
+    inv.arg(mode.as_str())
+        .arg(call_id)
+        .arg(p.half_open_probes)
+        .arg(p.probe_timeout_ms)
+        .arg(p.idle_ttl_ms)
+        .arg(emission_us)
+        .arg(burst)
+        .arg(limit)
+        .arg(lease_ms);
+    inv
+}
+
+/// One outcome for `settle.lua`.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Outcome {
+    pub(super) generation: u64,
+    pub(super) code: u8,
+    pub(super) elapsed_ms: u64,
+    /// Empty when the call held no probe slot.
+    pub(super) probe_id: String,
+}
+
+/// The 14 breaker parameters in the order `lib.lua`'s `breaker_params` reads them.
+fn push_params(inv: &mut ScriptInvocation<'static>, p: &BreakerParams) {
+    inv.arg(p.consecutive_failures)
+        .arg(p.failure_rate_pct.to_string())
+        .arg(p.minimum_calls)
+        .arg(p.bucket_ms)
+        .arg(p.buckets)
+        .arg(p.slow_call_ms)
+        .arg(p.slow_call_rate_pct.to_string())
+        .arg(p.open_ms)
+        .arg(p.open_multiplier.to_string())
+        .arg(p.max_open_ms)
+        .arg(p.half_open_probes)
+        .arg(p.half_open_successes)
+        .arg(p.probe_timeout_ms)
+        .arg(p.idle_ttl_ms);
+}
+
+/// `settle.lua` for one target and a run of its outcomes (in order).
+pub(super) fn settle(
+    keys: &TargetKeys,
+    p: &BreakerParams,
+    outcomes: &[Outcome],
+) -> ScriptInvocation<'static> {
+    let mut inv = SETTLE.prepare_invoke();
+    inv.key(&keys.breaker).key(&keys.probes);
+    push_params(&mut inv, p);
+    for o in outcomes {
+        inv.arg(o.generation)
+            .arg(o.code)
+            .arg(o.elapsed_ms)
+            .arg(o.probe_id.as_str());
+    }
+    inv
+}
+
+/// `release.lua` for one feature: permit ids to release, rate slots to refund.
+pub(super) fn release<S: AsRef<str>>(
+    keys: &FeatureKeys,
+    emission_us: u64,
+    refunds: usize,
+    permit_ids: &[S],
+) -> ScriptInvocation<'static> {
+    let mut inv = RELEASE.prepare_invoke();
+    inv.key(&keys.rate).key(&keys.permits);
+    inv.arg(emission_us).arg(refunds);
+    for id in permit_ids {
+        inv.arg(id.as_ref());
+    }
+    inv
+}
+
+/// `heartbeat.lua`.
+pub(super) fn heartbeat(keys: &FeatureKeys, call_id: &str, lease_ms: u64) -> ScriptInvocation<'static> {
+    let mut inv = HEARTBEAT.prepare_invoke();
+    inv.key(&keys.permits).arg(call_id).arg(lease_ms);
+    inv
+}
+
+/// `not_before.lua`.
+pub(super) fn not_before(
+    keys: &TargetKeys,
+    retry_after_ms: u64,
+    idle_ttl_ms: u64,
+) -> ScriptInvocation<'static> {
+    let mut inv = NOT_BEFORE.prepare_invoke();
+    inv.key(&keys.breaker).arg(retry_after_ms).arg(idle_ttl_ms);
+    inv
+}
+
+/// `force.lua`.
+pub(super) fn force(keys: &TargetKeys, cmd: Force, idle_ttl_ms: u64) -> ScriptInvocation<'static> {
+    let mut inv = FORCE.prepare_invoke();
+    inv.key(&keys.breaker)
+        .key(&keys.probes)
+        .arg(cmd.code())
+        .arg(idle_ttl_ms);
+    inv
+}
+
+/// `snapshot.lua`.
+pub(super) fn snapshot(keys: &TargetKeys) -> ScriptInvocation<'static> {
+    let mut inv = SNAPSHOT.prepare_invoke();
+    inv.key(&keys.breaker).key(&keys.probes);
+    inv
+}
+
+/// `in_flight.lua`.
+pub(super) fn in_flight(keys: &FeatureKeys) -> ScriptInvocation<'static> {
+    let mut inv = IN_FLIGHT.prepare_invoke();
+    inv.key(&keys.permits);
+    inv
+}

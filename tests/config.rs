@@ -1,0 +1,719 @@
+//! Configuration: defaults validate, every bad value is refused with the dotted path of its
+//! field, TOML files parse into exactly the structs they describe, and nothing panics.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fusebox::{BreakerConfig, Config, Error, FeatureConfig, RateConfig, RedisConfig, StorePolicy};
+
+/// A valid config that uses every section, for the invalid cases to break one field of.
+fn full() -> Config {
+    let mut c = Config {
+        namespace: "checkout".to_owned(),
+        redis: Some(RedisConfig {
+            url: Some("redis://127.0.0.1:6379/0".to_owned()),
+            ..RedisConfig::default()
+        }),
+        ..Config::default()
+    };
+    c.targets
+        .insert("gpt-4o".to_owned(), BreakerConfig::default());
+    c.features.insert(
+        "chat".to_owned(),
+        FeatureConfig {
+            max_concurrent: Some(100),
+            rate: Some(RateConfig {
+                requests: 600,
+                per: Duration::from_secs(60),
+                burst: Some(20),
+            }),
+            ..FeatureConfig::default()
+        },
+    );
+    c
+}
+
+/// The `field` of a config error, or a panic saying what came back instead.
+fn refused_field(c: &Config) -> String {
+    match c.validate() {
+        Err(Error::Config { field, reason }) => {
+            assert!(!reason.is_empty(), "{field}: the reason is empty");
+            field
+        }
+        Err(other) => panic!("expected Error::Config, got {other:?}"),
+        Ok(()) => panic!("expected the config to be refused, it validated: {c:#?}"),
+    }
+}
+
+fn from_toml_field(text: &str) -> (String, String) {
+    match Config::from_toml(text) {
+        Err(Error::Config { field, reason }) => (field, reason),
+        Err(other) => panic!("expected Error::Config, got {other:?}"),
+        Ok(c) => panic!("expected {text:?} to be refused, it parsed: {c:#?}"),
+    }
+}
+
+fn breaker(f: impl FnOnce(&mut BreakerConfig)) -> Config {
+    let mut c = full();
+    f(&mut c.breaker);
+    c
+}
+
+fn target(f: impl FnOnce(&mut BreakerConfig)) -> Config {
+    let mut c = full();
+    f(c.targets.get_mut("gpt-4o").expect("target in full()"));
+    c
+}
+
+fn feature(f: impl FnOnce(&mut FeatureConfig)) -> Config {
+    let mut c = full();
+    f(c.features.get_mut("chat").expect("feature in full()"));
+    c
+}
+
+fn rate(f: impl FnOnce(&mut RateConfig)) -> Config {
+    feature(|fc| f(fc.rate.as_mut().expect("rate in full()")))
+}
+
+fn redis(f: impl FnOnce(&mut RedisConfig)) -> Config {
+    let mut c = full();
+    f(c.redis.as_mut().expect("redis in full()"));
+    c
+}
+
+/// Asserts each config is refused naming exactly its field.
+fn assert_all_refused(cases: Vec<(&str, Config)>) {
+    let mut wrong = Vec::new();
+    for (expected, config) in cases {
+        let got = refused_field(&config);
+        if got != expected {
+            wrong.push(format!("expected field {expected:?}, got {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+const SEC: Duration = Duration::from_secs(1);
+const MS: Duration = Duration::from_millis(1);
+
+#[test]
+fn defaults_validate() {
+    Config::default().validate().expect("Config::default()");
+    full()
+        .validate()
+        .expect("full(): every section with defaults");
+    assert_eq!(
+        Config::from_toml("").expect("an empty file"),
+        Config::default()
+    );
+}
+
+#[test]
+fn documented_edges_are_accepted() {
+    let cases = vec![
+        breaker(|b| b.failure_rate = Some(100.0)),
+        breaker(|b| b.open_duration_multiplier = 1.0),
+        breaker(|b| b.open_duration_multiplier = 100.0),
+        breaker(|b| b.max_open_duration = b.open_duration),
+        breaker(|b| {
+            b.window = SEC;
+            b.window_buckets = 60;
+        }),
+        breaker(|b| {
+            b.consecutive_failures = None;
+            b.failure_rate = None;
+            b.slow_call_duration = Some(MS);
+            b.slow_call_rate = 100.0;
+        }),
+        breaker(|b| b.half_open_probes = 1000),
+        feature(|f| f.lease = 100 * MS),
+        feature(|f| f.max_wait = Duration::ZERO),
+        feature(|f| f.max_concurrent = Some(1_000_000)),
+        rate(|r| {
+            r.requests = 1_000;
+            r.per = MS; // exactly one per µs
+        }),
+        redis(|r| {
+            r.url = None;
+            r.cluster = vec!["redis://a:7000".into(), "redis://b:7001".into()];
+        }),
+        redis(|r| r.url = Some("rediss://user:pw@redis.example:6380/3".into())),
+    ];
+    for c in cases {
+        if let Err(e) = c.validate() {
+            panic!("refused {e}: {c:#?}");
+        }
+    }
+}
+
+#[test]
+fn zero_and_absurd_breaker_values_name_their_field() {
+    assert_all_refused(vec![
+        (
+            "breaker.consecutive_failures",
+            breaker(|b| b.consecutive_failures = Some(0)),
+        ),
+        (
+            "breaker.consecutive_failures",
+            breaker(|b| b.consecutive_failures = Some(u32::MAX)),
+        ),
+        (
+            "breaker.failure_rate",
+            breaker(|b| b.failure_rate = Some(0.0)),
+        ),
+        (
+            "breaker.failure_rate",
+            breaker(|b| b.failure_rate = Some(-5.0)),
+        ),
+        (
+            "breaker.failure_rate",
+            breaker(|b| b.failure_rate = Some(100.01)),
+        ),
+        (
+            "breaker.failure_rate",
+            breaker(|b| b.failure_rate = Some(1e308)),
+        ),
+        (
+            "breaker.failure_rate",
+            breaker(|b| b.failure_rate = Some(f64::NAN)),
+        ),
+        (
+            "breaker.failure_rate",
+            breaker(|b| b.failure_rate = Some(f64::INFINITY)),
+        ),
+        ("breaker.minimum_calls", breaker(|b| b.minimum_calls = 0)),
+        (
+            "breaker.minimum_calls",
+            breaker(|b| b.minimum_calls = u32::MAX),
+        ),
+        ("breaker.window", breaker(|b| b.window = Duration::ZERO)),
+        ("breaker.window", breaker(|b| b.window = 999 * MS)),
+        ("breaker.window", breaker(|b| b.window = 3601 * SEC)),
+        ("breaker.window", breaker(|b| b.window = Duration::MAX)),
+        ("breaker.window_buckets", breaker(|b| b.window_buckets = 0)),
+        ("breaker.window_buckets", breaker(|b| b.window_buckets = 61)),
+        (
+            "breaker.window_buckets",
+            breaker(|b| b.window_buckets = u32::MAX),
+        ),
+        (
+            "breaker.slow_call_duration",
+            breaker(|b| b.slow_call_duration = Some(Duration::ZERO)),
+        ),
+        (
+            "breaker.slow_call_duration",
+            breaker(|b| b.slow_call_duration = Some(3601 * SEC)),
+        ),
+        (
+            "breaker.slow_call_rate",
+            breaker(|b| {
+                b.slow_call_duration = Some(SEC);
+                b.slow_call_rate = 0.0;
+            }),
+        ),
+        (
+            "breaker.slow_call_rate",
+            breaker(|b| {
+                b.slow_call_duration = Some(SEC);
+                b.slow_call_rate = f64::NAN;
+            }),
+        ),
+        (
+            "breaker.open_duration",
+            breaker(|b| b.open_duration = Duration::ZERO),
+        ),
+        (
+            "breaker.open_duration",
+            breaker(|b| b.open_duration = 86_401 * SEC),
+        ),
+        (
+            "breaker.open_duration_multiplier",
+            breaker(|b| b.open_duration_multiplier = 0.99),
+        ),
+        (
+            "breaker.open_duration_multiplier",
+            breaker(|b| b.open_duration_multiplier = 0.0),
+        ),
+        (
+            "breaker.open_duration_multiplier",
+            breaker(|b| b.open_duration_multiplier = -2.0),
+        ),
+        (
+            "breaker.open_duration_multiplier",
+            breaker(|b| b.open_duration_multiplier = 100.5),
+        ),
+        (
+            "breaker.open_duration_multiplier",
+            breaker(|b| b.open_duration_multiplier = f64::NAN),
+        ),
+        (
+            "breaker.open_duration_multiplier",
+            breaker(|b| b.open_duration_multiplier = f64::INFINITY),
+        ),
+        (
+            "breaker.max_open_duration",
+            breaker(|b| {
+                b.open_duration = 60 * SEC;
+                b.max_open_duration = 59 * SEC;
+            }),
+        ),
+        (
+            "breaker.max_open_duration",
+            breaker(|b| b.max_open_duration = 86_401 * SEC),
+        ),
+        (
+            "breaker.half_open_probes",
+            breaker(|b| b.half_open_probes = 0),
+        ),
+        (
+            "breaker.half_open_probes",
+            breaker(|b| b.half_open_probes = 1001),
+        ),
+        (
+            "breaker.half_open_successes",
+            breaker(|b| b.half_open_successes = 0),
+        ),
+        (
+            "breaker.half_open_successes",
+            breaker(|b| b.half_open_successes = u32::MAX),
+        ),
+        (
+            "breaker.probe_timeout",
+            breaker(|b| b.probe_timeout = Duration::ZERO),
+        ),
+        (
+            "breaker.probe_timeout",
+            breaker(|b| b.probe_timeout = 3601 * SEC),
+        ),
+        (
+            "breaker",
+            breaker(|b| {
+                b.consecutive_failures = None;
+                b.failure_rate = None;
+                b.slow_call_duration = None;
+            }),
+        ),
+        (
+            "targets.gpt-4o.half_open_probes",
+            target(|b| b.half_open_probes = 0),
+        ),
+        (
+            "targets.gpt-4o.window",
+            target(|b| b.window = Duration::ZERO),
+        ),
+        (
+            "targets.gpt-4o",
+            target(|b| {
+                b.consecutive_failures = None;
+                b.failure_rate = None;
+            }),
+        ),
+    ]);
+}
+
+#[test]
+fn bad_feature_values_name_their_field() {
+    assert_all_refused(vec![
+        (
+            "features.chat.max_concurrent",
+            feature(|f| f.max_concurrent = Some(0)),
+        ),
+        (
+            "features.chat.max_concurrent",
+            feature(|f| f.max_concurrent = Some(u32::MAX)),
+        ),
+        ("features.chat.lease", feature(|f| f.lease = 99 * MS)),
+        ("features.chat.lease", feature(|f| f.lease = Duration::ZERO)),
+        ("features.chat.lease", feature(|f| f.lease = 86_401 * SEC)),
+        (
+            "features.chat.max_wait",
+            feature(|f| f.max_wait = 601 * SEC),
+        ),
+        ("features.chat.rate.requests", rate(|r| r.requests = 0)),
+        (
+            "features.chat.rate.requests",
+            rate(|r| r.requests = u32::MAX),
+        ),
+        ("features.chat.rate.per", rate(|r| r.per = Duration::ZERO)),
+        ("features.chat.rate.per", rate(|r| r.per = 86_401 * SEC)),
+        (
+            "features.chat.rate",
+            rate(|r| {
+                r.requests = 1_001;
+                r.per = MS; // more than one request per µs
+            }),
+        ),
+        ("features.chat.rate.burst", rate(|r| r.burst = Some(0))),
+        (
+            "features.chat.rate.burst",
+            rate(|r| r.burst = Some(u32::MAX)),
+        ),
+    ]);
+}
+
+#[test]
+fn bad_names_name_their_field() {
+    let with_target = |name: &str| {
+        let mut c = full();
+        c.targets.insert(name.to_owned(), BreakerConfig::default());
+        c
+    };
+    let with_feature = |name: &str| {
+        let mut c = full();
+        c.features.insert(name.to_owned(), FeatureConfig::default());
+        c
+    };
+    let with_namespace = |ns: &str| Config {
+        namespace: ns.to_owned(),
+        ..full()
+    };
+    assert_all_refused(vec![
+        ("namespace", with_namespace("")),
+        ("namespace", with_namespace("my app")),
+        ("namespace", with_namespace("app{x}")),
+        ("namespace", with_namespace(&"n".repeat(201))),
+        ("namespace", with_namespace("caf\u{e9}")),
+        ("targets.gpt 4o", with_target("gpt 4o")),
+        ("targets.gpt{4o}", with_target("gpt{4o}")),
+        ("targets.a}b", with_target("a}b")),
+        ("targets.", with_target("")),
+        ("features.chat room", with_feature("chat room")),
+        ("features.{chat}", with_feature("{chat}")),
+        ("features.chat\nroom", with_feature("chat\nroom")),
+    ]);
+    // What is allowed: letters, digits and ._-:/@ (model ids look like these).
+    let mut ok = with_target("anthropic/claude-3.5:latest@eu_west");
+    ok.namespace = "team.a-b_c:d/e@f".to_owned();
+    ok.validate().expect("names with ._-:/@");
+}
+
+#[test]
+fn redis_needs_exactly_one_of_url_and_cluster() {
+    assert_all_refused(vec![
+        (
+            "redis.cluster",
+            redis(|r| r.cluster = vec!["redis://127.0.0.1:7000".into()]),
+        ),
+        ("redis.url", redis(|r| r.url = None)),
+    ]);
+}
+
+#[test]
+fn bad_redis_values_name_their_field() {
+    assert_all_refused(vec![
+        (
+            "redis.url",
+            redis(|r| r.url = Some("http://127.0.0.1:6379".into())),
+        ),
+        (
+            "redis.url",
+            redis(|r| r.url = Some("127.0.0.1:6379".into())),
+        ),
+        ("redis.url", redis(|r| r.url = Some(String::new()))),
+        (
+            "redis.cluster[1]",
+            redis(|r| {
+                r.url = None;
+                r.cluster = vec!["redis://a:7000".into(), "tcp://b:7001".into()];
+            }),
+        ),
+        ("redis.timeout", redis(|r| r.timeout = Duration::ZERO)),
+        ("redis.timeout", redis(|r| r.timeout = 11 * SEC)),
+        (
+            "redis.connect_timeout",
+            redis(|r| r.connect_timeout = Duration::ZERO),
+        ),
+        (
+            "redis.connect_timeout",
+            redis(|r| r.connect_timeout = Duration::MAX),
+        ),
+        (
+            "redis.failure_threshold",
+            redis(|r| r.failure_threshold = 0),
+        ),
+        ("redis.retry_interval", redis(|r| r.retry_interval = 9 * MS)),
+        (
+            "redis.retry_interval",
+            redis(|r| r.retry_interval = 601 * SEC),
+        ),
+        ("redis.replicas", redis(|r| r.replicas = 0)),
+        ("redis.replicas", redis(|r| r.replicas = u32::MAX)),
+        ("redis.idle_ttl", redis(|r| r.idle_ttl = 59 * SEC)),
+        ("redis.idle_ttl", redis(|r| r.idle_ttl = 31 * 86_400 * SEC)),
+        ("redis.settle_queue", redis(|r| r.settle_queue = 0)),
+        ("redis.settle_queue", redis(|r| r.settle_queue = usize::MAX)),
+        ("redis.settle_batch", redis(|r| r.settle_batch = 0)),
+        ("redis.settle_batch", redis(|r| r.settle_batch = 4097)),
+    ]);
+}
+
+const REALISTIC: &str = r#"
+# fusebox for the checkout API: 8 replicas share one Redis.
+namespace = "checkout-api"
+
+[redis]
+url = "redis://:s3cret@redis.internal:6379/2"
+timeout = "75ms"
+connect_timeout = "2s"
+failure_threshold = 3
+retry_interval = "500ms"
+replicas = 8
+idle_ttl = "12h"
+settle_queue = 4096
+settle_batch = 128
+
+[breaker]
+consecutive_failures = 8
+failure_rate = 40.0
+minimum_calls = 30
+window = "2m"
+window_buckets = 12
+slow_call_duration = "20s"
+slow_call_rate = 80.0
+open_duration = "30s"
+open_duration_multiplier = 2.0
+max_open_duration = "10m"
+half_open_probes = 3
+half_open_successes = 2
+probe_timeout = "45s"
+
+[targets."claude-sonnet-4-5"]
+consecutive_failures = 3
+open_duration = "15s"
+
+[features.chat]
+max_concurrent = 200
+lease = "2m"
+max_wait = "250ms"
+on_store_unavailable = "fail_closed"
+rate = { requests = 600, per = "1m", burst = 50 }
+
+[features.batch-summaries]
+max_concurrent = 20
+"#;
+
+#[test]
+fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
+    let got = Config::from_toml(REALISTIC).expect("the realistic file is valid");
+    let mut targets = BTreeMap::new();
+    targets.insert(
+        "claude-sonnet-4-5".to_owned(),
+        BreakerConfig {
+            consecutive_failures: Some(3),
+            open_duration: 15 * SEC,
+            // Everything else is BreakerConfig's default, not inherited from [breaker].
+            ..BreakerConfig::default()
+        },
+    );
+    let mut features = BTreeMap::new();
+    features.insert(
+        "chat".to_owned(),
+        FeatureConfig {
+            max_concurrent: Some(200),
+            lease: 120 * SEC,
+            max_wait: 250 * MS,
+            rate: Some(RateConfig {
+                requests: 600,
+                per: 60 * SEC,
+                burst: Some(50),
+            }),
+            on_store_unavailable: StorePolicy::FailClosed,
+        },
+    );
+    features.insert(
+        "batch-summaries".to_owned(),
+        FeatureConfig {
+            max_concurrent: Some(20),
+            ..FeatureConfig::default()
+        },
+    );
+    let expected = Config {
+        namespace: "checkout-api".to_owned(),
+        redis: Some(RedisConfig {
+            url: Some("redis://:s3cret@redis.internal:6379/2".to_owned()),
+            cluster: Vec::new(),
+            timeout: 75 * MS,
+            connect_timeout: 2 * SEC,
+            failure_threshold: 3,
+            retry_interval: 500 * MS,
+            replicas: 8,
+            idle_ttl: 12 * 3600 * SEC,
+            settle_queue: 4096,
+            settle_batch: 128,
+        }),
+        breaker: BreakerConfig {
+            consecutive_failures: Some(8),
+            failure_rate: Some(40.0),
+            minimum_calls: 30,
+            window: 120 * SEC,
+            window_buckets: 12,
+            slow_call_duration: Some(20 * SEC),
+            slow_call_rate: 80.0,
+            open_duration: 30 * SEC,
+            open_duration_multiplier: 2.0,
+            max_open_duration: 600 * SEC,
+            half_open_probes: 3,
+            half_open_successes: 2,
+            probe_timeout: 45 * SEC,
+        },
+        targets,
+        features,
+    };
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn a_cluster_config_parses() {
+    let c = Config::from_toml(
+        r#"
+        [redis]
+        cluster = ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"]
+        "#,
+    )
+    .expect("a cluster config");
+    let r = c.redis.expect("[redis]");
+    assert_eq!(r.url, None);
+    assert_eq!(r.cluster.len(), 3);
+    assert_eq!(r.timeout, RedisConfig::default().timeout);
+}
+
+#[test]
+fn from_toml_validates_too() {
+    let (field, _) = from_toml_field("[features.chat]\nmax_concurrent = 0\n");
+    assert_eq!(field, "features.chat.max_concurrent");
+    let (field, _) = from_toml_field("[redis]\nurl = \"http://localhost\"\n");
+    assert_eq!(field, "redis.url");
+    let (field, _) = from_toml_field("[redis]\ntimeout = \"1s\"\n");
+    assert_eq!(
+        field, "redis.url",
+        "a [redis] table with neither url nor cluster"
+    );
+}
+
+#[test]
+fn an_unknown_top_level_field_is_rejected_and_named() {
+    let (field, reason) = from_toml_field("namespace = \"x\"\nbogus = 1\n");
+    assert_eq!(field, "bogus");
+    assert!(reason.contains("unknown field"), "{reason}");
+}
+
+/// `Error::Config::field` is documented as "the dotted path of the offending field, e.g.
+/// `features.chat.max_concurrent`". A typo inside a table must be reported with its table,
+/// or an operator with several features cannot tell which one holds the typo.
+#[test]
+fn an_unknown_nested_field_is_named_by_its_dotted_path() {
+    let (field, reason) = from_toml_field(
+        "[features.chat]\nmax_concurrent = 5\n\n[features.batch]\nmax_concurent = 5\n",
+    );
+    assert!(reason.contains("unknown field"), "{reason}");
+    assert_eq!(field, "features.batch.max_concurent");
+}
+
+/// A value of the wrong type is rejected with a clear error whose `field` is the field's dotted
+/// path (as `Error::Config` documents), not the offending value's text.
+#[test]
+fn a_wrong_type_is_rejected_with_a_clear_error_naming_the_field() {
+    let cases = [
+        (
+            "[breaker]\nminimum_calls = \"twenty\"\n",
+            "breaker.minimum_calls",
+            "u32",
+        ),
+        ("[breaker]\nwindow = 5\n", "breaker.window", "duration"),
+        (
+            "[features.chat]\nmax_concurrent = -1\n",
+            "features.chat.max_concurrent",
+            "u32",
+        ),
+        ("[redis]\nurl = 6379\n", "redis.url", "string"),
+    ];
+    let mut wrong = Vec::new();
+    for (text, expected_field, expected_type) in cases {
+        let (field, reason) = from_toml_field(text);
+        assert!(
+            reason.contains(expected_type),
+            "{text:?}: the reason should say what was expected ({expected_type}): {reason}"
+        );
+        if field != expected_field {
+            wrong.push(format!(
+                "{text:?}: field {field:?}, expected {expected_field:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn absurd_toml_values_are_refused_never_a_panic() {
+    let cases = [
+        "[breaker]\nminimum_calls = 4294967295\n",
+        "[breaker]\nconsecutive_failures = 99999999999\n",
+        "[breaker]\nfailure_rate = nan\n",
+        "[breaker]\nfailure_rate = 1e308\n",
+        "[breaker]\nfailure_rate = -inf\n",
+        "[breaker]\nopen_duration_multiplier = inf\n",
+        "[breaker]\nopen_duration = \"99999999999999999999999s\"\n",
+        "[breaker]\nopen_duration = \"18446744073709551615s\"\n",
+        "[breaker]\nwindow = \"-1s\"\n",
+        "[breaker]\nwindow = \"\"\n",
+        "[breaker]\nwindow_buckets = -1\n",
+        "[redis]\nurl = \"redis://x:6379\"\nsettle_queue = 9223372036854775807\n",
+        "[features.chat.rate]\nrequests = 0\nper = \"1s\"\n",
+        "[features.chat.rate]\nper = \"1s\"\n",
+        "[features.chat]\nlease = \"1000000000000h\"\n",
+        "namespace = \"{evil}\"\n",
+        "[[[",
+        "namespace = ",
+        "\u{0}",
+    ];
+    for text in cases {
+        let result = std::panic::catch_unwind(|| Config::from_toml(text))
+            .unwrap_or_else(|_| panic!("from_toml panicked on {text:?}"));
+        match result {
+            Err(Error::Config { field, reason }) => {
+                assert!(
+                    !field.is_empty() && !reason.is_empty(),
+                    "{text:?}: {field:?} {reason:?}"
+                )
+            }
+            other => panic!("{text:?} should be refused with Error::Config, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn absurd_toml_values_name_the_field_when_they_parse() {
+    for (text, field) in [
+        (
+            "[breaker]\nminimum_calls = 4294967295\n",
+            "breaker.minimum_calls",
+        ),
+        ("[breaker]\nfailure_rate = nan\n", "breaker.failure_rate"),
+        ("[breaker]\nfailure_rate = 1e308\n", "breaker.failure_rate"),
+        (
+            "[breaker]\nopen_duration_multiplier = inf\n",
+            "breaker.open_duration_multiplier",
+        ),
+        (
+            "[targets.m]\nprobe_timeout = \"2h\"\n",
+            "targets.m.probe_timeout",
+        ),
+        (
+            "[redis]\nurl = \"redis://x:6379\"\nsettle_queue = 9223372036854775807\n",
+            "redis.settle_queue",
+        ),
+    ] {
+        assert_eq!(from_toml_field(text).0, field, "{text:?}");
+    }
+}
+
+#[test]
+fn errors_print_field_and_reason() {
+    let e = breaker(|b| b.half_open_probes = 0)
+        .validate()
+        .expect_err("zero probes");
+    let text = e.to_string();
+    assert!(text.contains("breaker.half_open_probes"), "{text}");
+    assert!(text.contains('0'), "{text}");
+    assert!(e.rejection().is_none() && e.retry_after().is_none());
+}
