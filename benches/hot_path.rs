@@ -54,12 +54,13 @@ fn redis_url() -> (String, Server) {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server on PATH (apt-get install redis-server), or set REDIS_URL");
+    let server = Server(Some(child));
     let url = format!("redis://127.0.0.1:{port}/");
     let client = redis::Client::open(url.as_str()).expect("url");
     for _ in 0..200 {
         if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100)) {
             if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                return (url, Server(Some(child)));
+                return (url, server);
             }
         }
         std::thread::sleep(Duration::from_millis(25));

@@ -4,7 +4,8 @@
 -- KEYS: [1] breaker hash  [2] probes zset
 -- ARGV: [1] target state code (0 reset to closed, 3 forced open, 4 forced closed,
 --       5 disabled)  [2] idle_ttl_ms
--- Returns: {now_ms} when the breaker already was in that state, else
+-- Returns: {now_ms} when the breaker already was in that state (a reset of a closed breaker
+--   still empties its window and counters), else
 --   {now_ms, from, to, generation, reason} (reason 7, operator).
 -- Invariants: operator states (3, 4, 5) PERSIST until an operator resets; reset closes with
 -- an empty window and forgets the open count; any other command also frees the probes,
@@ -20,6 +21,16 @@ end
 
 local st = load_breaker(breaker_key)
 if st.s == to then
+  if to == CLOSED then
+    -- reset of a closed breaker: no transition, but start from an empty window
+    st.o = 0
+    st.ou = 0
+    st.hs = 0
+    st.cf = 0
+    redis.call('DEL', probes_key)
+    window_clear(st)
+    save_breaker(breaker_key, st, now, idle)
+  end
   return { now }
 end
 if to == CLOSED then

@@ -287,19 +287,21 @@ local function window_totals(st, now, bucket_ms, n)
   return c, f, sl
 end
 
--- BreakerParams::open_duration_ms: repeated multiply-and-floor, capped. Stops early at a fixed
--- point (the value could not change any more), which gives the same result without looping
--- `opens` times when the multiplier is 1.
+-- BreakerParams::open_duration_ms: repeated multiply-and-floor (at least +1 ms per step when
+-- the multiplier is above 1), capped. Stops early at a fixed point (multiplier 1).
 local function open_duration(p, opens)
   local cap = math.max(p.max_open_ms, p.open_ms)
   local d = p.open_ms
   local i = 1
   while i < opens and d < cap do
-    local nd = math.min(math.floor(d * p.open_mult), cap)
+    local nd = math.floor(d * p.open_mult)
+    if p.open_mult > 1 and nd <= d then
+      nd = d + 1
+    end
     if nd == d then
       break
     end
-    d = nd
+    d = math.min(nd, cap)
     i = i + 1
   end
   return math.min(d, cap)

@@ -278,10 +278,19 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Self, Error> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let field = e.span().map_or_else(String::new, |s| {
-                text.get(s).unwrap_or_default().trim().chars().take(60).collect()
+                text.get(s)
+                    .unwrap_or_default()
+                    .trim()
+                    .chars()
+                    .take(60)
+                    .collect()
             });
             Error::config(
-                if field.is_empty() { "(file)".to_owned() } else { field },
+                if field.is_empty() {
+                    "(file)".to_owned()
+                } else {
+                    field
+                },
                 e.message().to_owned(),
             )
         })?;
@@ -376,15 +385,19 @@ fn check_url(field: &str, url: &str) -> Result<(), Error> {
             "rediss:// needs fusebox built with the `tls` feature",
         ));
     }
-    redis::parse_redis_url(url)
-        .ok_or_else(|| Error::config(field, "is not a valid Redis URL"))?;
+    redis::parse_redis_url(url).ok_or_else(|| Error::config(field, "is not a valid Redis URL"))?;
     Ok(())
 }
 
 impl BreakerConfig {
     pub(crate) fn validate(&self, at: &str) -> Result<(), Error> {
         if let Some(n) = self.consecutive_failures {
-            check_count(&format!("{at}.consecutive_failures"), n.into(), 1, 1_000_000)?;
+            check_count(
+                &format!("{at}.consecutive_failures"),
+                n.into(),
+                1,
+                1_000_000,
+            )?;
         }
         if let Some(r) = self.failure_rate {
             check_pct(&format!("{at}.failure_rate"), r)?;
@@ -415,7 +428,10 @@ impl BreakerConfig {
         if !(self.open_duration_multiplier >= 1.0 && self.open_duration_multiplier <= 100.0) {
             return Err(Error::config(
                 format!("{at}.open_duration_multiplier"),
-                format!("{} is out of range (1.0 to 100)", self.open_duration_multiplier),
+                format!(
+                    "{} is out of range (1.0 to 100)",
+                    self.open_duration_multiplier
+                ),
             ));
         }
         check_range(
@@ -464,7 +480,12 @@ impl FeatureConfig {
             Duration::from_secs(600),
         )?;
         if let Some(r) = &self.rate {
-            check_count(&format!("{at}.rate.requests"), r.requests.into(), 1, 1_000_000_000)?;
+            check_count(
+                &format!("{at}.rate.requests"),
+                r.requests.into(),
+                1,
+                1_000_000_000,
+            )?;
             check_range(&format!("{at}.rate.per"), r.per, MS, DAY)?;
             if r.per.as_micros() < u128::from(r.requests) {
                 return Err(Error::config(

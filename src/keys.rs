@@ -66,6 +66,9 @@ mod tests {
     #[test]
     fn namespaces_do_not_collide() {
         assert_ne!(target_keys("a", "m").breaker, target_keys("b", "m").breaker);
-        assert_ne!(feature_keys("a", "chat").permits, feature_keys("b", "chat").permits);
+        assert_ne!(
+            feature_keys("a", "chat").permits,
+            feature_keys("b", "chat").permits
+        );
     }
 }

@@ -12,8 +12,8 @@ pub mod store;
 pub use breaker::{CallOutcome, CircuitState, Force, Transition, TransitionReason};
 pub use config::{BreakerConfig, Config, FeatureConfig, RateConfig, RedisConfig, StorePolicy};
 pub use error::{Error, Rejection, StoreError};
-// pub mod coordinator; // re-enabled once RedisStore lands
+pub mod coordinator;
 pub mod observer;
 
-// pub use coordinator::{Coordinator, CoordinatorBuilder, Heartbeat, Permit};
+pub use coordinator::{Coordinator, CoordinatorBuilder, Heartbeat, Permit};
 pub use observer::{Event, Observer};

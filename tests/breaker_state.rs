@@ -1442,3 +1442,24 @@ async fn half_open_found_by_a_rate_limited_call_is_reported_once_and_takes_no_pr
         (CircuitState::HalfOpen, 0)
     );
 }
+
+/// `open_duration_multiplier` is documented as "each consecutive re-open multiplies the open
+/// duration by this". Multiply-and-floor loses the growth whenever `d * (m - 1) < 1 ms`: with
+/// a valid `open_duration = "10ms"` and `open_duration_multiplier = 1.05`, floor(10 * 1.05) is
+/// 10 again, so the duration never grows, however many probes fail.
+#[test]
+fn a_short_open_duration_still_grows_with_a_small_multiplier() {
+    let p = BreakerParams {
+        open_ms: 10,
+        open_multiplier: 1.05,
+        max_open_ms: 1_000,
+        ..params()
+    };
+    assert!(
+        p.open_duration_ms(2) > 10,
+        "second open lasts {} ms, the first lasted 10 ms",
+        p.open_duration_ms(2)
+    );
+    // 10 * 1.05^99 is about 1,253 ms: the cap is reached long before the 100th open.
+    assert_eq!(p.open_duration_ms(100), 1_000);
+}

@@ -172,9 +172,10 @@ fn refund_never_creates_credit_from_the_past() {
 
 /// `features.x.rate = { requests = 1, per = "24h", burst = 1_000_000_000 }` validates, and the
 /// coordinator turns it into `emission_us = 86_400_000_000, burst = 1_000_000_000`. The GCRA
-/// tolerance `emission_us * burst` is 8.64e19, past `u64::MAX` (1.8e19): a debug build panics
-/// with "attempt to multiply with overflow", a release build wraps and judges with a garbage
-/// tolerance. A valid config must never do either.
+/// tolerance `emission_us * burst` is 8.64e19 µs, past `u64::MAX` (1.8e19): plain arithmetic
+/// panics in a debug build ("attempt to multiply with overflow"); saturating arithmetic clamps
+/// the tolerance, so the burst shrinks to about 213 million and `remaining` comes out as
+/// `now_us / emission_us` (about 19,675) instead of the 999,999,999 requests still allowed.
 #[test]
 fn a_valid_slow_rate_with_a_huge_burst_does_not_overflow() {
     let mut config = Config::default();

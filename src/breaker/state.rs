@@ -238,9 +238,8 @@ impl BreakerState {
         let failure = outcome == CallOutcome::Failure;
         match self.state {
             CircuitState::HalfOpen => {
-                if probe_id.is_none() {
-                    return None;
-                }
+                // Calls admitted under a half-open generation are all probes.
+                probe_id?;
                 if failure || (slow && p.slow_call_rate_pct > 0.0) {
                     Some(self.open(p, target, TransitionReason::ProbeFailed, now_ms))
                 } else {
@@ -260,8 +259,8 @@ impl BreakerState {
                 } else {
                     0
                 };
-                let reason = self.trip_reason(p, now_ms)?;
-                Some(self.open(p, target, reason, now_ms))
+                self.trip_reason(p, now_ms)
+                    .map(|reason| self.open(p, target, reason, now_ms))
             }
             _ => None,
         }
@@ -290,10 +289,20 @@ impl BreakerState {
         self.not_before = self.not_before.max(now_ms + retry_after_ms);
     }
 
-    /// Applies an operator command. Returns the transition (`None` if already in that state).
+    /// Applies an operator command. Returns the transition (`None` if already in that state;
+    /// a reset of a closed breaker still empties its window and counters).
     pub fn force(&mut self, target: &str, cmd: Force, now_ms: u64) -> Option<Transition> {
         let to = cmd.target_state();
         if self.state == to {
+            if cmd == Force::Reset {
+                // No transition, but a reset always starts from an empty window.
+                self.opens = 0;
+                self.open_until = 0;
+                self.half_open_successes = 0;
+                self.consecutive_failures = 0;
+                self.probes.clear();
+                self.window.clear();
+            }
             return None;
         }
         if cmd == Force::Reset {

@@ -88,7 +88,10 @@ impl Health {
     }
 
     pub(crate) fn failure(&self) -> Change {
-        let n = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
         if n >= self.threshold {
             self.next_probe_us
                 .store(self.now_us() + self.retry_interval_us, Ordering::Release);

@@ -29,7 +29,7 @@ use crate::keys::{feature_keys, target_keys};
 use crate::observer::{trace, Event, Observer};
 use crate::ratelimit::RateParams;
 use crate::store::{
-    AdmitRequest, Admission, FeatureSpec, MemoryStore, RedisStore, Settle, Store, TargetSpec,
+    Admission, AdmitRequest, FeatureSpec, MemoryStore, RedisStore, Settle, Store, TargetSpec,
 };
 use crate::{Error, Rejection, StoreError};
 
@@ -123,7 +123,6 @@ pub(crate) struct Sink {
 pub(crate) struct Shared {
     namespace: String,
     default_breaker: BreakerParams,
-    idle_ttl_ms: u64,
     targets: RwLock<HashMap<String, Arc<TargetSpec>>>,
     pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
     pub(crate) remote: Option<Remote>,
@@ -195,7 +194,7 @@ impl CoordinatorBuilder {
                 .collect(),
         );
 
-        let local = MemoryStore::new(self.clock);
+        let local = MemoryStore::new(self.clock).with_idle_ttl(idle_ttl);
         let health = config
             .redis
             .as_ref()
@@ -227,7 +226,6 @@ impl CoordinatorBuilder {
         let shared = Arc::new(Shared {
             namespace: ns,
             default_breaker: BreakerParams::from_config(&config.breaker, idle_ttl_ms),
-            idle_ttl_ms,
             targets: RwLock::new(targets),
             features,
             remote,
@@ -257,7 +255,9 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
     let spec = FeatureSpec {
         name: name.to_owned(),
         keys: feature_keys(ns, name),
-        bulkhead: f.max_concurrent.map(|limit| BulkheadParams { limit, lease_ms }),
+        bulkhead: f
+            .max_concurrent
+            .map(|limit| BulkheadParams { limit, lease_ms }),
         rate,
     };
     let r = replicas.max(1);
@@ -408,7 +408,11 @@ impl Coordinator {
         }
     }
 
-    async fn try_admit(&self, f: &Arc<FeatureRt>, t: &Arc<TargetSpec>) -> Result<Permit, Rejection> {
+    async fn try_admit(
+        &self,
+        f: &Arc<FeatureRt>,
+        t: &Arc<TargetSpec>,
+    ) -> Result<Permit, Rejection> {
         let call_id = self.shared.next_call_id();
         if let Some(remote) = &self.shared.remote {
             if self.shared.route() == Route::Remote {
@@ -425,19 +429,8 @@ impl Coordinator {
                     Err(error) => {
                         tracing::debug!(target: "fusebox", event = "store_error", error = %error, "admit failed");
                         self.shared.reporter.store_failed(&error);
-                        // A timed-out script may still have run: give back whatever it may
-                        // have taken (release and probe-free are idempotent).
-                        self.shared.enqueue(Settle {
-                            target: Arc::clone(t),
-                            feature: Arc::clone(&f.spec),
-                            call_id: call_id.clone(),
-                            generation: 0,
-                            probe: true,
-                            permit: f.spec.bulkhead.is_some(),
-                            refund_rate: false,
-                            outcome: CallOutcome::Ignored,
-                            elapsed_ms: 0,
-                        });
+                        // RedisStore::admit already gives back, in the background, whatever a
+                        // timed-out script may have taken under this call id (never reused).
                     }
                 }
             }

@@ -158,7 +158,11 @@ impl Permit {
         let feature = Arc::clone(&self.feature);
         let call_id = self.call_id.clone();
         let location = self.location;
-        let every = self.feature.lease.mul_f64(0.8).max(Duration::from_millis(10));
+        let every = self
+            .feature
+            .lease
+            .mul_f64(0.8)
+            .max(Duration::from_millis(10));
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {

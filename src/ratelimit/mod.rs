@@ -27,8 +27,8 @@ impl RateParams {
     /// Judges one request at `now_us` against the stored TAT (`None` if no key).
     pub fn check(&self, tat_us: Option<u64>, now_us: u64) -> RateDecision {
         let tat = tat_us.unwrap_or(now_us).max(now_us);
-        let new_tat = tat + self.emission_us;
-        let tolerance = self.emission_us * u64::from(self.burst);
+        let new_tat = tat.saturating_add(self.emission_us);
+        let tolerance = self.emission_us.saturating_mul(u64::from(self.burst));
         let allow_at = new_tat.saturating_sub(tolerance);
         if now_us < allow_at {
             RateDecision {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{AdmitRequest, Admission, Admitted, FeatureSpec, Settle, Store, TargetSpec};
+use super::{Admission, AdmitRequest, Admitted, FeatureSpec, Settle, Store, TargetSpec};
 use crate::breaker::{BreakerSnapshot, BreakerState, Force, Transition, Verdict};
 use crate::bulkhead::Permits;
 use crate::clock::{Clock, SystemClock};
@@ -29,6 +29,7 @@ struct Inner {
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     clock: Arc<dyn Clock>,
+    idle_ttl_ms: u64,
 }
 
 impl Default for MemoryStore {
@@ -45,7 +46,15 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(Mutex::new(Inner::default())),
             clock,
+            idle_ttl_ms: 24 * 3600 * 1000,
         }
+    }
+
+    /// Forget a closed breaker nobody touched for this long (default 24 h), as Redis expires
+    /// idle keys: arbitrary target names cannot grow memory without bound.
+    pub fn with_idle_ttl(mut self, idle_ttl: Duration) -> Self {
+        self.idle_ttl_ms = idle_ttl.as_millis() as u64;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -58,7 +67,7 @@ impl MemoryStore {
     pub fn admit_now(&self, req: AdmitRequest<'_>) -> Admission {
         let now = self.clock.now_ms();
         let mut inner = self.lock();
-        inner.sweep(now);
+        inner.sweep(now, self.idle_ttl_ms);
         let p = &req.target.params;
         let (verdict, transition) = {
             let entry = inner
@@ -209,15 +218,15 @@ impl MemoryStore {
 impl Inner {
     /// Forgets idle state so that arbitrary target names cannot grow memory without bound
     /// (the in-memory twin of Redis key expiry).
-    fn sweep(&mut self, now: u64) {
+    fn sweep(&mut self, now: u64, idle_ttl_ms: u64) {
         self.ops += 1;
-        if self.ops % SWEEP_EVERY != 0 {
+        if !self.ops.is_multiple_of(SWEEP_EVERY) {
             return;
         }
         self.breakers.retain(|_, (b, touched)| {
             b.state.is_operator_state()
                 || b.state != crate::breaker::CircuitState::Closed
-                || now.saturating_sub(*touched) < 24 * 3600 * 1000
+                || now.saturating_sub(*touched) < idle_ttl_ms
         });
         self.features.retain(|_, f| {
             f.permits.reclaim(now);
@@ -248,7 +257,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn force(&self, target: &TargetSpec, cmd: Force) -> Result<Option<Transition>, StoreError> {
+    async fn force(
+        &self,
+        target: &TargetSpec,
+        cmd: Force,
+    ) -> Result<Option<Transition>, StoreError> {
         Ok(self.with_breaker(target, |b, now| b.force(&target.name, cmd, now)))
     }
 

@@ -29,14 +29,20 @@ struct Attempt {
 pub(super) struct ClusterHandle {
     client: ClusterClient,
     connect_timeout: Duration,
+    runtime: tokio::runtime::Handle,
     slot: Mutex<Option<Attempt>>,
 }
 
 impl ClusterHandle {
-    pub(super) fn new(client: ClusterClient, connect_timeout: Duration) -> Self {
+    pub(super) fn new(
+        client: ClusterClient,
+        connect_timeout: Duration,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         ClusterHandle {
             client,
             connect_timeout,
+            runtime,
             slot: Mutex::new(None),
         }
     }
@@ -69,7 +75,7 @@ impl ClusterHandle {
         }
         .boxed()
         .shared();
-        tokio::spawn(fut.clone().map(|_| ()));
+        self.runtime.spawn(fut.clone().map(|_| ()));
         let a = Attempt {
             fut,
             started: Instant::now(),
@@ -103,7 +109,10 @@ pub(super) enum Conn {
 
 impl Conn {
     /// Runs one script invocation (EVALSHA, with SCRIPT LOAD + retry on NOSCRIPT).
-    pub(super) async fn invoke(&self, inv: &ScriptInvocation<'static>) -> Result<Value, RedisError> {
+    pub(super) async fn invoke(
+        &self,
+        inv: &ScriptInvocation<'static>,
+    ) -> Result<Value, RedisError> {
         match self {
             Conn::Single(cm) => inv.invoke_async(&mut cm.clone()).await,
             Conn::Cluster(h) => {
@@ -119,6 +128,21 @@ impl Conn {
                     }
                 }
                 r
+            }
+        }
+    }
+
+    /// Starts connecting in the background (the caller does not wait).
+    pub(super) fn warm_up(&self, runtime: &tokio::runtime::Handle) {
+        match self {
+            Conn::Single(cm) => {
+                let mut cm = cm.clone();
+                runtime.spawn(async move {
+                    let _ = redis::cmd("PING").query_async::<Value>(&mut cm).await;
+                });
+            }
+            Conn::Cluster(h) => {
+                h.attempt();
             }
         }
     }

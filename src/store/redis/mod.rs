@@ -30,7 +30,7 @@ use redis::{IntoConnectionInfo, ScriptInvocation, Value};
 
 use self::conn::{map_err, ClusterHandle, Conn};
 use self::scripts::{AdmitMode, Outcome};
-use super::{AdmitRequest, Admission, Admitted, FeatureSpec, Settle, Store, TargetSpec};
+use super::{Admission, AdmitRequest, Admitted, FeatureSpec, Settle, Store, TargetSpec};
 use crate::breaker::{BreakerSnapshot, CallOutcome, CircuitState, Force, Transition};
 use crate::config::RedisConfig;
 use crate::{Error, Rejection, StoreError};
@@ -53,13 +53,22 @@ struct Inner {
     conn: Conn,
     timeout: Duration,
     settle_batch: usize,
+    /// Where compensations run (captured at connect, so they can be spawned from anywhere).
+    runtime: tokio::runtime::Handle,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // No URLs: they may carry passwords.
         f.debug_struct("RedisStore")
-            .field("mode", &if self.is_cluster() { "cluster" } else { "single" })
+            .field(
+                "mode",
+                &if self.is_cluster() {
+                    "cluster"
+                } else {
+                    "single"
+                },
+            )
             .field("timeout", &self.inner.timeout)
             .field("settle_batch", &self.inner.settle_batch)
             .field("split_admit", &self.split_admit)
@@ -85,8 +94,15 @@ impl RedisStore {
     /// [`StoreError::Connection`] / [`StoreError::Timeout`] until it is back, and the
     /// connection is re-established in the background). Fails only for a configuration that
     /// cannot work: no URL, both `url` and `cluster`, or a URL that does not parse
-    /// ([`Error::Config`] naming the field). Must be called inside a Tokio runtime.
+    /// ([`Error::Config`] naming the field), or outside a Tokio runtime
+    /// ([`Error::Store`]).
     pub async fn connect(config: &RedisConfig) -> Result<RedisStore, Error> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // The connection tasks are Tokio tasks: refuse rather than panic in redis-rs.
+            return Err(Error::Store(StoreError::Connection(
+                "RedisStore::connect must run inside a Tokio runtime".to_owned(),
+            )));
+        };
         #[cfg(feature = "tls")]
         {
             // Fails only when a provider is already installed, which is just as good.
@@ -106,20 +122,16 @@ impl RedisStore {
                 ))
             }
             (Some(url), true) => Conn::Single(single_node(url, config)?),
-            (None, false) => Conn::Cluster(Arc::new(cluster(config)?)),
+            (None, false) => Conn::Cluster(Arc::new(cluster(config, runtime.clone())?)),
         };
-        if let Conn::Single(cm) = &conn {
-            // Start connecting now, in the background, so the first call does not pay for it.
-            let mut cm = cm.clone();
-            tokio::spawn(async move {
-                let _ = redis::cmd("PING").query_async::<Value>(&mut cm).await;
-            });
-        }
+        // Start connecting now, in the background, so the first call does not pay for it.
+        conn.warm_up(&runtime);
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 timeout: config.timeout,
                 settle_batch: config.settle_batch.max(1),
+                runtime,
             }),
             split_admit: false,
         })
@@ -205,14 +217,19 @@ impl RedisStore {
 
     async fn admit_one_call(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
         match self.admit_part(AdmitMode::Both, req).await {
-            Ok((Part::Admitted { generation, probe, permit }, transition)) => {
-                Ok(Admission::Admitted(Admitted {
+            Ok((
+                Part::Admitted {
                     generation,
                     probe,
                     permit,
-                    transition,
-                }))
-            }
+                },
+                transition,
+            )) => Ok(Admission::Admitted(Admitted {
+                generation,
+                probe,
+                permit,
+                transition,
+            })),
             Ok((Part::Rejected(rejection), transition)) => Ok(Admission::Rejected {
                 rejection,
                 transition,
@@ -324,13 +341,20 @@ impl RedisStore {
 
     fn spawn_compensation(&self, inv: ScriptInvocation<'static>, what: &'static str, name: String) {
         let store = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.call(&inv).await {
-                tracing::warn!(
+        self.inner.runtime.spawn(async move {
+            match store.call(&inv).await {
+                Ok(_) => {}
+                // Expected while the store is down; the coordinator reports that already.
+                Err(e) if e.is_unavailable() => tracing::debug!(
                     error = %e,
                     name = %name,
                     "fusebox: admission compensation ({what}) failed; the lease will expire"
-                );
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    name = %name,
+                    "fusebox: admission compensation ({what}) failed; the lease will expire"
+                ),
             }
         });
     }
@@ -414,10 +438,7 @@ fn log_lost_transition(t: &Transition) {
     );
 }
 
-fn single_node(
-    url: &str,
-    config: &RedisConfig,
-) -> Result<redis::aio::ConnectionManager, Error> {
+fn single_node(url: &str, config: &RedisConfig) -> Result<redis::aio::ConnectionManager, Error> {
     let client = redis::Client::open(url)
         .map_err(|e| Error::config("redis.url", format!("is not a usable Redis URL: {e}")))?;
     let cm_config = ConnectionManagerConfig::new()
@@ -431,7 +452,7 @@ fn single_node(
         .map_err(|e| Error::config("redis.url", e.to_string()))
 }
 
-fn cluster(config: &RedisConfig) -> Result<ClusterHandle, Error> {
+fn cluster(config: &RedisConfig, runtime: tokio::runtime::Handle) -> Result<ClusterHandle, Error> {
     for (i, url) in config.cluster.iter().enumerate() {
         url.as_str().into_connection_info().map_err(|e| {
             Error::config(
@@ -449,7 +470,7 @@ fn cluster(config: &RedisConfig) -> Result<ClusterHandle, Error> {
         .max_retry_wait(50)
         .build()
         .map_err(|e| Error::config("redis.cluster", e.to_string()))?;
-    Ok(ClusterHandle::new(client, config.connect_timeout))
+    Ok(ClusterHandle::new(client, config.connect_timeout, runtime))
 }
 
 /// One target's outcomes of a settle batch, in order.
@@ -530,7 +551,11 @@ fn parse_admit(
     let transition = if t_from < 0 {
         None
     } else {
-        Some(reply::transition(target, &[t_from, t_to, t_gen, t_reason], now)?)
+        Some(reply::transition(
+            target,
+            &[t_from, t_to, t_gen, t_reason],
+            now,
+        )?)
     };
     let ms = |n: i64| reply::unsigned(n, WHAT).map(Duration::from_millis);
     let part = match code {
@@ -625,7 +650,11 @@ impl Store for RedisStore {
         }
     }
 
-    async fn force(&self, target: &TargetSpec, cmd: Force) -> Result<Option<Transition>, StoreError> {
+    async fn force(
+        &self,
+        target: &TargetSpec,
+        cmd: Force,
+    ) -> Result<Option<Transition>, StoreError> {
         let inv = scripts::force(&target.keys, cmd, target.params.idle_ttl_ms);
         let v = self.call_idempotent(&inv).await?;
         let mut trs = reply::transitions(v, &target.name, "force.lua")?;
@@ -639,13 +668,17 @@ impl Store for RedisStore {
     }
 
     async fn snapshot(&self, target: &TargetSpec) -> Result<BreakerSnapshot, StoreError> {
-        let v = self.call_idempotent(&scripts::snapshot(&target.keys)).await?;
+        let v = self
+            .call_idempotent(&scripts::snapshot(&target.keys))
+            .await?;
         let (now, state) = reply::snapshot_state(v)?;
         Ok(state.snapshot(&target.params, now))
     }
 
     async fn in_flight(&self, feature: &FeatureSpec) -> Result<u32, StoreError> {
-        let v = self.call_idempotent(&scripts::in_flight(&feature.keys)).await?;
+        let v = self
+            .call_idempotent(&scripts::in_flight(&feature.keys))
+            .await?;
         let n = reply::int(&v, "in_flight.lua")?;
         u32::try_from(n).map_err(|_| StoreError::Reply(format!("in_flight.lua: count {n}")))
     }

@@ -64,11 +64,7 @@ fn bytes<'a>(v: &'a Value, what: &str) -> Result<&'a [u8], StoreError> {
 }
 
 /// A transition from its four reply integers.
-pub(super) fn transition(
-    target: &str,
-    quad: &[i64],
-    at_ms: u64,
-) -> Result<Transition, StoreError> {
+pub(super) fn transition(target: &str, quad: &[i64], at_ms: u64) -> Result<Transition, StoreError> {
     let [from, to, generation, reason] = quad else {
         return Err(StoreError::Reply(format!(
             "transition: expected 4 integers, got {quad:?}"
@@ -91,13 +87,17 @@ pub(super) fn transition(
 }
 
 /// `{now, (from, to, generation, reason)*}` as returned by `settle.lua` and `force.lua`.
-pub(super) fn transitions(v: Value, target: &str, what: &str) -> Result<Vec<Transition>, StoreError> {
+pub(super) fn transitions(
+    v: Value,
+    target: &str,
+    what: &str,
+) -> Result<Vec<Transition>, StoreError> {
     let xs = ints(v, what)?;
     let Some((now, rest)) = xs.split_first() else {
         return Err(StoreError::Reply(format!("{what}: empty reply")));
     };
     let now = unsigned(*now, what)?;
-    if rest.len() % 4 != 0 {
+    if !rest.len().is_multiple_of(4) {
         return Err(StoreError::Reply(format!(
             "{what}: {} transition integers is not a multiple of 4",
             rest.len()
@@ -141,7 +141,7 @@ pub(super) fn snapshot_state(v: Value) -> Result<(u64, BreakerState), StoreError
     let n = usize::try_from(int(n, WHAT)?)
         .map_err(|_| StoreError::Reply(format!("{WHAT}: negative hash length")))?;
     let rest = items.get(2..).unwrap_or_default();
-    if n % 2 != 0 || n > rest.len() || (rest.len() - n) % 2 != 0 {
+    if !n.is_multiple_of(2) || n > rest.len() || !(rest.len() - n).is_multiple_of(2) {
         return Err(StoreError::Reply(format!(
             "{WHAT}: hash length {n} does not fit a reply of {} items",
             items.len()
@@ -155,10 +155,8 @@ pub(super) fn snapshot_state(v: Value) -> Result<(u64, BreakerState), StoreError
         }
     }
     let field = |name: &str| hash.get(name.as_bytes()).copied();
-    let state = CircuitState::from_code(
-        i64::try_from(u64_field(field("s"))).unwrap_or(0),
-    )
-    .unwrap_or(CircuitState::Closed);
+    let state = CircuitState::from_code(i64::try_from(u64_field(field("s"))).unwrap_or(0))
+        .unwrap_or(CircuitState::Closed);
     let wn = stored_uint(field("wn"), 10, u64::from(u32::MAX));
     let wn = if wn > MAX_BUCKETS { 0 } else { wn };
     let buckets = (0..wn)
@@ -255,12 +253,20 @@ mod tests {
     fn malformed_replies_are_errors_not_panics() {
         assert!(snapshot_state(Value::Nil).is_err());
         assert!(snapshot_state(Value::Array(vec![Value::Int(1)])).is_err());
-        assert!(snapshot_state(Value::Array(vec![Value::Int(1), Value::Int(3), bulk("s")])).is_err());
+        assert!(
+            snapshot_state(Value::Array(vec![Value::Int(1), Value::Int(3), bulk("s")])).is_err()
+        );
         assert!(snapshot_state(Value::Array(vec![Value::Int(1), Value::Int(-2)])).is_err());
         assert!(transitions(Value::Array(vec![]), "t", "x").is_err());
         assert!(transitions(Value::Array(vec![Value::Int(1), Value::Int(0)]), "t", "x").is_err());
         assert!(transitions(
-            Value::Array(vec![Value::Int(1), Value::Int(0), Value::Int(9), Value::Int(1), Value::Int(1)]),
+            Value::Array(vec![
+                Value::Int(1),
+                Value::Int(0),
+                Value::Int(9),
+                Value::Int(1),
+                Value::Int(1)
+            ]),
             "t",
             "x"
         )

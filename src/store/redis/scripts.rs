@@ -143,7 +143,11 @@ pub(super) fn release<S: AsRef<str>>(
 }
 
 /// `heartbeat.lua`.
-pub(super) fn heartbeat(keys: &FeatureKeys, call_id: &str, lease_ms: u64) -> ScriptInvocation<'static> {
+pub(super) fn heartbeat(
+    keys: &FeatureKeys,
+    call_id: &str,
+    lease_ms: u64,
+) -> ScriptInvocation<'static> {
     let mut inv = HEARTBEAT.prepare_invoke();
     inv.key(&keys.permits).arg(call_id).arg(lease_ms);
     inv

@@ -1,0 +1,1541 @@
+//! `Coordinator` end to end, against the embedded in-memory store (no `[redis]`) and against a
+//! real spawned `redis-server`: calls and outcomes, breaker trips and recovery, bulkhead waits,
+//! rate limits, leases and keep-alive, operator commands, "not before", observer and tracing
+//! events, configuration errors, and secrets kept out of `Debug` and logs.
+//!
+//! Scenarios that matter on both stores are written once as `async fn name(env: Env)` and
+//! instantiated by `on_both!(name)` as `name::memory` and `name::redis`. Every test runs under
+//! a time budget ([`BUDGET`]).
+
+// Not every test binary uses everything the shared harness exports.
+#[allow(unused_imports)]
+mod support;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fusebox::breaker::BreakerSnapshot;
+use fusebox::{
+    BreakerConfig, CallOutcome, CircuitState, Config, Coordinator, Error, Event, FeatureConfig,
+    Force, Observer, RateConfig, RedisConfig, Rejection, Transition, TransitionReason,
+};
+use support::RedisServer;
+
+/// Upper bound on any one test.
+const BUDGET: Duration = Duration::from_secs(30);
+/// Upper bound on a flush (a healthy local Redis answers in milliseconds).
+const FLUSH: Duration = Duration::from_secs(5);
+const MS: Duration = Duration::from_millis(1);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// Where the coordinators of one test keep their state: in process, or in one spawned Redis.
+struct Env {
+    server: Option<RedisServer>,
+}
+
+impl Env {
+    fn memory() -> Env {
+        Env { server: None }
+    }
+
+    fn redis() -> Env {
+        Env {
+            server: Some(RedisServer::start()),
+        }
+    }
+
+    fn is_redis(&self) -> bool {
+        self.server.is_some()
+    }
+
+    fn server(&self) -> &RedisServer {
+        self.server.as_ref().expect("a Redis-backed test")
+    }
+
+    /// The default configuration on this store, with feature `chat` (no limits).
+    fn config(&self) -> Config {
+        let mut config = Config {
+            namespace: "coordinator-test".into(),
+            redis: self.server.as_ref().map(|s| redis_config(&s.url())),
+            ..Config::default()
+        };
+        config
+            .features
+            .insert("chat".into(), FeatureConfig::default());
+        config
+    }
+
+    /// A coordinator on `config`, with a recording observer.
+    async fn start(&self, config: Config) -> (Coordinator, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let c = Coordinator::builder(config)
+            .observer(recorder.clone())
+            .build()
+            .await
+            .expect("valid configuration");
+        (c, recorder)
+    }
+
+    /// A second coordinator ("another replica") sharing `first`'s state: a new coordinator
+    /// on the same Redis, or `first` itself on the embedded store (which is per process).
+    async fn peer(&self, first: &Coordinator, config: Config) -> Coordinator {
+        if self.is_redis() {
+            self.start(config).await.0
+        } else {
+            first.clone()
+        }
+    }
+}
+
+/// A Redis configuration with generous bounds: the tests run in parallel, many servers on one
+/// machine, and are about coordinator behaviour, not latency (each Redis test also asserts
+/// that its coordinators never fell back to local state).
+fn redis_config(url: &str) -> RedisConfig {
+    RedisConfig {
+        url: Some(url.to_owned()),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    }
+}
+
+fn feature(max_concurrent: Option<u32>, max_wait: Duration) -> FeatureConfig {
+    FeatureConfig {
+        max_concurrent,
+        max_wait,
+        ..FeatureConfig::default()
+    }
+}
+
+/// Records every event it observes.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Event>>);
+
+impl Observer for Recorder {
+    fn on_event(&self, event: &Event) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(event.clone());
+    }
+}
+
+impl Recorder {
+    fn events(&self) -> Vec<Event> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn transitions(&self) -> Vec<Transition> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Transition(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn rejections(&self) -> Vec<(String, String, Rejection)> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Rejected {
+                    feature,
+                    target,
+                    rejection,
+                } => Some((feature, target, rejection)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn degraded(&self) -> bool {
+        self.events()
+            .iter()
+            .any(|e| matches!(e, Event::StoreDegraded { .. }))
+    }
+}
+
+/// Runs a scenario under the time budget.
+async fn bounded(scenario: impl Future<Output = ()>) {
+    tokio::time::timeout(BUDGET, scenario)
+        .await
+        .expect("the test ran past its time budget");
+}
+
+/// Instantiates `async fn $name(env: Env)` as `$name::memory` and `$name::redis`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::bounded(super::$name(super::Env::memory())).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::bounded(super::$name(super::Env::redis())).await
+            }
+        }
+    )*};
+}
+
+/// Instantiates `async fn $name(env: Env)` as `$name::redis` only (shared state across
+/// coordinators only exists on Redis).
+macro_rules! on_redis {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::bounded(super::$name(super::Env::redis())).await
+            }
+        }
+    )*};
+}
+
+async fn flush(c: &Coordinator) {
+    let start = Instant::now();
+    c.flush(FLUSH).await;
+    assert!(start.elapsed() < FLUSH, "flush hit its timeout");
+}
+
+async fn snapshot(c: &Coordinator, target: &str) -> BreakerSnapshot {
+    c.snapshot(target).await.expect("snapshot")
+}
+
+/// Asserts that the coordinator decided on shared state throughout (never on local state
+/// because Redis looked down): otherwise a Redis test would silently test the memory store.
+fn assert_healthy(c: &Coordinator, recorder: &Recorder) {
+    assert!(!c.is_degraded(), "the coordinator fell back to local state");
+    assert!(
+        !recorder.degraded(),
+        "the coordinator degraded at some point: {:?}",
+        recorder.events()
+    );
+}
+
+/// One call that fails (`Err`), run through `call`; asserts it was admitted.
+async fn fail(c: &Coordinator, feature: &str, target: &str) {
+    let r = c
+        .call(feature, target, || async { Err::<(), _>("upstream 500") })
+        .await;
+    assert_eq!(
+        r.expect("admitted"),
+        Err("upstream 500"),
+        "the call's own error comes back as the inner result"
+    );
+}
+
+/// One call that succeeds, run through `call`; asserts it was admitted.
+async fn succeed(c: &Coordinator, feature: &str, target: &str) {
+    let r = c
+        .call(feature, target, || async { Ok::<_, String>(1) })
+        .await;
+    assert_eq!(r.expect("admitted"), Ok(1));
+}
+
+/// A call whose closure counts its runs; returns fusebox's verdict.
+async fn counted_call(
+    c: &Coordinator,
+    feature: &str,
+    target: &str,
+    runs: &AtomicUsize,
+) -> Result<Result<(), String>, Error> {
+    c.call(feature, target, || async {
+        runs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    })
+    .await
+}
+
+fn rejection(r: Result<Result<(), String>, Error>) -> Rejection {
+    match r {
+        Err(Error::Rejected(rejection)) => rejection,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+fn admit_rejection(r: Result<fusebox::Permit, Error>) -> Rejection {
+    match r {
+        Err(Error::Rejected(rejection)) => rejection,
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// call / call_classified, the default breaker
+// ---------------------------------------------------------------------------------------------
+
+/// `Ok` is a success, `Err` a failure, a classifier's `Ignored` counts toward nothing (it
+/// neither resets the run of failures nor extends it); the 5th consecutive failure opens the
+/// breaker (default config) and then `call` refuses without running the closure.
+async fn call_counts_outcomes_and_trips_after_five_failures(env: Env) {
+    let (c, rec) = env.start(env.config()).await;
+    let t = "model-a";
+
+    succeed(&c, "chat", t).await;
+    flush(&c).await;
+    let s = snapshot(&c, t).await;
+    assert_eq!(
+        (s.window.calls, s.window.failures, s.consecutive_failures),
+        (1, 0, 0),
+        "Ok counts as a success"
+    );
+
+    for _ in 0..3 {
+        fail(&c, "chat", t).await;
+    }
+    // The classifier decides: an Ok result it calls a failure (a 529 in a 200) is one.
+    let r = c
+        .call_classified(
+            "chat",
+            t,
+            || async { Ok::<_, String>("overloaded") },
+            |_| CallOutcome::Failure,
+        )
+        .await;
+    assert_eq!(r.expect("admitted"), Ok("overloaded"));
+    flush(&c).await;
+    let s = snapshot(&c, t).await;
+    assert_eq!(s.state, CircuitState::Closed);
+    assert_eq!(
+        (s.window.calls, s.window.failures, s.consecutive_failures),
+        (5, 4, 4),
+        "Err and classified failures count as failures"
+    );
+
+    // Ignored: the closure runs and its result is returned, but nothing is counted.
+    let classified = AtomicUsize::new(0);
+    let r = c
+        .call_classified(
+            "chat",
+            t,
+            || async { Err::<(), _>("400 bad request") },
+            |r| {
+                classified.fetch_add(1, Ordering::SeqCst);
+                assert_eq!(r, &Err("400 bad request"), "the classifier sees the result");
+                CallOutcome::Ignored
+            },
+        )
+        .await;
+    assert_eq!(r.expect("admitted"), Err("400 bad request"));
+    assert_eq!(classified.load(Ordering::SeqCst), 1);
+    flush(&c).await;
+    let s = snapshot(&c, t).await;
+    assert_eq!(s.state, CircuitState::Closed);
+    assert_eq!(
+        (s.window.calls, s.window.failures, s.consecutive_failures),
+        (5, 4, 4),
+        "an Ignored outcome counts toward nothing"
+    );
+
+    // The fifth consecutive failure (the Ignored call between did not reset the run).
+    fail(&c, "chat", t).await;
+    flush(&c).await;
+    let s = snapshot(&c, t).await;
+    assert_eq!(s.state, CircuitState::Open, "{s:?}");
+
+    let runs = AtomicUsize::new(0);
+    let open_duration = BreakerConfig::default().open_duration;
+    match rejection(counted_call(&c, "chat", t, &runs).await) {
+        Rejection::CircuitOpen {
+            target,
+            state: CircuitState::Open,
+            retry_after: Some(d),
+        } => {
+            assert_eq!(target, t);
+            assert!(d <= open_duration, "retry_after {d:?} > {open_duration:?}");
+            assert!(
+                d > open_duration - Duration::from_secs(10),
+                "retry_after {d:?}: the breaker just opened"
+            );
+        }
+        other => panic!("expected CircuitOpen {{ Open, Some(_) }}, got {other:?}"),
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "a refused call does not run"
+    );
+    // The other targets are not affected.
+    succeed(&c, "chat", "model-b").await;
+    assert_healthy(&c, &rec);
+}
+
+/// A call must name a configured feature; nothing runs otherwise.
+async fn unknown_feature_is_an_error_and_runs_nothing(env: Env) {
+    let (c, rec) = env.start(env.config()).await;
+    let runs = AtomicUsize::new(0);
+    match counted_call(&c, "chta", "m", &runs).await {
+        Err(Error::UnknownFeature(name)) => assert_eq!(name, "chta"),
+        other => panic!("expected UnknownFeature, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    match c.admit("chta", "m").await {
+        Err(Error::UnknownFeature(name)) => assert_eq!(name, "chta"),
+        other => panic!("expected UnknownFeature, got {other:?}"),
+    }
+    match c.in_flight("chta").await {
+        Err(Error::UnknownFeature(name)) => assert_eq!(name, "chta"),
+        other => panic!("expected UnknownFeature, got {other:?}"),
+    }
+    assert_healthy(&c, &rec);
+}
+
+/// A target without a `[targets.x]` table gets `[breaker]`; one with a table gets it.
+async fn targets_use_breaker_defaults_unless_overridden(env: Env) {
+    let mut config = env.config();
+    config.breaker.consecutive_failures = Some(3);
+    config.targets.insert(
+        "fragile".into(),
+        BreakerConfig {
+            consecutive_failures: Some(2),
+            ..BreakerConfig::default()
+        },
+    );
+    let (c, rec) = env.start(config).await;
+
+    for _ in 0..2 {
+        fail(&c, "chat", "fragile").await;
+        fail(&c, "chat", "unlisted").await;
+    }
+    flush(&c).await;
+    assert_eq!(
+        snapshot(&c, "fragile").await.state,
+        CircuitState::Open,
+        "[targets.fragile] consecutive_failures = 2"
+    );
+    assert_eq!(
+        snapshot(&c, "unlisted").await.state,
+        CircuitState::Closed,
+        "[breaker] consecutive_failures = 3: two failures are not enough"
+    );
+    fail(&c, "chat", "unlisted").await;
+    flush(&c).await;
+    assert_eq!(snapshot(&c, "unlisted").await.state, CircuitState::Open);
+    let reasons: Vec<_> = rec
+        .transitions()
+        .iter()
+        .map(|t| (t.target.clone(), t.to, t.reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "fragile".to_owned(),
+                CircuitState::Open,
+                TransitionReason::ConsecutiveFailures
+            ),
+            (
+                "unlisted".to_owned(),
+                CircuitState::Open,
+                TransitionReason::ConsecutiveFailures
+            ),
+        ]
+    );
+    assert_healthy(&c, &rec);
+}
+
+/// Target names are checked at run time: an `Error::Config` naming `target`, never a panic,
+/// never a Redis key with a stray hash tag.
+async fn invalid_target_names_are_config_errors(env: Env) {
+    let (c, rec) = env.start(env.config()).await;
+    let long = "x".repeat(201);
+    for bad in [
+        "a{b}",
+        "{chat}",
+        "has space",
+        "",
+        "tab\there",
+        "é",
+        long.as_str(),
+    ] {
+        let is_target_error =
+            |r: &Error| matches!(r, Error::Config { field, .. } if field == "target");
+        let runs = AtomicUsize::new(0);
+        let r = counted_call(&c, "chat", bad, &runs).await;
+        assert!(
+            r.as_ref().err().is_some_and(is_target_error),
+            "call {bad:?}: {r:?}"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let r = c.admit("chat", bad).await;
+        assert!(
+            r.as_ref().err().is_some_and(is_target_error),
+            "admit {bad:?}: {r:?}"
+        );
+        let r = c.snapshot(bad).await;
+        assert!(
+            r.as_ref().err().is_some_and(is_target_error),
+            "snapshot {bad:?}: {r:?}"
+        );
+        let r = c.force(bad, Force::Open).await;
+        assert!(
+            r.as_ref().err().is_some_and(is_target_error),
+            "force {bad:?}: {r:?}"
+        );
+        let r = c.set_not_before(bad, Duration::from_secs(1)).await;
+        assert!(
+            r.as_ref().err().is_some_and(is_target_error),
+            "set_not_before {bad:?}: {r:?}"
+        );
+    }
+    if env.is_redis() {
+        let keys = env.server().cli(&["KEYS", "*"]);
+        assert!(
+            !keys.contains("{a{b}") && !keys.contains("has space"),
+            "no key was written for an invalid name: {keys}"
+        );
+    }
+    // Names with every allowed punctuation work.
+    succeed(&c, "chat", "anthropic/claude-sonnet-4.5:beta@eu_1").await;
+    assert_healthy(&c, &rec);
+}
+
+on_both!(
+    call_counts_outcomes_and_trips_after_five_failures,
+    unknown_feature_is_an_error_and_runs_nothing,
+    targets_use_breaker_defaults_unless_overridden,
+    invalid_target_names_are_config_errors,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Configuration errors at build time
+// ---------------------------------------------------------------------------------------------
+
+async fn build_error(config: Config) -> (String, String) {
+    match Coordinator::new(config).await {
+        Err(Error::Config { field, reason }) => (field, reason),
+        other => panic!("expected Error::Config, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_configuration_is_refused_at_build_naming_the_field() {
+    bounded(async {
+        let base = || {
+            let mut c = Config::default();
+            c.features.insert("x".into(), FeatureConfig::default());
+            c
+        };
+
+        let mut c = base();
+        c.features
+            .insert("x".into(), feature(Some(0), Duration::ZERO));
+        let (field, reason) = build_error(c).await;
+        assert_eq!(field, "features.x.max_concurrent");
+        assert!(reason.contains('0'), "{reason}");
+
+        let mut c = base();
+        c.redis = Some(RedisConfig {
+            url: Some("http://127.0.0.1:6379".into()),
+            ..RedisConfig::default()
+        });
+        assert_eq!(build_error(c).await.0, "redis.url");
+
+        let mut c = base();
+        c.redis = Some(RedisConfig::default());
+        assert_eq!(build_error(c).await.0, "redis.url", "[redis] without a url");
+
+        let mut c = base();
+        c.redis = Some(RedisConfig {
+            url: Some("redis://127.0.0.1:6379".into()),
+            timeout: Duration::ZERO,
+            ..RedisConfig::default()
+        });
+        assert_eq!(build_error(c).await.0, "redis.timeout");
+
+        let mut c = base();
+        c.features.insert(
+            "x".into(),
+            FeatureConfig {
+                lease: Duration::from_millis(10),
+                ..FeatureConfig::default()
+            },
+        );
+        assert_eq!(build_error(c).await.0, "features.x.lease");
+
+        let mut c = base();
+        c.features.insert(
+            "x".into(),
+            FeatureConfig {
+                rate: Some(RateConfig {
+                    requests: 0,
+                    per: Duration::from_secs(1),
+                    burst: None,
+                }),
+                ..FeatureConfig::default()
+            },
+        );
+        assert_eq!(build_error(c).await.0, "features.x.rate.requests");
+
+        let mut c = base();
+        c.targets.insert(
+            "m".into(),
+            BreakerConfig {
+                failure_rate: Some(0.0),
+                ..BreakerConfig::default()
+            },
+        );
+        assert_eq!(build_error(c).await.0, "targets.m.failure_rate");
+
+        let mut c = base();
+        c.features.insert("a b".into(), FeatureConfig::default());
+        assert_eq!(build_error(c).await.0, "features.a b");
+
+        let mut c = base();
+        c.namespace = "app{1}".into();
+        assert_eq!(build_error(c).await.0, "namespace");
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bulkhead: max_wait, leases, keep-alive, dropped permits
+// ---------------------------------------------------------------------------------------------
+
+/// With max_concurrent = 1 and max_wait = 500 ms, a second caller waits and gets in as soon
+/// as the first permit is recorded (on Redis: once the background flusher delivered the
+/// release, which wakes the waiters).
+async fn a_waiter_gets_in_as_soon_as_the_permit_is_released(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("one".into(), feature(Some(1), Duration::from_millis(500)));
+    let (c, rec) = env.start(config).await;
+    let first = c.admit("one", "m").await.expect("first admitted");
+
+    let start = Instant::now();
+    let releaser = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let at = Instant::now();
+        first.success();
+        at
+    });
+    let second = c.admit("one", "m").await.expect("the waiter gets in");
+    let got_in = Instant::now();
+    let released_at = releaser.await.expect("releaser task");
+    assert!(got_in > released_at, "the waiter got in before the release");
+    assert!(
+        got_in - start < Duration::from_millis(400),
+        "the waiter got in {:?} after it started waiting, {:?} after the release (max_wait 500 ms)",
+        got_in - start,
+        got_in - released_at
+    );
+    assert!(!second.is_local());
+    assert_eq!(c.in_flight("one").await.expect("in_flight"), 1);
+    drop(second);
+    assert!(rec.rejections().is_empty(), "{:?}", rec.rejections());
+    assert_healthy(&c, &rec);
+}
+
+/// With max_wait = 0 a full bulkhead refuses at once, with the limit and a retry hint (when
+/// the held permit's lease ends); the refusal is observed.
+async fn a_full_bulkhead_without_max_wait_refuses_at_once(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("one".into(), feature(Some(1), Duration::ZERO));
+    let (c, rec) = env.start(config).await;
+    let _held = c.admit("one", "m").await.expect("first admitted");
+
+    let start = Instant::now();
+    let r = c.admit("one", "m").await;
+    let took = start.elapsed();
+    let lease = FeatureConfig::default().lease;
+    match admit_rejection(r) {
+        Rejection::BulkheadFull {
+            feature,
+            limit: 1,
+            retry_after: Some(d),
+        } => {
+            assert_eq!(feature, "one");
+            assert!(d <= lease && d > lease - Duration::from_secs(5), "{d:?}");
+        }
+        other => panic!("expected BulkheadFull {{ limit: 1, .. }}, got {other:?}"),
+    }
+    assert!(took < Duration::from_millis(250), "refused after {took:?}");
+    let rejections = rec.rejections();
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(
+        (rejections[0].0.as_str(), rejections[0].1.as_str()),
+        ("one", "m")
+    );
+    assert!(matches!(
+        rejections[0].2,
+        Rejection::BulkheadFull { limit: 1, .. }
+    ));
+    assert_healthy(&c, &rec);
+}
+
+/// A waiter that never gets a permit is refused when max_wait is up, not before, not much
+/// after.
+async fn max_wait_bounds_the_wait(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("one".into(), feature(Some(1), Duration::from_millis(300)));
+    let (c, rec) = env.start(config).await;
+    let _held = c.admit("one", "m").await.expect("first admitted");
+    let start = Instant::now();
+    let r = c.admit("one", "m").await;
+    let took = start.elapsed();
+    assert!(
+        matches!(admit_rejection(r), Rejection::BulkheadFull { limit: 1, .. }),
+        "refused as full"
+    );
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_millis(1000),
+        "refused after {took:?} with max_wait 300 ms"
+    );
+    assert_eq!(rec.rejections().len(), 1, "one refusal, one event");
+    assert_healthy(&c, &rec);
+}
+
+/// Dropping a permit without recording releases its bulkhead slot and counts no outcome: six
+/// dropped calls (more than the 5 consecutive failures that trip) leave the window empty.
+async fn a_dropped_permit_releases_and_counts_nothing(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("one".into(), feature(Some(1), Duration::ZERO));
+    let (c, rec) = env.start(config).await;
+    for i in 0..6 {
+        let p = c
+            .admit("one", "m")
+            .await
+            .unwrap_or_else(|e| panic!("admission {i}: the dropped permit was not released: {e}"));
+        assert_eq!(c.in_flight("one").await.expect("in_flight"), 1);
+        drop(p);
+        flush(&c).await;
+        assert_eq!(
+            c.in_flight("one").await.expect("in_flight"),
+            0,
+            "a dropped permit is released"
+        );
+    }
+    let s = snapshot(&c, "m").await;
+    assert_eq!(s.state, CircuitState::Closed);
+    assert_eq!(s.window.calls, 0, "a dropped permit counts nothing: {s:?}");
+    assert_eq!(s.consecutive_failures, 0);
+    assert!(rec.transitions().is_empty());
+    assert_healthy(&c, &rec);
+}
+
+/// With a 300 ms lease, a permit kept alive for 1 s is still held at 900 ms.
+async fn keep_alive_holds_the_permit_past_its_lease(env: Env) {
+    let mut config = env.config();
+    config.features.insert(
+        "stream".into(),
+        FeatureConfig {
+            max_concurrent: Some(1),
+            lease: Duration::from_millis(300),
+            ..FeatureConfig::default()
+        },
+    );
+    let (c, rec) = env.start(config).await;
+    let permit = c.admit("stream", "m").await.expect("admitted");
+    let alive = permit.keep_alive();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(
+        matches!(
+            admit_rejection(c.admit("stream", "m").await),
+            Rejection::BulkheadFull { limit: 1, .. }
+        ),
+        "the kept-alive permit is still held at 900 ms (lease 300 ms)"
+    );
+    assert_eq!(c.in_flight("stream").await.expect("in_flight"), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        permit.heartbeat().await.expect("heartbeat"),
+        "the permit's lease is alive after 1 s"
+    );
+    drop(alive);
+    permit.success();
+    flush(&c).await;
+    assert_eq!(c.in_flight("stream").await.expect("in_flight"), 0);
+    let _next = c.admit("stream", "m").await.expect("free after record");
+    assert_healthy(&c, &rec);
+}
+
+/// Without keep-alive the lease ends: another caller gets in, the holder learns it lost the
+/// permit, and its late release does not free the new holder's slot.
+async fn without_keep_alive_the_lease_ends(env: Env) {
+    let mut config = env.config();
+    config.features.insert(
+        "stream".into(),
+        FeatureConfig {
+            max_concurrent: Some(1),
+            lease: Duration::from_millis(300),
+            ..FeatureConfig::default()
+        },
+    );
+    let (c, rec) = env.start(config).await;
+    let stale = c.admit("stream", "m").await.expect("admitted");
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let fresh = c
+        .admit("stream", "m")
+        .await
+        .expect("the lease ended: another caller gets in");
+    assert!(
+        !stale.heartbeat().await.expect("heartbeat"),
+        "the stale holder learns its lease is lost"
+    );
+    stale.success();
+    flush(&c).await;
+    assert!(
+        matches!(
+            admit_rejection(c.admit("stream", "m").await),
+            Rejection::BulkheadFull { limit: 1, .. }
+        ),
+        "the stale holder's release did not free the fresh holder's permit"
+    );
+    drop(fresh);
+    assert_healthy(&c, &rec);
+}
+
+on_both!(
+    a_waiter_gets_in_as_soon_as_the_permit_is_released,
+    a_full_bulkhead_without_max_wait_refuses_at_once,
+    max_wait_bounds_the_wait,
+    a_dropped_permit_releases_and_counts_nothing,
+    keep_alive_holds_the_permit_past_its_lease,
+    without_keep_alive_the_lease_ends,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Rate limit
+// ---------------------------------------------------------------------------------------------
+
+fn rate_feature(max_wait: Duration) -> FeatureConfig {
+    FeatureConfig {
+        rate: Some(RateConfig {
+            requests: 5,
+            per: Duration::from_secs(1),
+            burst: Some(5),
+        }),
+        max_wait,
+        ..FeatureConfig::default()
+    }
+}
+
+/// 5 per second, bursts of 5: five admitted at once, the sixth refused with the exact time
+/// until the next slot (200 ms after the burst started).
+async fn rate_limit_admits_the_burst_then_refuses_with_retry_after(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("rated".into(), rate_feature(Duration::ZERO));
+    let (c, rec) = env.start(config).await;
+    let start = Instant::now();
+    for i in 0..5 {
+        let p = c
+            .admit("rated", "m")
+            .await
+            .unwrap_or_else(|e| panic!("call {i} of the burst: {e}"));
+        p.success();
+    }
+    let r = c.admit("rated", "m").await;
+    let elapsed = start.elapsed();
+    match admit_rejection(r) {
+        Rejection::RateLimited {
+            feature,
+            retry_after,
+        } => {
+            assert_eq!(feature, "rated");
+            let emission = Duration::from_millis(200);
+            assert!(retry_after <= emission, "retry_after {retry_after:?}");
+            assert!(
+                retry_after + elapsed + 5 * MS >= emission,
+                "retry_after {retry_after:?}, {elapsed:?} after the burst started"
+            );
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    assert_healthy(&c, &rec);
+}
+
+/// With max_wait 500 ms the sixth call waits for the next slot (about 200 ms) and gets in.
+async fn rate_limit_waits_within_max_wait(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("rated".into(), rate_feature(Duration::from_millis(500)));
+    let (c, rec) = env.start(config).await;
+    let start = Instant::now();
+    for i in 0..5 {
+        let p = c
+            .admit("rated", "m")
+            .await
+            .unwrap_or_else(|e| panic!("call {i} of the burst: {e}"));
+        assert!(
+            start.elapsed() < Duration::from_millis(150),
+            "no wait in the burst"
+        );
+        p.success();
+    }
+    let sixth = c
+        .admit("rated", "m")
+        .await
+        .expect("the sixth waits and gets in");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(190) && waited < Duration::from_millis(450),
+        "the sixth got in {waited:?} after the burst started (next slot at 200 ms)"
+    );
+    drop(sixth);
+    assert!(rec.rejections().is_empty());
+    assert_healthy(&c, &rec);
+}
+
+on_both!(
+    rate_limit_admits_the_burst_then_refuses_with_retry_after,
+    rate_limit_waits_within_max_wait,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Observer: transitions and rejections
+// ---------------------------------------------------------------------------------------------
+
+/// Closed -> Open (ConsecutiveFailures), Open -> HalfOpen (OpenElapsed, on the first admit
+/// after open_duration), HalfOpen -> Closed (ProbesSucceeded): each observed exactly once,
+/// in order, with generations counting up; refused calls are `Event::Rejected`.
+async fn transitions_are_observed_once_each(env: Env) {
+    let mut config = env.config();
+    config.breaker.open_duration = Duration::from_millis(300);
+    let (c, rec) = env.start(config).await;
+    let t = "m";
+    for _ in 0..5 {
+        fail(&c, "chat", t).await;
+    }
+    flush(&c).await;
+    let seen = rec.transitions();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        (seen[0].from, seen[0].to, seen[0].reason),
+        (
+            CircuitState::Closed,
+            CircuitState::Open,
+            TransitionReason::ConsecutiveFailures
+        )
+    );
+    assert_eq!(seen[0].target, t);
+    let opened_at = Instant::now();
+
+    let runs = AtomicUsize::new(0);
+    let refused = rejection(counted_call(&c, "chat", t, &runs).await);
+    assert!(matches!(
+        refused,
+        Rejection::CircuitOpen {
+            state: CircuitState::Open,
+            ..
+        }
+    ));
+    let rejections = rec.rejections();
+    assert_eq!(
+        rejections,
+        vec![("chat".to_owned(), t.to_owned(), refused)],
+        "the refusal is observed with its feature and target"
+    );
+
+    tokio::time::sleep(Duration::from_millis(350).saturating_sub(opened_at.elapsed())).await;
+    assert_eq!(rec.transitions().len(), 1, "nothing happens without a call");
+    let probe = c.admit("chat", t).await.expect("the probe is admitted");
+    assert!(probe.is_probe());
+    let seen = rec.transitions();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        (seen[1].from, seen[1].to, seen[1].reason),
+        (
+            CircuitState::Open,
+            CircuitState::HalfOpen,
+            TransitionReason::OpenElapsed
+        ),
+        "observed on the admit that made it"
+    );
+    assert_eq!(probe.generation(), seen[1].generation);
+
+    probe.success();
+    flush(&c).await;
+    let seen = rec.transitions();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        (seen[2].from, seen[2].to, seen[2].reason),
+        (
+            CircuitState::HalfOpen,
+            CircuitState::Closed,
+            TransitionReason::ProbesSucceeded
+        )
+    );
+    let generations: Vec<u64> = seen.iter().map(|t| t.generation).collect();
+    assert_eq!(
+        generations,
+        vec![
+            seen[0].generation,
+            seen[0].generation + 1,
+            seen[0].generation + 2
+        ]
+    );
+
+    // Nothing is reported twice, later.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    flush(&c).await;
+    succeed(&c, "chat", t).await;
+    flush(&c).await;
+    assert_eq!(rec.transitions().len(), 3, "{:?}", rec.transitions());
+    assert_eq!(rec.rejections().len(), 1);
+    assert_eq!(snapshot(&c, t).await.state, CircuitState::Closed);
+    assert_healthy(&c, &rec);
+}
+
+on_both!(transitions_are_observed_once_each);
+
+/// On a shared Redis, each transition is observed by the replica whose call made it, and
+/// only there.
+async fn each_transition_is_observed_by_the_replica_that_made_it(env: Env) {
+    let mut config = env.config();
+    config.breaker.open_duration = Duration::from_millis(300);
+    let (a, rec_a) = env.start(config.clone()).await;
+    let (b, rec_b) = env.start(config).await;
+    let t = "m";
+    for _ in 0..5 {
+        fail(&a, "chat", t).await;
+    }
+    flush(&a).await;
+    let opened_at = Instant::now();
+    assert_eq!(rec_a.transitions().len(), 1);
+    let runs = AtomicUsize::new(0);
+    assert!(matches!(
+        rejection(counted_call(&b, "chat", t, &runs).await),
+        Rejection::CircuitOpen {
+            state: CircuitState::Open,
+            ..
+        }
+    ));
+    assert!(rec_b.transitions().is_empty(), "B made no transition");
+
+    tokio::time::sleep(Duration::from_millis(350).saturating_sub(opened_at.elapsed())).await;
+    let probe = b.admit("chat", t).await.expect("B's probe");
+    assert!(probe.is_probe());
+    // The one probe slot is taken fleet-wide: A is refused, half-open.
+    assert!(matches!(
+        rejection(counted_call(&a, "chat", t, &runs).await),
+        Rejection::CircuitOpen {
+            state: CircuitState::HalfOpen,
+            ..
+        }
+    ));
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    probe.success();
+    flush(&b).await;
+
+    let by = |rec: &Recorder| -> Vec<(CircuitState, CircuitState)> {
+        rec.transitions().iter().map(|t| (t.from, t.to)).collect()
+    };
+    assert_eq!(by(&rec_a), vec![(CircuitState::Closed, CircuitState::Open)]);
+    assert_eq!(
+        by(&rec_b),
+        vec![
+            (CircuitState::Open, CircuitState::HalfOpen),
+            (CircuitState::HalfOpen, CircuitState::Closed)
+        ]
+    );
+    assert_eq!(snapshot(&a, t).await.state, CircuitState::Closed);
+    assert_healthy(&a, &rec_a);
+    assert_healthy(&b, &rec_b);
+}
+
+on_redis!(each_transition_is_observed_by_the_replica_that_made_it);
+
+// ---------------------------------------------------------------------------------------------
+// Operator commands, "not before", slow calls, flush
+// ---------------------------------------------------------------------------------------------
+
+/// `Force::Open` refuses every call (ForcedOpen, no retry hint) without running it;
+/// `Force::Reset` restores normal operation. On Redis, coordinator B sees what A forced.
+async fn force_open_refuses_until_reset(env: Env) {
+    let config = env.config();
+    let (a, rec_a) = env.start(config.clone()).await;
+    let b = env.peer(&a, config.clone()).await;
+    let t = "m";
+
+    let tr = a
+        .force(t, Force::Open)
+        .await
+        .expect("force")
+        .expect("a transition");
+    assert_eq!(
+        (tr.from, tr.to, tr.reason),
+        (
+            CircuitState::Closed,
+            CircuitState::ForcedOpen,
+            TransitionReason::Operator
+        )
+    );
+    assert_eq!(rec_a.transitions(), vec![tr]);
+    assert_eq!(
+        a.force(t, Force::Open).await.expect("force again"),
+        None,
+        "already forced open"
+    );
+
+    // A coordinator started after the command sees it too (it lives in the store).
+    let late = env.peer(&a, config).await;
+    for c in [&a, &b, &late] {
+        assert_eq!(snapshot(c, t).await.state, CircuitState::ForcedOpen);
+        let runs = AtomicUsize::new(0);
+        assert_eq!(
+            rejection(counted_call(c, "chat", t, &runs).await),
+            Rejection::CircuitOpen {
+                target: t.to_owned(),
+                state: CircuitState::ForcedOpen,
+                retry_after: None,
+            }
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+    }
+
+    let tr = a
+        .force(t, Force::Reset)
+        .await
+        .expect("reset")
+        .expect("a transition");
+    assert_eq!(
+        (tr.from, tr.to),
+        (CircuitState::ForcedOpen, CircuitState::Closed)
+    );
+    for c in [&a, &b, &late] {
+        succeed(c, "chat", t).await;
+    }
+    assert_healthy(&a, &rec_a);
+}
+
+/// `set_not_before(t, 300 ms)` on one coordinator holds back calls to `t` on another
+/// (NotBefore, retry_after <= 300 ms) without counting them as failures; calls go through
+/// once the instant passed.
+async fn not_before_holds_back_the_fleet_and_is_not_a_failure(env: Env) {
+    let config = env.config();
+    let (a, rec_a) = env.start(config.clone()).await;
+    let b = env.peer(&a, config).await;
+    let t = "m";
+    let pause = Duration::from_millis(300);
+    let set_at = Instant::now();
+    a.set_not_before(t, pause).await.expect("set_not_before");
+
+    let runs = AtomicUsize::new(0);
+    // More refusals than the 5 consecutive failures that would trip the breaker.
+    for _ in 0..6 {
+        match rejection(counted_call(&b, "chat", t, &runs).await) {
+            Rejection::NotBefore {
+                target,
+                retry_after,
+            } => {
+                assert_eq!(target, t);
+                assert!(retry_after <= pause, "{retry_after:?}");
+                assert!(
+                    retry_after + set_at.elapsed() + 5 * MS >= pause,
+                    "{retry_after:?} is shorter than what is left"
+                );
+            }
+            other => panic!("expected NotBefore, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    // Other targets are not held back.
+    succeed(&b, "chat", "other").await;
+
+    let s = snapshot(&b, t).await;
+    assert_eq!(s.state, CircuitState::Closed);
+    assert!(s.not_before_ms.is_some());
+    assert_eq!((s.window.calls, s.consecutive_failures), (0, 0), "{s:?}");
+
+    tokio::time::sleep((pause + Duration::from_millis(50)).saturating_sub(set_at.elapsed())).await;
+    assert_eq!(
+        counted_call(&b, "chat", t, &runs).await.expect("admitted"),
+        Ok(())
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    flush(&b).await;
+    let s = snapshot(&b, t).await;
+    assert_eq!(s.state, CircuitState::Closed);
+    assert_eq!((s.window.calls, s.window.failures), (1, 0), "{s:?}");
+    assert!(rec_a.transitions().is_empty());
+    assert_healthy(&a, &rec_a);
+}
+
+/// With slow_call_duration 20 ms, slow_call_rate 50 % and minimum_calls 4, successes that take
+/// 30 ms open the breaker (SlowCallRate) once they are half of the window's calls.
+async fn slow_calls_open_the_breaker(env: Env) {
+    let mut config = env.config();
+    config.breaker.slow_call_duration = Some(Duration::from_millis(20));
+    config.breaker.slow_call_rate = 50.0;
+    config.breaker.minimum_calls = 4;
+    let (c, rec) = env.start(config).await;
+    let t = "m";
+    for _ in 0..4 {
+        succeed(&c, "chat", t).await;
+    }
+    let slow = || async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Ok::<_, String>(())
+    };
+    for i in 0..3 {
+        assert_eq!(c.call("chat", t, slow).await.expect("admitted"), Ok(()));
+        flush(&c).await;
+        let s = snapshot(&c, t).await;
+        assert_eq!(
+            s.state,
+            CircuitState::Closed,
+            "{} slow of {} calls is under 50 %",
+            i + 1,
+            i + 5
+        );
+        assert_eq!(s.window.slow, i + 1, "{s:?}");
+    }
+    assert_eq!(c.call("chat", t, slow).await.expect("admitted"), Ok(()));
+    flush(&c).await;
+    assert_eq!(snapshot(&c, t).await.state, CircuitState::Open);
+    let seen = rec.transitions();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        (seen[0].from, seen[0].to, seen[0].reason),
+        (
+            CircuitState::Closed,
+            CircuitState::Open,
+            TransitionReason::SlowCallRate
+        )
+    );
+    assert_healthy(&c, &rec);
+}
+
+/// Outcomes recorded without waiting are in the store once `flush` returns.
+async fn flush_delivers_queued_outcomes(env: Env) {
+    let (c, rec) = env.start(env.config()).await;
+    let mut permits = Vec::new();
+    for _ in 0..5 {
+        permits.push(c.admit("chat", "m").await.expect("admitted"));
+    }
+    for p in permits {
+        p.failure();
+    }
+    flush(&c).await;
+    let s = snapshot(&c, "m").await;
+    assert_eq!(s.state, CircuitState::Open, "{s:?}");
+    assert_eq!(rec.transitions().len(), 1);
+    assert_healthy(&c, &rec);
+}
+
+on_both!(
+    force_open_refuses_until_reset,
+    not_before_holds_back_the_fleet_and_is_not_a_failure,
+    slow_calls_open_the_breaker,
+    flush_delivers_queued_outcomes,
+);
+
+/// Dropping the last handle of a coordinator still delivers what it queued (the runtime
+/// lives on): another replica sees the breaker open.
+async fn dropping_the_coordinator_delivers_its_queue(env: Env) {
+    let config = env.config();
+    let (a, rec_a) = env.start(config.clone()).await;
+    let (b, _) = env.start(config).await;
+    for _ in 0..5 {
+        fail(&a, "chat", "m").await;
+    }
+    assert_healthy(&a, &rec_a);
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        if snapshot(&b, "m").await.state == CircuitState::Open {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped coordinator's outcomes never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rec_a.transitions().len(), 1, "reported by the flusher of A");
+}
+
+/// Two applications on one Redis with different namespaces share nothing — even when one
+/// namespace, plus `:t`, is a prefix of the other's keys.
+async fn namespaces_keep_applications_apart(env: Env) {
+    let mut one = env.config();
+    one.namespace = "app".into();
+    let mut two = env.config();
+    two.namespace = "app:t".into();
+    let (a, _) = env.start(one).await;
+    let (b, _) = env.start(two).await;
+
+    a.force("t:m", Force::Open).await.expect("force");
+    assert_eq!(snapshot(&a, "t:m").await.state, CircuitState::ForcedOpen);
+    let s = snapshot(&b, "m").await;
+    assert_eq!(
+        s.state,
+        CircuitState::Closed,
+        "namespace \"app:t\", target \"m\" shares its Redis keys with namespace \"app\", \
+         target \"t:m\": {:?}",
+        env.server().cli(&["KEYS", "*"])
+    );
+}
+
+on_redis!(
+    dropping_the_coordinator_delivers_its_queue,
+    namespaces_keep_applications_apart,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Secrets: Debug and logs
+// ---------------------------------------------------------------------------------------------
+
+const SECRET: &str = "secretpw";
+
+/// A server with an ACL user `user` / [`SECRET`], and a URL carrying the credentials.
+fn server_with_password() -> (RedisServer, String) {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.cli(&[
+            "ACL",
+            "SETUSER",
+            "user",
+            "on",
+            &format!(">{SECRET}"),
+            "~*",
+            "&*",
+            "+@all"
+        ]),
+        "OK"
+    );
+    let url = format!("redis://user:{SECRET}@127.0.0.1:{}/", server.port());
+    (server, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_debug_does_not_show_the_redis_password() {
+    bounded(async {
+        let (_server, url) = server_with_password();
+        let mut config = Env::memory().config();
+        config.redis = Some(redis_config(&url));
+        let recorder = Arc::new(Recorder::default());
+        let c = Coordinator::builder(config)
+            .observer(recorder.clone())
+            .build()
+            .await
+            .expect("build");
+        // The credentials work: the call is decided on Redis.
+        let p = c.admit("chat", "m").await.expect("admitted");
+        assert!(!p.is_local());
+        p.success();
+        flush(&c).await;
+        assert_healthy(&c, &recorder);
+        for shown in [format!("{c:?}"), format!("{c:#?}")] {
+            assert!(!shown.contains(SECRET), "Debug shows the password: {shown}");
+        }
+    })
+    .await
+}
+
+/// `CoordinatorBuilder`'s Debug prints the whole `Config`, Redis URL and password included.
+#[test]
+fn coordinator_builder_debug_does_not_show_the_redis_password() {
+    let config = Config {
+        redis: Some(redis_config(&format!(
+            "redis://user:{SECRET}@127.0.0.1:6379/"
+        ))),
+        ..Config::default()
+    };
+    let builder = Coordinator::builder(config);
+    let shown = format!("{builder:?}");
+    assert!(
+        !shown.contains(SECRET),
+        "CoordinatorBuilder's Debug shows the Redis password: {shown}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tracing
+// ---------------------------------------------------------------------------------------------
+
+/// A `tracing` subscriber writing plain text into a buffer, for the current thread.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
+    type Writer = LogBuffer;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl LogBuffer {
+    /// Installs it as this thread's default subscriber until the guard is dropped. The tests
+    /// using it run on a current-thread runtime, so fusebox's background tasks log here too.
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Lines whose fields include every `key=value` of `fields` (quotes ignored).
+    fn lines_with(&self, fields: &[&str]) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|line| {
+                let tokens: Vec<String> = line
+                    .split_whitespace()
+                    .map(|t| t.replace('"', ""))
+                    .collect();
+                fields.iter().all(|f| tokens.iter().any(|t| t == f))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A transition is logged under target `fusebox` with the stable fields `event=transition`,
+/// `from=closed`, `to=open`, `reason`, `breaker.target`, exactly once.
+async fn a_transition_is_traced_with_stable_fields(env: Env) {
+    let logs = LogBuffer::default();
+    let _guard = logs.install();
+    let (c, rec) = env.start(env.config()).await;
+    for _ in 0..5 {
+        fail(&c, "chat", "m").await;
+    }
+    flush(&c).await;
+    assert_eq!(rec.transitions().len(), 1);
+    let lines = logs.lines_with(&[
+        "event=transition",
+        "from=closed",
+        "to=open",
+        "reason=consecutive_failures",
+        "breaker.target=m",
+    ]);
+    assert_eq!(lines.len(), 1, "logs:\n{}", logs.text());
+    assert!(lines[0].contains(" INFO "), "{}", lines[0]);
+    assert!(lines[0].contains("fusebox"), "{}", lines[0]);
+
+    let runs = AtomicUsize::new(0);
+    rejection(counted_call(&c, "chat", "m", &runs).await);
+    let lines = logs.lines_with(&["event=rejected", "kind=circuit_open", "feature=chat"]);
+    assert_eq!(lines.len(), 1, "logs:\n{}", logs.text());
+    assert_healthy(&c, &rec);
+}
+
+mod a_transition_is_traced_with_stable_fields {
+    #[tokio::test(flavor = "current_thread")]
+    async fn memory() {
+        super::bounded(super::a_transition_is_traced_with_stable_fields(
+            super::Env::memory(),
+        ))
+        .await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn redis() {
+        super::bounded(super::a_transition_is_traced_with_stable_fields(
+            super::Env::redis(),
+        ))
+        .await
+    }
+}
+
+/// A wrong Redis password makes the coordinator degrade and log why, without the password.
+#[tokio::test(flavor = "current_thread")]
+async fn store_errors_are_logged_without_the_password() {
+    bounded(async {
+        let (server, _) = server_with_password();
+        let wrong = "wr0ngsecret";
+        let url = format!("redis://user:{wrong}@127.0.0.1:{}/", server.port());
+        let logs = LogBuffer::default();
+        let _guard = logs.install();
+        let mut config = Env::memory().config();
+        config.redis = Some(redis_config(&url));
+        let recorder = Arc::new(Recorder::default());
+        let c = Coordinator::builder(config)
+            .observer(recorder.clone())
+            .build()
+            .await
+            .expect("build: connecting is lazy");
+        let p = c
+            .admit("chat", "m")
+            .await
+            .expect("fail_open: admitted locally");
+        assert!(p.is_local(), "decided on local state");
+        p.success();
+        assert!(c.is_degraded());
+        let degraded = logs.lines_with(&["event=store_degraded"]);
+        assert_eq!(degraded.len(), 1, "logs:\n{}", logs.text());
+        let all = logs.text();
+        assert!(
+            !all.contains(wrong),
+            "a log line shows the password:\n{all}"
+        );
+        for e in recorder.events() {
+            assert!(!format!("{e:?}").contains(wrong), "{e:?}");
+        }
+        assert!(!format!("{c:?}").contains(wrong));
+    })
+    .await
+}
+
+/// `keep_alive` on a permit that holds no bulkhead slot (the feature has no max_concurrent)
+/// has nothing to extend: it must not report the lease as lost.
+#[tokio::test(flavor = "current_thread")]
+async fn keep_alive_without_a_bulkhead_reports_no_lost_lease() {
+    bounded(async {
+        let logs = LogBuffer::default();
+        let _guard = logs.install();
+        let mut config = Env::memory().config();
+        config.features.insert(
+            "stream".into(),
+            FeatureConfig {
+                lease: Duration::from_millis(100),
+                ..FeatureConfig::default()
+            },
+        );
+        let c = Coordinator::new(config).await.expect("build");
+        let permit = c.admit("stream", "m").await.expect("admitted");
+        let alive = permit.keep_alive();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            permit.heartbeat().await.expect("heartbeat"),
+            "heartbeat: nothing to lose"
+        );
+        let lost = logs.lines_with(&["event=lease_lost"]);
+        assert!(
+            lost.is_empty(),
+            "keep_alive reported a lost lease for a permit without a bulkhead slot:\n{}",
+            logs.text()
+        );
+        drop(alive);
+        permit.success();
+    })
+    .await
+}
