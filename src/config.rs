@@ -41,8 +41,9 @@ impl Default for Config {
     }
 }
 
-/// Where the shared state lives, and how to behave when it is unreachable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where the shared state lives, and how to behave when it is unreachable. Its `Debug`
+/// output hides passwords in URLs.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// A single Redis: `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
@@ -96,6 +97,46 @@ impl Default for RedisConfig {
     }
 }
 
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field(
+                "cluster",
+                &self.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("failure_threshold", &self.failure_threshold)
+            .field("retry_interval", &self.retry_interval)
+            .field("replicas", &self.replicas)
+            .field("idle_ttl", &self.idle_ttl)
+            .field("settle_queue", &self.settle_queue)
+            .field("settle_batch", &self.settle_batch)
+            .finish()
+    }
+}
+
+/// A Redis URL with the password (if any) replaced by `***`, for logs and `Debug`.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or_default();
+    let hidden = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        "***".to_owned()
+    };
+    format!("{}{hidden}{}", &url[..scheme_end + 3], &rest[at..])
+}
+
 /// Breaker settings for one target.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -125,7 +166,7 @@ pub struct BreakerConfig {
     #[serde(with = "humantime_serde")]
     pub open_duration: Duration,
     /// Each consecutive re-open (a failed probe) multiplies the open duration by this.
-    /// 1.0 (no growth) to 100. Default: `1.0`.
+    /// 1.0 (no growth), or 1.01 to 100. Default: `1.0`.
     pub open_duration_multiplier: f64,
     /// Cap on the grown open duration; at least `open_duration`, at most 24 h.
     /// Default: `300s`.
@@ -274,25 +315,20 @@ pub fn check_name(field: &str, name: &str) -> Result<(), Error> {
 }
 
 impl Config {
-    /// Parses TOML and validates it. Unknown fields are errors; the error names the field.
+    /// Parses TOML and validates it. Unknown fields and wrong types are errors naming the
+    /// field by its dotted path (`features.chat.max_concurrent`).
     pub fn from_toml(text: &str) -> Result<Self, Error> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let field = e.span().map_or_else(String::new, |s| {
-                text.get(s)
-                    .unwrap_or_default()
-                    .trim()
-                    .chars()
-                    .take(60)
-                    .collect()
-            });
-            Error::config(
-                if field.is_empty() {
-                    "(file)".to_owned()
-                } else {
-                    field
-                },
-                e.message().to_owned(),
-            )
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| Error::config("(file)", e.message().to_owned()))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut message = inner.message().to_owned();
+            let field = if path == "." { "(file)".to_owned() } else { path };
+            if message.is_empty() {
+                message = inner.to_string();
+            }
+            Error::config(field, message)
         })?;
         config.validate()?;
         Ok(config)
@@ -425,13 +461,13 @@ impl BreakerConfig {
             check_pct(&format!("{at}.slow_call_rate"), self.slow_call_rate)?;
         }
         check_range(&format!("{at}.open_duration"), self.open_duration, MS, DAY)?;
-        if !(self.open_duration_multiplier >= 1.0 && self.open_duration_multiplier <= 100.0) {
+        let m = self.open_duration_multiplier;
+        // 1.0 (no growth), or at least 1.01 so that the grown duration reaches its cap in a
+        // bounded number of steps (the store computes it step by step, inside Redis too).
+        if !(m == 1.0 || (1.01..=100.0).contains(&m)) {
             return Err(Error::config(
                 format!("{at}.open_duration_multiplier"),
-                format!(
-                    "{} is out of range (1.0 to 100)",
-                    self.open_duration_multiplier
-                ),
+                format!("{m} is out of range (1.0, or 1.01 to 100)"),
             ));
         }
         check_range(
@@ -498,5 +534,27 @@ impl FeatureConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_url("redis://app:s3cret@10.0.0.1:6379/0"),
+            "redis://app:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:s3cret@h:1"), "rediss://:***@h:1");
+        assert_eq!(redact_url("redis://s3cret@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("redis://h:1/2"), "redis://h:1/2");
+        let c = RedisConfig {
+            url: Some("redis://u:topsecret@h:1".into()),
+            cluster: vec!["redis://:topsecret@h:2".into()],
+            ..RedisConfig::default()
+        };
+        assert!(!format!("{c:?}").contains("topsecret"));
     }
 }

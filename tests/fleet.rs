@@ -245,12 +245,21 @@ async fn hammer_bulkhead(
             }));
         }
     }
+    let (r2, f2) = (reached.clone(), full.clone());
+    let srv = fleet[0].coordinator.clone();
+    let progress = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            eprintln!("DBG reached {} full {} in_flight {:?}", r2.load(SeqCst), f2.load(SeqCst), srv.in_flight(BULKHEAD).await);
+        }
+    });
     let joined = tokio::time::timeout(HAMMER_BOUND, async {
         for h in handles {
             h.await.expect("a caller task panicked");
         }
     })
     .await;
+    progress.abort();
     assert!(joined.is_ok(), "the bulkhead hammer hung (> {HAMMER_BOUND:?})");
     let unexpected = lock(&unexpected).clone();
     BulkheadRun {

@@ -24,25 +24,28 @@ pub struct RateDecision {
 }
 
 impl RateParams {
-    /// Judges one request at `now_us` against the stored TAT (`None` if no key).
+    /// Judges one request at `now_us` against the stored TAT (`None` if no key). The
+    /// arithmetic is done in `i128`, so no valid configuration can overflow it.
     pub fn check(&self, tat_us: Option<u64>, now_us: u64) -> RateDecision {
-        let tat = tat_us.unwrap_or(now_us).max(now_us);
-        let new_tat = tat.saturating_add(self.emission_us);
-        let tolerance = self.emission_us.saturating_mul(u64::from(self.burst));
-        let allow_at = new_tat.saturating_sub(tolerance);
-        if now_us < allow_at {
+        let now = i128::from(now_us);
+        let emission = i128::from(self.emission_us.max(1));
+        let tat = i128::from(tat_us.unwrap_or(now_us)).max(now);
+        let new_tat = tat + emission;
+        let allow_at = new_tat - emission * i128::from(self.burst);
+        let clamp = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
+        if now < allow_at {
             RateDecision {
                 allowed: false,
-                new_tat_us: tat,
-                retry_after_us: allow_at - now_us,
+                new_tat_us: clamp(tat),
+                retry_after_us: clamp(allow_at - now),
                 remaining: 0,
             }
         } else {
             RateDecision {
                 allowed: true,
-                new_tat_us: new_tat,
+                new_tat_us: clamp(new_tat),
                 retry_after_us: 0,
-                remaining: (now_us - allow_at) / self.emission_us,
+                remaining: clamp((now - allow_at) / emission),
             }
         }
     }
