@@ -13,7 +13,8 @@ use crate::Error;
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Prefix that separates applications sharing one Redis: every key is
-    /// `fusebox:{<namespace>:...}`. Letters, digits and `._-:/@` only. Default: `"default"`.
+    /// `fusebox:{<namespace>:...}`. Letters, digits and `._-/@` only (no `:`, which ends the
+    /// namespace inside a key). Default: `"default"`.
     pub namespace: String,
     /// The shared store. `None` (no `[redis]` table): the embedded in-process store, for a
     /// single replica. Default: `None`.
@@ -337,6 +338,14 @@ impl Config {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), Error> {
         check_name("namespace", &self.namespace)?;
+        if self.namespace.contains(':') {
+            // `fusebox:{<ns>:t:<target>}`: the first `:` after `{` ends the namespace, so
+            // namespace `a:t` + target `m` cannot share keys with namespace `a` + target `t:m`.
+            return Err(Error::config(
+                "namespace",
+                format!("{:?} contains ':'; use letters, digits and ._-/@", self.namespace),
+            ));
+        }
         if let Some(r) = &self.redis {
             r.validate()?;
         }

@@ -6,6 +6,7 @@
 //! fusebox force  CONFIG.toml TARGET open|closed|disable|reset
 //! ```
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use fusebox::{Config, Coordinator, Force};
@@ -36,6 +37,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints to stdout; a closed pipe (`fusebox status … | head -1`) is not an error.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let mut stdout = std::io::stdout().lock();
+        match writeln!(stdout, $($arg)*) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(format!("cannot write to stdout: {e}"));
+            }
+            _ => {}
+        }
+    }};
+}
+
 fn load(path: &str) -> Result<Config, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     Config::from_toml(&text).map_err(|e| format!("{path}: {e}"))
@@ -50,8 +64,8 @@ async fn run(args: &[String]) -> Result<(), String> {
     {
         ["check", path] => {
             let config = load(path)?;
-            println!("{path}: ok");
-            println!("{config:#?}");
+            out!("{path}: ok");
+            out!("{config:#?}");
             Ok(())
         }
         ["status", path, target] => {
@@ -63,9 +77,9 @@ async fn run(args: &[String]) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             if coordinator.is_degraded() {
-                println!("(store unreachable: showing this process's local state)");
+                out!("(store unreachable: showing this process's local state)");
             }
-            println!("{s:#?}");
+            out!("{s:#?}");
             Ok(())
         }
         ["force", path, target, cmd] => {
@@ -84,11 +98,11 @@ async fn run(args: &[String]) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?
             {
-                Some(t) => println!(
+                Some(t) => out!(
                     "{target}: {} -> {} (generation {})",
                     t.from, t.to, t.generation
                 ),
-                None => println!("{target}: already {}", cmd.target_state()),
+                None => out!("{target}: already {}", cmd.target_state()),
             }
             Ok(())
         }

@@ -634,6 +634,48 @@ async fn a_waiter_gets_in_as_soon_as_the_permit_is_released(env: Env) {
     assert_healthy(&c, &rec);
 }
 
+/// A release wakes a waiter at once instead of leaving it to its polling backoff (a random
+/// 1..100 ms between tries once it has waited a while): over eight rounds in which the waiter
+/// has waited 250 ms before the release, at least six get in within 15 ms of it (measured:
+/// under 1 ms in memory, under 7 ms on Redis with the whole suite running). Polling alone
+/// passes this by chance well under 1 % of the time.
+async fn a_release_wakes_the_waiter_at_once(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("one".into(), feature(Some(1), Duration::from_secs(3)));
+    let (c, rec) = env.start(config).await;
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        let first = c.admit("one", "m").await.expect("first admitted");
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let p = c.admit("one", "m").await;
+                (Instant::now(), p)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!waiter.is_finished(), "the waiter is still waiting");
+        let released_at = Instant::now();
+        first.success();
+        let (got_in, second) = waiter.await.expect("waiter task");
+        delays.push(got_in - released_at);
+        // Released (dropped) before the next round takes the permit again.
+        second.expect("the waiter gets in").success();
+        flush(&c).await;
+    }
+    let quick = delays
+        .iter()
+        .filter(|d| **d < Duration::from_millis(15))
+        .count();
+    assert!(
+        quick >= 6,
+        "waiters got in {delays:?} after the release: not woken by it"
+    );
+    assert_healthy(&c, &rec);
+}
+
 /// With max_wait = 0 a full bulkhead refuses at once, with the limit and a retry hint (when
 /// the held permit's lease ends); the refusal is observed.
 async fn a_full_bulkhead_without_max_wait_refuses_at_once(env: Env) {
@@ -801,6 +843,7 @@ async fn without_keep_alive_the_lease_ends(env: Env) {
 
 on_both!(
     a_waiter_gets_in_as_soon_as_the_permit_is_released,
+    a_release_wakes_the_waiter_at_once,
     a_full_bulkhead_without_max_wait_refuses_at_once,
     max_wait_bounds_the_wait,
     a_dropped_permit_releases_and_counts_nothing,
@@ -1263,25 +1306,36 @@ async fn dropping_the_coordinator_delivers_its_queue(env: Env) {
 }
 
 /// Two applications on one Redis with different namespaces share nothing — even when one
-/// namespace, plus `:t`, is a prefix of the other's keys.
+/// namespace, plus `:t`, would be a prefix of the other's keys. A namespace may not contain
+/// `:` (it would end the namespace inside the key), so `app:t` + `m` can never share keys with
+/// `app` + `t:m`.
 async fn namespaces_keep_applications_apart(env: Env) {
+    let mut clashing = env.config();
+    clashing.namespace = "app:t".into();
+    match Coordinator::new(clashing).await {
+        Err(Error::Config { field, .. }) => assert_eq!(field, "namespace"),
+        other => panic!("a namespace with ':' must be refused, got {other:?}"),
+    }
+
     let mut one = env.config();
     one.namespace = "app".into();
     let mut two = env.config();
-    two.namespace = "app:t".into();
+    two.namespace = "app-t".into();
     let (a, _) = env.start(one).await;
     let (b, _) = env.start(two).await;
 
     a.force("t:m", Force::Open).await.expect("force");
+    a.force("m", Force::Open).await.expect("force");
     assert_eq!(snapshot(&a, "t:m").await.state, CircuitState::ForcedOpen);
-    let s = snapshot(&b, "m").await;
-    assert_eq!(
-        s.state,
-        CircuitState::Closed,
-        "namespace \"app:t\", target \"m\" shares its Redis keys with namespace \"app\", \
-         target \"t:m\": {:?}",
-        env.server().cli(&["KEYS", "*"])
-    );
+    for target in ["m", "t:m"] {
+        let s = snapshot(&b, target).await;
+        assert_eq!(
+            s.state,
+            CircuitState::Closed,
+            "namespace \"app-t\" sees namespace \"app\"'s breaker {target}: {:?}",
+            env.server().cli(&["KEYS", "*"])
+        );
+    }
 }
 
 on_redis!(
@@ -1340,21 +1394,81 @@ async fn coordinator_debug_does_not_show_the_redis_password() {
     .await
 }
 
-/// `CoordinatorBuilder`'s Debug prints the whole `Config`, Redis URL and password included.
+/// `Config` (and `CoordinatorBuilder`, which shows it) print Redis URLs without their
+/// password, single node and cluster seeds alike; the rest of the URL stays for debugging.
 #[test]
-fn coordinator_builder_debug_does_not_show_the_redis_password() {
-    let config = Config {
+fn config_and_builder_debug_do_not_show_the_redis_password() {
+    let single = Config {
         redis: Some(redis_config(&format!(
             "redis://user:{SECRET}@127.0.0.1:6379/"
         ))),
         ..Config::default()
     };
-    let builder = Coordinator::builder(config);
-    let shown = format!("{builder:?}");
-    assert!(
-        !shown.contains(SECRET),
-        "CoordinatorBuilder's Debug shows the Redis password: {shown}"
-    );
+    let cluster = Config {
+        redis: Some(RedisConfig {
+            cluster: vec![
+                format!("redis://:{SECRET}@10.0.0.5:7000"),
+                format!("rediss://user:{SECRET}@10.0.0.6:7000/"),
+            ],
+            ..RedisConfig::default()
+        }),
+        ..Config::default()
+    };
+    for config in [single, cluster] {
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(
+                !shown.contains(SECRET),
+                "Config's Debug shows the password: {shown}"
+            );
+            assert!(shown.contains("127.0.0.1:6379") || shown.contains("10.0.0.6:7000"));
+        }
+        let builder = Coordinator::builder(config);
+        let shown = format!("{builder:?}");
+        assert!(
+            !shown.contains(SECRET),
+            "CoordinatorBuilder's Debug shows the Redis password: {shown}"
+        );
+    }
+}
+
+/// `flush(timeout)` waits at most `timeout`, even when the settle queue is full and the store
+/// hangs (here: a SIGSTOPped Redis; each delivery attempt then takes the store timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_returns_within_its_timeout_when_the_queue_is_full() {
+    bounded(async {
+        let env = Env::redis();
+        let mut config = env.config();
+        if let Some(r) = config.redis.as_mut() {
+            r.timeout = Duration::from_secs(1);
+            r.settle_queue = 16;
+            r.settle_batch = 1;
+        }
+        let (c, rec) = env.start(config).await;
+        let mut permits = Vec::new();
+        for _ in 0..17 {
+            permits.push(c.admit("chat", "m").await.expect("admitted on Redis"));
+        }
+        assert_healthy(&c, &rec);
+        env.server().pause();
+        let mut permits = permits.into_iter();
+        if let Some(p) = permits.next() {
+            p.success();
+        }
+        // The flusher takes that one and waits for the stopped server; fill the queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for p in permits {
+            p.success();
+        }
+        let start = Instant::now();
+        c.flush(Duration::from_millis(50)).await;
+        let took = start.elapsed();
+        env.server().resume();
+        assert!(
+            took < Duration::from_millis(500),
+            "flush(50 ms) took {took:?} (store timeout 1 s)"
+        );
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------------

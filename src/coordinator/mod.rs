@@ -597,9 +597,12 @@ impl Coordinator {
             return;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if remote.queue.send(Msg::Flush(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(timeout, rx).await;
-        }
+        let _ = tokio::time::timeout(timeout, async {
+            if remote.queue.send(Msg::Flush(tx)).await.is_ok() {
+                let _ = rx.await;
+            }
+        })
+        .await;
     }
 }
 

@@ -1,5 +1,6 @@
 //! An admitted call: what it holds, and how its end is reported.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,8 @@ pub struct Permit {
     admitted: Admitted,
     location: Location,
     started: Instant,
-    settled: bool,
+    /// Set once the outcome is reported: stops any keep-alive task of this permit.
+    settled: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -52,7 +54,7 @@ impl Permit {
             admitted,
             location,
             started: Instant::now(),
-            settled: false,
+            settled: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -97,10 +99,9 @@ impl Permit {
     }
 
     fn settle(&mut self, outcome: CallOutcome) {
-        if self.settled {
+        if self.settled.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.settled = true;
         let spec = match self.location {
             Location::Shared => &self.feature.spec,
             Location::Local => &self.feature.local,
@@ -152,8 +153,15 @@ impl Permit {
     }
 
     /// Spawns a task that extends the lease every 0.8 x lease until the returned handle is
-    /// dropped (or the permit is recorded and the handle dropped with it).
+    /// dropped or the permit is recorded, whichever comes first. Without a bulkhead there is
+    /// no lease, and the task does nothing.
     pub fn keep_alive(&self) -> Heartbeat {
+        if !self.admitted.permit {
+            return Heartbeat {
+                task: tokio::spawn(async {}),
+            };
+        }
+        let settled = Arc::clone(&self.settled);
         let shared = Arc::clone(&self.shared);
         let feature = Arc::clone(&self.feature);
         let call_id = self.call_id.clone();
@@ -167,6 +175,9 @@ impl Permit {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tick.tick().await;
+                if settled.load(Ordering::Acquire) {
+                    break;
+                }
                 let alive = match (&shared.remote, location) {
                     (Some(r), Location::Shared) => r
                         .store
@@ -175,7 +186,7 @@ impl Permit {
                         .unwrap_or(true),
                     _ => shared.local.heartbeat_now(&feature.local, &call_id),
                 };
-                if !alive {
+                if !alive && !settled.load(Ordering::Acquire) {
                     tracing::warn!(target: "fusebox", event = "lease_lost", feature = %feature.spec.name, "bulkhead permit lease lost");
                     break;
                 }

@@ -3,16 +3,21 @@
 //! [`MemoryStore`](super::MemoryStore); time is the Redis server's (`TIME`), one clock for the
 //! whole fleet.
 //!
-//! * Single node: `admit` is ONE `admit.lua` call (breaker + rate + bulkhead, all or nothing).
+//! * Admissions go through a batcher ([`batch`]): concurrent `admit`s of one (target,
+//!   feature) are decided by ONE `admit.lua` call, exactly as if they had come one after the
+//!   other; one admission alone is one call.
+//! * Single node: an admission is decided by one `admit.lua` call (breaker + rate + bulkhead,
+//!   all or nothing per call).
 //! * Redis Cluster: a target's keys and a feature's keys live under different hash tags, so
-//!   `admit` sends the breaker part and the feature part concurrently (one round trip on the
-//!   multiplexed connection) and compensates in the background when only one part admitted.
+//!   the breaker part and the feature part are sent concurrently (one round trip on the
+//!   multiplexed connection) and compensated in the background when only one part admitted.
 //! * `settle` groups outcomes by target and releases by feature and sends every script call
 //!   of the batch concurrently.
 //!
 //! Every operation is bounded by [`RedisConfig::timeout`]. A timed-out script may still have
 //! run; see the notes on [`RedisStore::admit`](Store::admit) and `settle` below.
 
+mod batch;
 mod conn;
 mod reply;
 mod scripts;
@@ -27,6 +32,7 @@ use futures_util::future::{join, join_all};
 use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClient;
 use redis::{IntoConnectionInfo, ScriptInvocation, Value};
+use tokio::sync::{mpsc, oneshot};
 
 use self::conn::{map_err, ClusterHandle, Conn};
 use self::scripts::{AdmitMode, Outcome};
@@ -42,14 +48,19 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 /// ...for this many tries; then the next command starts a new round.
 const RECONNECT_TRIES: usize = 3;
 
-/// [`Store`] on Redis (single node or Cluster). Cheap to clone (clones share connections).
+/// [`Store`] on Redis (single node or Cluster). Cheap to clone (clones share connections and
+/// the admission batcher).
 #[derive(Clone)]
 pub struct RedisStore {
-    inner: Arc<Inner>,
+    core: Arc<Core>,
+    /// The admission batcher's queue ([`batch`]); its task ends when every clone is dropped.
+    admissions: mpsc::Sender<batch::Job>,
     split_admit: bool,
 }
 
-struct Inner {
+/// What the store and its background tasks (batcher, compensations) share. Holds no sender
+/// of the admission queue, so the batcher does not keep itself alive.
+struct Core {
     conn: Conn,
     timeout: Duration,
     settle_batch: usize,
@@ -69,8 +80,8 @@ impl fmt::Debug for RedisStore {
                     "single"
                 },
             )
-            .field("timeout", &self.inner.timeout)
-            .field("settle_batch", &self.inner.settle_batch)
+            .field("timeout", &self.core.timeout)
+            .field("settle_batch", &self.core.settle_batch)
             .field("split_admit", &self.split_admit)
             .finish()
     }
@@ -126,13 +137,17 @@ impl RedisStore {
         };
         // Start connecting now, in the background, so the first call does not pay for it.
         conn.warm_up(&runtime);
+        let core = Arc::new(Core {
+            conn,
+            timeout: config.timeout,
+            settle_batch: config.settle_batch.max(1),
+            runtime: runtime.clone(),
+        });
+        let (admissions, queue) = mpsc::channel(batch::QUEUE);
+        runtime.spawn(batch::run(Arc::clone(&core), queue));
         Ok(RedisStore {
-            inner: Arc::new(Inner {
-                conn,
-                timeout: config.timeout,
-                settle_batch: config.settle_batch.max(1),
-                runtime,
-            }),
+            core,
+            admissions,
             split_admit: false,
         })
     }
@@ -152,220 +167,101 @@ impl RedisStore {
 
     /// Whether this store talks to Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.inner.conn, Conn::Cluster(_))
+        matches!(self.core.conn, Conn::Cluster(_))
     }
 
     /// The bound on every operation ([`RedisConfig::timeout`]).
     pub fn timeout(&self) -> Duration {
-        self.inner.timeout
+        self.core.timeout
     }
 
     /// PING (every master of a cluster), bounded by the timeout: to probe recovery while in
     /// local mode.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let t = self.inner.timeout;
-        match tokio::time::timeout(t, self.inner.conn.ping()).await {
+        let t = self.core.timeout;
+        match tokio::time::timeout(t, self.core.conn.ping()).await {
             Ok(r) => r.map_err(|e| map_err(e, t)),
             Err(_) => Err(StoreError::Timeout(t)),
         }
-    }
-
-    /// One script call, bounded by the timeout.
-    async fn call(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
-        self.bounded(self.inner.conn.invoke(inv)).await
     }
 
     /// One call of a script that is safe to repeat: retried once (within the same timeout)
     /// when the connection turned out to be dropped, since the connection manager reconnects
     /// in the background but does not resend the failed command.
     async fn call_idempotent(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
-        let conn = &self.inner.conn;
-        self.bounded(async move {
-            match conn.invoke(inv).await {
-                Err(e) if e.is_connection_dropped() => conn.invoke(inv).await,
-                r => r,
-            }
-        })
-        .await
+        let conn = &self.core.conn;
+        self.core
+            .bounded(async move {
+                match conn.invoke(inv).await {
+                    Err(e) if e.is_connection_dropped() => conn.invoke(inv).await,
+                    r => r,
+                }
+            })
+            .await
     }
 
-    async fn bounded<T>(
-        &self,
-        fut: impl Future<Output = Result<T, redis::RedisError>>,
-    ) -> Result<T, StoreError> {
-        let t = self.inner.timeout;
-        match tokio::time::timeout(t, fut).await {
-            Ok(r) => r.map_err(|e| map_err(e, t)),
-            Err(_) => Err(StoreError::Timeout(t)),
-        }
-    }
-
-    async fn admit_part(
-        &self,
-        mode: AdmitMode,
-        req: AdmitRequest<'_>,
-    ) -> Result<(Part, Option<Transition>), StoreError> {
-        let inv = scripts::admit(
-            mode,
-            (&req.target.keys, &req.target.params),
-            req.feature,
-            req.call_id,
-        );
-        let v = self.call(&inv).await?;
-        parse_admit(v, &req.target.name, req.feature)
-    }
-
-    async fn admit_one_call(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
-        match self.admit_part(AdmitMode::Both, req).await {
-            Ok((
-                Part::Admitted {
-                    generation,
-                    probe,
-                    permit,
-                },
-                transition,
-            )) => Ok(Admission::Admitted(Admitted {
-                generation,
-                probe,
-                permit,
-                transition,
-            })),
-            Ok((Part::Rejected(rejection), transition)) => Ok(Admission::Rejected {
-                rejection,
-                transition,
-            }),
-            Err(e) => {
-                if may_have_run(&e) {
-                    // The script may have taken a probe slot and a permit: give them back (both
-                    // releases are idempotent). A rate slot it may have taken is not refunded,
-                    // since a refund is not safe to repeat.
-                    self.spawn_free_probe(req.target, req.call_id);
-                    self.spawn_release(req.feature, req.call_id, true, false);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    async fn admit_split(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
-        let (b, f) = join(
-            self.admit_part(AdmitMode::Breaker, req),
-            self.admit_part(AdmitMode::Feature, req),
-        )
-        .await;
-        let took_rate = req.feature.rate.is_some();
-        match (b, f) {
-            (Ok((bp, transition)), Ok((fp, _))) => Ok(match (bp, fp) {
-                (
-                    Part::Admitted {
-                        generation, probe, ..
-                    },
-                    Part::Admitted { permit, .. },
-                ) => Admission::Admitted(Admitted {
-                    generation,
-                    probe,
-                    permit,
-                    transition,
-                }),
-                (Part::Rejected(rejection), Part::Admitted { permit, .. }) => {
-                    self.spawn_release(req.feature, req.call_id, permit, took_rate);
-                    Admission::Rejected {
-                        rejection,
-                        transition,
-                    }
-                }
-                (Part::Admitted { probe, .. }, Part::Rejected(rejection)) => {
-                    if probe {
-                        self.spawn_free_probe(req.target, req.call_id);
-                    }
-                    Admission::Rejected {
-                        rejection,
-                        transition,
-                    }
-                }
-                (Part::Rejected(rejection), Part::Rejected(_)) => Admission::Rejected {
-                    rejection,
-                    transition,
-                },
-            }),
-            (Err(e), f) => {
-                if let Ok((Part::Admitted { permit, .. }, _)) = f {
-                    self.spawn_release(req.feature, req.call_id, permit, took_rate);
-                } else if f.as_ref().err().is_some_and(may_have_run) {
-                    self.spawn_release(req.feature, req.call_id, true, false);
-                }
-                if may_have_run(&e) {
-                    self.spawn_free_probe(req.target, req.call_id);
-                }
-                Err(e)
-            }
-            (Ok((bp, transition)), Err(e)) => {
-                if let Part::Admitted { probe: true, .. } = bp {
-                    self.spawn_free_probe(req.target, req.call_id);
-                }
-                if may_have_run(&e) {
-                    self.spawn_release(req.feature, req.call_id, true, false);
-                }
-                if let Some(t) = transition {
-                    log_lost_transition(&t);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Frees a probe slot in the background (an Ignored outcome: counts toward nothing).
-    fn spawn_free_probe(&self, target: &TargetSpec, call_id: &str) {
-        let outcome = Outcome {
-            generation: 0,
-            code: CallOutcome::Ignored.code(),
-            elapsed_ms: 0,
-            probe_id: call_id.to_owned(),
+    /// Admission through the batcher; a direct script call when its queue is full (or gone).
+    async fn admit_batched(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        let (reply, mut answer) = oneshot::channel();
+        let job = batch::Job {
+            split: self.splits_admit(),
+            target: req.target.clone(),
+            feature: req.feature.clone(),
+            call_id: req.call_id.to_owned(),
+            reply,
         };
-        let inv = scripts::settle(&target.keys, &target.params, std::slice::from_ref(&outcome));
-        self.spawn_compensation(inv, "free probe slot", target.name.clone());
-    }
-
-    /// Releases a permit and/or refunds a rate slot in the background.
-    fn spawn_release(&self, feature: &FeatureSpec, call_id: &str, permit: bool, refund: bool) {
-        let emission_us = feature.rate.map_or(0, |r| r.emission_us);
-        let refunds = usize::from(refund && emission_us > 0);
-        let permit = permit && feature.bulkhead.is_some();
-        if !permit && refunds == 0 {
-            return;
+        if self.admissions.try_send(job).is_err() {
+            return self.admit_direct(req).await;
         }
-        let ids: &[&str] = if permit { &[call_id] } else { &[] };
-        let inv = scripts::release(&feature.keys, emission_us, refunds, ids);
-        self.spawn_compensation(inv, "release permit / refund rate", feature.name.clone());
+        let t = self.core.timeout;
+        match tokio::time::timeout(t, &mut answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => {
+                // The batcher went away with the job (its runtime is shutting down): the
+                // script may have run.
+                self.core.spawn_free_probe(req.target, req.call_id);
+                self.core
+                    .spawn_release(req.feature, req.call_id, true, false);
+                Err(StoreError::Connection(
+                    "fusebox: the admission batcher stopped".to_owned(),
+                ))
+            }
+            Err(_) => {
+                // No answer in time. Closing the channel settles the race with the batcher:
+                // either the answer is already here (use it), or the batcher will find the
+                // job abandoned and give back whatever it was granted.
+                answer.close();
+                answer.try_recv().unwrap_or(Err(StoreError::Timeout(t)))
+            }
+        }
     }
 
-    fn spawn_compensation(&self, inv: ScriptInvocation<'static>, what: &'static str, name: String) {
-        let store = self.clone();
-        self.inner.runtime.spawn(async move {
-            match store.call(&inv).await {
-                Ok(_) => {}
-                // Expected while the store is down; the coordinator reports that already.
-                Err(e) if e.is_unavailable() => tracing::debug!(
-                    error = %e,
-                    name = %name,
-                    "fusebox: admission compensation ({what}) failed; the lease will expire"
-                ),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    name = %name,
-                    "fusebox: admission compensation ({what}) failed; the lease will expire"
-                ),
-            }
-        });
+    /// Admission by this caller's own script call(s), without the batcher.
+    async fn admit_direct(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        let core = &self.core;
+        let one = [req.call_id];
+        if self.splits_admit() {
+            let (b, f) = join(
+                core.admit_calls(AdmitMode::Breaker, req.target, req.feature, one, 1),
+                core.admit_calls(AdmitMode::Feature, req.target, req.feature, one, 1),
+            )
+            .await;
+            core.combine_split(req.target, req.feature, req.call_id, first(b), first(f))
+        } else {
+            let r = core
+                .admit_calls(AdmitMode::Both, req.target, req.feature, one, 1)
+                .await;
+            core.combine_whole(req.target, req.feature, req.call_id, first(r))
+        }
     }
 
     /// Runs every script call of one settle batch concurrently. Returns the transitions of
     /// the calls that succeeded and the first error.
     async fn settle_all(&self, items: &[Settle]) -> (Vec<Transition>, Option<StoreError>) {
-        let batch = self.inner.settle_batch;
+        let batch = self.core.settle_batch;
         let (targets, features) = group(items);
-        let conn = &self.inner.conn;
-        let t = self.inner.timeout;
+        let conn = &self.core.conn;
+        let t = self.core.timeout;
 
         let target_calls = targets.iter().map(|(target, outcomes)| async move {
             let mut out = Vec::new();
@@ -419,6 +315,216 @@ impl RedisStore {
                 (transitions, first_error)
             }
         }
+    }
+}
+
+/// The only decision of a one-call script reply.
+fn first(
+    r: Result<(Vec<Part>, Option<Transition>), StoreError>,
+) -> Result<(Part, Option<Transition>), StoreError> {
+    let (parts, transition) = r?;
+    match parts.into_iter().next() {
+        Some(part) => Ok((part, transition)),
+        None => Err(StoreError::Reply("admit.lua: no decision".to_owned())),
+    }
+}
+
+impl Core {
+    /// One script call, bounded by the timeout.
+    async fn call(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
+        self.bounded(self.conn.invoke(inv)).await
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, StoreError> {
+        let t = self.timeout;
+        match tokio::time::timeout(t, fut).await {
+            Ok(r) => r.map_err(|e| map_err(e, t)),
+            Err(_) => Err(StoreError::Timeout(t)),
+        }
+    }
+
+    /// One `admit.lua` call deciding `k` calls (`call_ids`, in order) in `mode`: one decision
+    /// per call, and the transition the script made (by the first call).
+    async fn admit_calls<S: AsRef<str>>(
+        &self,
+        mode: AdmitMode,
+        target: &TargetSpec,
+        feature: &FeatureSpec,
+        call_ids: impl IntoIterator<Item = S>,
+        k: usize,
+    ) -> Result<(Vec<Part>, Option<Transition>), StoreError> {
+        let inv = scripts::admit(mode, (&target.keys, &target.params), feature, call_ids);
+        let v = self.call(&inv).await?;
+        parse_admit(v, &target.name, feature, k)
+    }
+
+    /// The answer to a one-call (`both` mode) admission. On a timeout or connection error the
+    /// script may still have run: the probe slot and permit it may have taken are released in
+    /// the background (both releases are idempotent). A rate slot it may have taken is not
+    /// refunded, since a refund is not safe to repeat.
+    fn combine_whole(
+        self: &Arc<Self>,
+        target: &TargetSpec,
+        feature: &FeatureSpec,
+        call_id: &str,
+        r: Result<(Part, Option<Transition>), StoreError>,
+    ) -> Result<Admission, StoreError> {
+        match r {
+            Ok((
+                Part::Admitted {
+                    generation,
+                    probe,
+                    permit,
+                },
+                transition,
+            )) => Ok(Admission::Admitted(Admitted {
+                generation,
+                probe,
+                permit,
+                transition,
+            })),
+            Ok((Part::Rejected(rejection), transition)) => Ok(Admission::Rejected {
+                rejection,
+                transition,
+            }),
+            Err(e) => {
+                if may_have_run(&e) {
+                    self.spawn_free_probe(target, call_id);
+                    self.spawn_release(feature, call_id, true, false);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The answer to a split admission from its breaker part `b` and feature part `f`, with
+    /// background compensation of a part that took something the call will not use.
+    fn combine_split(
+        self: &Arc<Self>,
+        target: &TargetSpec,
+        feature: &FeatureSpec,
+        call_id: &str,
+        b: Result<(Part, Option<Transition>), StoreError>,
+        f: Result<(Part, Option<Transition>), StoreError>,
+    ) -> Result<Admission, StoreError> {
+        let took_rate = feature.rate.is_some();
+        match (b, f) {
+            (Ok((bp, transition)), Ok((fp, _))) => Ok(match (bp, fp) {
+                (
+                    Part::Admitted {
+                        generation, probe, ..
+                    },
+                    Part::Admitted { permit, .. },
+                ) => Admission::Admitted(Admitted {
+                    generation,
+                    probe,
+                    permit,
+                    transition,
+                }),
+                (Part::Rejected(rejection), Part::Admitted { permit, .. }) => {
+                    self.spawn_release(feature, call_id, permit, took_rate);
+                    Admission::Rejected {
+                        rejection,
+                        transition,
+                    }
+                }
+                (Part::Admitted { probe, .. }, Part::Rejected(rejection)) => {
+                    if probe {
+                        self.spawn_free_probe(target, call_id);
+                    }
+                    Admission::Rejected {
+                        rejection,
+                        transition,
+                    }
+                }
+                (Part::Rejected(rejection), Part::Rejected(_)) => Admission::Rejected {
+                    rejection,
+                    transition,
+                },
+            }),
+            (Err(e), f) => {
+                if let Ok((Part::Admitted { permit, .. }, _)) = f {
+                    self.spawn_release(feature, call_id, permit, took_rate);
+                } else if f.as_ref().err().is_some_and(may_have_run) {
+                    self.spawn_release(feature, call_id, true, false);
+                }
+                if may_have_run(&e) {
+                    self.spawn_free_probe(target, call_id);
+                }
+                Err(e)
+            }
+            (Ok((bp, transition)), Err(e)) => {
+                if let Part::Admitted { probe: true, .. } = bp {
+                    self.spawn_free_probe(target, call_id);
+                }
+                if may_have_run(&e) {
+                    self.spawn_release(feature, call_id, true, false);
+                }
+                if let Some(t) = transition {
+                    log_lost_transition(&t);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Frees a probe slot in the background (an Ignored outcome: counts toward nothing).
+    fn spawn_free_probe(self: &Arc<Self>, target: &TargetSpec, call_id: &str) {
+        let outcome = Outcome {
+            generation: 0,
+            code: CallOutcome::Ignored.code(),
+            elapsed_ms: 0,
+            probe_id: call_id.to_owned(),
+        };
+        let inv = scripts::settle(&target.keys, &target.params, std::slice::from_ref(&outcome));
+        self.spawn_compensation(inv, "free probe slot", target.name.clone());
+    }
+
+    /// Releases a permit and/or refunds a rate slot in the background.
+    fn spawn_release(
+        self: &Arc<Self>,
+        feature: &FeatureSpec,
+        call_id: &str,
+        permit: bool,
+        refund: bool,
+    ) {
+        let emission_us = feature.rate.map_or(0, |r| r.emission_us);
+        let refunds = usize::from(refund && emission_us > 0);
+        let permit = permit && feature.bulkhead.is_some();
+        if !permit && refunds == 0 {
+            return;
+        }
+        let ids: &[&str] = if permit { &[call_id] } else { &[] };
+        let inv = scripts::release(&feature.keys, emission_us, refunds, ids);
+        self.spawn_compensation(inv, "release permit / refund rate", feature.name.clone());
+    }
+
+    fn spawn_compensation(
+        self: &Arc<Self>,
+        inv: ScriptInvocation<'static>,
+        what: &'static str,
+        name: String,
+    ) {
+        let core = Arc::clone(self);
+        self.runtime.spawn(async move {
+            match core.call(&inv).await {
+                Ok(_) => {}
+                // Expected while the store is down; the coordinator reports that already.
+                Err(e) if e.is_unavailable() => tracing::debug!(
+                    error = %e,
+                    name = %name,
+                    "fusebox: admission compensation ({what}) failed; the lease will expire"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    name = %name,
+                    "fusebox: admission compensation ({what}) failed; the lease will expire"
+                ),
+            }
+        });
     }
 }
 
@@ -533,20 +639,29 @@ fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup<'_>>) {
     (targets, features)
 }
 
-/// The 9 integers of an `admit.lua` reply.
+/// An `admit.lua` reply for `k` calls: `{now, t_from, t_to, t_generation, t_reason}` and 4
+/// integers per call.
 fn parse_admit(
     v: Value,
     target: &str,
     feature: &FeatureSpec,
-) -> Result<(Part, Option<Transition>), StoreError> {
+    k: usize,
+) -> Result<(Vec<Part>, Option<Transition>), StoreError> {
     const WHAT: &str = "admit.lua";
     let xs = reply::ints(v, WHAT)?;
-    let [code, a, b, c, t_from, t_to, t_gen, t_reason, now] = xs[..] else {
+    let (head, calls) = xs.split_at(xs.len().min(5));
+    let [now, t_from, t_to, t_gen, t_reason] = head[..] else {
         return Err(StoreError::Reply(format!(
-            "{WHAT}: expected 9 integers, got {}",
+            "{WHAT}: expected 5 + 4 x {k} integers, got {}",
             xs.len()
         )));
     };
+    if calls.len() != 4 * k {
+        return Err(StoreError::Reply(format!(
+            "{WHAT}: expected 5 + 4 x {k} integers, got {}",
+            xs.len()
+        )));
+    }
     let now = reply::unsigned(now, WHAT)?;
     let transition = if t_from < 0 {
         None
@@ -557,8 +672,21 @@ fn parse_admit(
             now,
         )?)
     };
+    let parts = calls
+        .chunks_exact(4)
+        .map(|c| parse_part(c, target, feature))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((parts, transition))
+}
+
+/// One call's `{code, a, b, c}` of an `admit.lua` reply.
+fn parse_part(c: &[i64], target: &str, feature: &FeatureSpec) -> Result<Part, StoreError> {
+    const WHAT: &str = "admit.lua";
+    let [code, a, b, c] = c[..] else {
+        return Err(StoreError::Reply(format!("{WHAT}: short record {c:?}")));
+    };
     let ms = |n: i64| reply::unsigned(n, WHAT).map(Duration::from_millis);
-    let part = match code {
+    Ok(match code {
         0 => Part::Admitted {
             generation: reply::unsigned(a, WHAT)?,
             probe: b != 0,
@@ -588,23 +716,23 @@ fn parse_admit(
                 "{WHAT}: unknown result code {other}"
             )))
         }
-    };
-    Ok((part, transition))
+    })
 }
 
 impl Store for RedisStore {
-    /// One `admit.lua` call on a single node; two concurrent calls with background
-    /// compensation on Cluster (or when forced with [`RedisStore::with_split_admit`]).
+    /// Decided by the batcher ([`batch`]) together with the admissions queued at the same
+    /// time: one `admit.lua` call per (target, feature) on a single node; per target (breaker
+    /// part) and per feature (feature part), with background compensation, on Cluster (or
+    /// when forced with [`RedisStore::with_split_admit`]). When the batcher's queue is full,
+    /// the caller makes its own script call(s) instead.
     ///
-    /// On a timeout or connection error the script may still have run: the probe slot and
-    /// permit it may have taken are released in the background (idempotent). A rate slot it
-    /// may have taken is not refunded.
+    /// The wait is bounded by the timeout. A caller that stops waiting holds nothing: the
+    /// batcher gives back what its call was granted (probe slot, permit, rate slot). On a
+    /// timeout or connection error of the script call itself the script may still have run:
+    /// the probe slot and permit it may have taken are released in the background
+    /// (idempotent); a rate slot it may have taken is not refunded.
     async fn admit(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
-        if self.splits_admit() {
-            self.admit_split(req).await
-        } else {
-            self.admit_one_call(req).await
-        }
+        self.admit_batched(req).await
     }
 
     /// One `settle.lua` call per target (chunks of `settle_batch`, in order) and one

@@ -1,5 +1,6 @@
-//! The Lua scripts (`lua/*.lua`), each prefixed with the shared prelude `lua/lib.lua`, and
-//! the argument layouts they expect. Keys are passed only through KEYS.
+//! The Lua scripts (`lua/*.lua`) and the argument layouts they expect. Keys are passed only
+//! through KEYS. The hot-path scripts (`admit.lua`, `settle.lua`, `release.lua`) are
+//! self-contained; the others are prefixed with the shared prelude `lua/lib.lua`.
 
 use std::sync::LazyLock;
 
@@ -9,6 +10,7 @@ use crate::breaker::{BreakerParams, Force};
 use crate::keys::{FeatureKeys, TargetKeys};
 use crate::store::FeatureSpec;
 
+/// A script run after the `lib.lua` prelude.
 macro_rules! script {
     ($file:literal) => {
         LazyLock::new(|| {
@@ -21,9 +23,16 @@ macro_rules! script {
     };
 }
 
-pub(super) static ADMIT: LazyLock<Script> = script!("admit.lua");
-pub(super) static SETTLE: LazyLock<Script> = script!("settle.lua");
-pub(super) static RELEASE: LazyLock<Script> = script!("release.lua");
+/// A self-contained script (no prelude).
+macro_rules! standalone_script {
+    ($file:literal) => {
+        LazyLock::new(|| Script::new(include_str!(concat!("../../../lua/", $file))))
+    };
+}
+
+pub(super) static ADMIT: LazyLock<Script> = standalone_script!("admit.lua");
+pub(super) static SETTLE: LazyLock<Script> = standalone_script!("settle.lua");
+pub(super) static RELEASE: LazyLock<Script> = standalone_script!("release.lua");
 pub(super) static HEARTBEAT: LazyLock<Script> = script!("heartbeat.lua");
 pub(super) static NOT_BEFORE: LazyLock<Script> = script!("not_before.lua");
 pub(super) static FORCE: LazyLock<Script> = script!("force.lua");
@@ -31,7 +40,7 @@ pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
 pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
 
 /// Which part of admission one `admit.lua` call runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum AdmitMode {
     /// Breaker, rate and bulkhead in one call (single node).
     Both,
@@ -51,12 +60,13 @@ impl AdmitMode {
     }
 }
 
-/// `admit.lua` with its keys and arguments.
-pub(super) fn admit(
+/// `admit.lua` with its keys and arguments: `call_ids` (at least one) are decided in order,
+/// as that many admissions one after the other.
+pub(super) fn admit<S: AsRef<str>>(
     mode: AdmitMode,
     target: (&TargetKeys, &BreakerParams),
     feature: &FeatureSpec,
-    call_id: &str,
+    call_ids: impl IntoIterator<Item = S>,
 ) -> ScriptInvocation<'static> {
     let (keys, p) = target;
     let mut inv = ADMIT.prepare_invoke();
@@ -69,7 +79,6 @@ pub(super) fn admit(
     let (emission_us, burst) = feature.rate.map_or((0, 0), |r| (r.emission_us, r.burst));
     let (limit, lease_ms) = feature.bulkhead.map_or((0, 0), |b| (b.limit, b.lease_ms));
     inv.arg(mode.as_str())
-        .arg(call_id)
         .arg(p.half_open_probes)
         .arg(p.probe_timeout_ms)
         .arg(p.idle_ttl_ms)
@@ -77,6 +86,9 @@ pub(super) fn admit(
         .arg(burst)
         .arg(limit)
         .arg(lease_ms);
+    for id in call_ids {
+        inv.arg(id.as_ref());
+    }
     inv
 }
 
@@ -90,7 +102,7 @@ pub(super) struct Outcome {
     pub(super) probe_id: String,
 }
 
-/// The 14 breaker parameters in the order `lib.lua`'s `breaker_params` reads them.
+/// The 14 breaker parameters in the order `settle.lua` reads them (ARGV[1..14]).
 fn push_params(inv: &mut ScriptInvocation<'static>, p: &BreakerParams) {
     inv.arg(p.consecutive_failures)
         .arg(p.failure_rate_pct.to_string())
