@@ -51,7 +51,7 @@ pub(crate) async fn deliver(sink: &Sink, batch: &[Settle]) {
             }
             for s in batch.iter().filter(|s| s.permit) {
                 if let Some(f) = sink.features.get(&s.feature.name) {
-                    f.released.notify_waiters();
+                    f.released.notify_one();
                 }
             }
         }

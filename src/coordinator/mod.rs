@@ -61,7 +61,8 @@ pub(crate) struct FeatureRt {
     pub(crate) max_wait: Duration,
     pub(crate) policy: StorePolicy,
     pub(crate) lease: Duration,
-    /// Woken when a permit of this feature is released, so waiters retry at once.
+    /// One waiter is woken per permit of this feature released (by this replica), so it
+    /// retries at once instead of all waiters stampeding Redis.
     pub(crate) released: Notify,
 }
 

@@ -122,7 +122,7 @@ impl Permit {
                 self.shared.emit(crate::Event::Transition(t));
             }
             if settle.permit {
-                self.feature.released.notify_waiters();
+                self.feature.released.notify_one();
             }
         } else {
             self.shared.enqueue(settle);

@@ -155,7 +155,7 @@ pub fn sync_connection(url: &str) -> redis::Connection {
 }
 
 /// A name unique to this test process and call, e.g. for key prefixes on a shared Redis:
-/// `fusebox-test:{tag}:{pid}:{counter}:{nanos}`.
+/// `fusebox-test-{tag}-{pid}-{counter}-{nanos}` (no `:`, so it also serves as a namespace).
 pub fn unique_name(tag: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -163,7 +163,7 @@ pub fn unique_name(tag: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("fusebox-test:{tag}:{}:{n}:{nanos}", std::process::id())
+    format!("fusebox-test-{tag}-{}-{n}-{nanos}", std::process::id())
 }
 
 /// Formats a Redis reply as text, roughly like `redis-cli` does: `OK`, integers as digits,
