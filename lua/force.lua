@@ -22,7 +22,9 @@ end
 local st = load_breaker(breaker_key)
 if st.s == to then
   if to == CLOSED then
-    -- reset of a closed breaker: no transition, but start from an empty window
+    -- reset of a closed breaker: no transition, but start from an empty window (written
+    -- only if there was something to forget: a fresh breaker gets no key)
+    st.dirty = st.o ~= 0 or st.ou ~= 0 or st.hs ~= 0 or st.cf ~= 0 or st.wn > 0
     st.o = 0
     st.ou = 0
     st.hs = 0

@@ -20,11 +20,17 @@
 //! released and its rate slot refunded: the call never ran). A script call that failed after
 //! it may have run is compensated as the unbatched path does.
 //!
+//! One batch is in flight at a time: the callers that arrive meanwhile queue up, which is
+//! what makes the next batch (measured: two or three batches in flight made the batches
+//! smaller and the whole slower). The queue is bounded ([`QUEUE`]); when it is full, or the
+//! task is gone, a caller makes its own script call.
+//!
 //! The task holds no reference to the store's sender: it ends when every clone of the store
 //! is dropped (the queue closes), after answering what was queued.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
@@ -47,17 +53,57 @@ pub(super) type Answer = Result<Admission, StoreError>;
 pub(super) struct Job {
     /// Split admission (Cluster, or forced on a single node).
     pub(super) split: bool,
-    pub(super) target: TargetSpec,
-    pub(super) feature: FeatureSpec,
+    pub(super) specs: Arc<Specs>,
     pub(super) call_id: String,
     pub(super) reply: oneshot::Sender<Answer>,
+}
+
+/// The target and feature an admission names (shared by the admissions that name the same).
+#[derive(Debug, PartialEq)]
+pub(super) struct Specs {
+    pub(super) target: TargetSpec,
+    pub(super) feature: FeatureSpec,
+}
+
+/// Most (target, feature) pairs [`SpecCache`] remembers before it starts over.
+const SPEC_CACHE_MAX: usize = 1024;
+
+/// Shared copies of the specs admissions name, so that a queued admission carries one `Arc`
+/// instead of copies of six strings. Keyed by where the caller's specs live (a coordinator
+/// keeps them in `Arc`s, so the same pair comes back at the same addresses) and checked for
+/// equality, so a reused address never returns stale specs.
+#[derive(Default)]
+pub(super) struct SpecCache(Mutex<HashMap<(usize, usize), Arc<Specs>>>);
+
+impl SpecCache {
+    pub(super) fn get(&self, target: &TargetSpec, feature: &FeatureSpec) -> Arc<Specs> {
+        let key = (
+            std::ptr::from_ref(target) as usize,
+            std::ptr::from_ref(feature) as usize,
+        );
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(&key) {
+            if s.target == *target && s.feature == *feature {
+                return Arc::clone(s);
+            }
+        }
+        if map.len() >= SPEC_CACHE_MAX {
+            map.clear();
+        }
+        let s = Arc::new(Specs {
+            target: target.clone(),
+            feature: feature.clone(),
+        });
+        map.insert(key, Arc::clone(&s));
+        s
+    }
 }
 
 /// The decision of one part (or the whole) of one call: what it got, and the transition its
 /// script call made if this call is the one that made it.
 type PartResult = Result<(Part, Option<Transition>), StoreError>;
 
-/// The calls of one script call: job indices, in queue order.
+/// The calls of one script call: job indices, in queue order (their ids distinct).
 struct Group {
     mode: AdmitMode,
     members: Vec<usize>,
@@ -118,18 +164,22 @@ async fn admit_batch(core: &Arc<Core>, jobs: Vec<Job>) {
         let answer = if job.split {
             match (b, f) {
                 (Some(b), Some(f)) => {
-                    core.combine_split(&job.target, &job.feature, &job.call_id, b, f)
+                    let Specs { target, feature } = &*job.specs;
+                    core.combine_split(target, feature, &job.call_id, b, f)
                 }
                 _ => Err(missing()),
             }
         } else {
             match w {
-                Some(r) => core.combine_whole(&job.target, &job.feature, &job.call_id, r),
+                Some(r) => {
+                    let Specs { target, feature } = &*job.specs;
+                    core.combine_whole(target, feature, &job.call_id, r)
+                }
                 None => Err(missing()),
             }
         };
         if let Err(answer) = job.reply.send(answer) {
-            abandoned(core, &job.target, &job.feature, &job.call_id, answer);
+            abandoned(core, &job.specs, &job.call_id, answer);
         }
     }
 }
@@ -154,16 +204,26 @@ async fn run_group(
         .iter()
         .filter_map(|&i| jobs.get(i))
         .map(|j| j.call_id.as_str());
-    core.admit_calls(g.mode, &rep.target, &rep.feature, ids, g.members.len())
+    let Specs { target, feature } = &*rep.specs;
+    core.admit_calls(g.mode, target, feature, ids, g.members.len())
         .await
 }
 
 /// Jobs that one `admit.lua` call can decide together: same mode and same specs (the keys
-/// and the parameters the script reads), in queue order. Jobs with the same keys but other
-/// parameters (a reconfigured target, say) get a group of their own.
+/// and the parameters the script reads), in queue order, with distinct call ids. Jobs with
+/// the same keys but other parameters (a reconfigured target, say) get a group of their own;
+/// so does a call id seen twice (sent after the first, on the same connection).
 fn group(jobs: &[Job]) -> Vec<Group> {
+    // Call ids are unique by contract: check once, cheaply, that this batch keeps it.
+    let distinct = {
+        let mut seen: HashSet<&str, BuildHasherDefault<Fnv>> =
+            HashSet::with_capacity_and_hasher(jobs.len(), BuildHasherDefault::default());
+        jobs.iter().all(|j| seen.insert(j.call_id.as_str()))
+    };
     let mut groups: Vec<Group> = Vec::new();
     let mut at: HashMap<(AdmitMode, &str, &str), Vec<usize>> = HashMap::new();
+    // The group the last job of each mode went to: consecutive jobs mostly share it.
+    let mut last: [Option<usize>; 3] = [None; 3];
     let parts = jobs.iter().enumerate().flat_map(|(i, job)| {
         let modes: &[AdmitMode] = if job.split {
             &[AdmitMode::Breaker, AdmitMode::Feature]
@@ -173,45 +233,84 @@ fn group(jobs: &[Job]) -> Vec<Group> {
         modes.iter().map(move |&mode| (mode, i, job))
     });
     for (mode, i, job) in parts {
-        let (t, f) = (&job.target, &job.feature);
+        let slot = mode as usize;
+        let fits = |g: &Group| {
+            let Some(rep) = g.members.first().and_then(|&r| jobs.get(r)) else {
+                return false;
+            };
+            let (a, b) = (&*rep.specs, &*job.specs);
+            let same = Arc::ptr_eq(&rep.specs, &job.specs)
+                || ((mode == AdmitMode::Feature || a.target == b.target)
+                    && (mode == AdmitMode::Breaker || a.feature == b.feature));
+            same && (distinct
+                || !g
+                    .members
+                    .iter()
+                    .any(|&m| jobs.get(m).is_some_and(|o| o.call_id == job.call_id)))
+        };
+        let prev = last.get(slot).copied().flatten();
+        if let Some(g) = prev.and_then(|gi| groups.get_mut(gi)).filter(|g| fits(g)) {
+            g.members.push(i);
+            continue;
+        }
+        let (t, f) = (&job.specs.target, &job.specs.feature);
         let key = match mode {
             AdmitMode::Both => (mode, t.keys.breaker.as_str(), f.keys.permits.as_str()),
             AdmitMode::Breaker => (mode, t.keys.breaker.as_str(), ""),
             AdmitMode::Feature => (mode, "", f.keys.permits.as_str()),
         };
         let candidates = at.entry(key).or_default();
-        let same = |g: &Group| {
-            g.members.first().and_then(|&r| jobs.get(r)).is_some_and(|rep| {
-                (mode == AdmitMode::Feature || rep.target == *t)
-                    && (mode == AdmitMode::Breaker || rep.feature == *f)
-            })
-        };
         let found = candidates
             .iter()
             .copied()
-            .find(|&gi| groups.get(gi).is_some_and(same));
-        match found.and_then(|gi| groups.get_mut(gi)) {
-            Some(g) => g.members.push(i),
+            .find(|&gi| groups.get(gi).is_some_and(fits));
+        let gi = match found {
+            Some(gi) => {
+                if let Some(g) = groups.get_mut(gi) {
+                    g.members.push(i);
+                }
+                gi
+            }
             None => {
                 candidates.push(groups.len());
                 groups.push(Group {
                     mode,
                     members: vec![i],
                 });
+                groups.len() - 1
             }
+        };
+        if let Some(l) = last.get_mut(slot) {
+            *l = Some(gi);
         }
     }
     groups
 }
 
+/// FNV-1a: a cheap hash for the duplicate-id check (the ids are the store's own).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Gives back what a call whose caller stopped waiting was granted: it never ran.
-fn abandoned(
-    core: &Arc<Core>,
-    target: &TargetSpec,
-    feature: &FeatureSpec,
-    call_id: &str,
-    answer: Answer,
-) {
+fn abandoned(core: &Arc<Core>, specs: &Specs, call_id: &str, answer: Answer) {
+    let Specs { target, feature } = specs;
     match answer {
         Ok(Admission::Admitted(Admitted {
             probe,
@@ -243,37 +342,67 @@ mod tests {
     use crate::keys::{feature_keys, target_keys};
     use crate::BreakerConfig;
 
-    fn job(target: &str, feature: &str, split: bool, open_ms: u64) -> Job {
+    fn job(id: &str, target: &str, feature: &str, split: bool, open_ms: u64) -> Job {
         let mut params = BreakerParams::from_config(&BreakerConfig::default(), 1000);
         params.open_ms = open_ms;
         Job {
             split,
-            target: TargetSpec {
-                name: target.to_owned(),
-                keys: target_keys("ns", target),
-                params,
-            },
-            feature: FeatureSpec {
-                name: feature.to_owned(),
-                keys: feature_keys("ns", feature),
-                bulkhead: None,
-                rate: None,
-            },
-            call_id: format!("{target}-{feature}"),
+            specs: Arc::new(Specs {
+                target: TargetSpec {
+                    name: target.to_owned(),
+                    keys: target_keys("ns", target),
+                    params,
+                },
+                feature: FeatureSpec {
+                    name: feature.to_owned(),
+                    keys: feature_keys("ns", feature),
+                    bulkhead: None,
+                    rate: None,
+                },
+            }),
+            call_id: id.to_owned(),
             reply: oneshot::channel().0,
         }
+    }
+
+    #[tokio::test]
+    async fn the_task_ends_when_the_store_is_dropped() {
+        // Nothing listens there: connecting is lazy, so this needs no Redis.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let config = crate::RedisConfig {
+            url: Some(format!("redis://127.0.0.1:{port}/")),
+            ..crate::RedisConfig::default()
+        };
+        let store = super::super::RedisStore::connect(&config)
+            .await
+            .expect("lazy connect");
+        let clone = store.clone();
+        let core = Arc::downgrade(&store.core);
+        drop(store);
+        drop(clone);
+        for _ in 0..100 {
+            if core.upgrade().is_none() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("the admission batcher outlived its store");
     }
 
     #[test]
     fn groups_by_mode_keys_and_parameters_in_queue_order() {
         let jobs = vec![
-            job("a", "x", false, 10),
-            job("b", "x", false, 10),
-            job("a", "x", false, 10),
-            job("a", "y", false, 10),
-            job("a", "x", false, 99), // same keys, other parameters
-            job("a", "x", true, 10),
-            job("a", "y", true, 10),
+            job("c0", "a", "x", false, 10),
+            job("c1", "b", "x", false, 10),
+            job("c2", "a", "x", false, 10),
+            job("c3", "a", "y", false, 10),
+            job("c4", "a", "x", false, 99), // same keys, other parameters
+            job("c5", "a", "x", true, 10),
+            job("c6", "a", "y", true, 10),
+            job("c1", "b", "x", false, 10), // the same call id as job 1
         ];
         let groups: Vec<(AdmitMode, Vec<usize>)> = group(&jobs)
             .into_iter()
@@ -289,6 +418,7 @@ mod tests {
                 (AdmitMode::Breaker, vec![5, 6]),
                 (AdmitMode::Feature, vec![5]),
                 (AdmitMode::Feature, vec![6]),
+                (AdmitMode::Both, vec![7]),
             ]
         );
     }

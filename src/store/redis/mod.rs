@@ -3,7 +3,7 @@
 //! [`MemoryStore`](super::MemoryStore); time is the Redis server's (`TIME`), one clock for the
 //! whole fleet.
 //!
-//! * Admissions go through a batcher ([`batch`]): concurrent `admit`s of one (target,
+//! * Admissions go through a batcher ((`batch.rs`)): concurrent `admit`s of one (target,
 //!   feature) are decided by ONE `admit.lua` call, exactly as if they had come one after the
 //!   other; one admission alone is one call.
 //! * Single node: an admission is decided by one `admit.lua` call (breaker + rate + bulkhead,
@@ -19,6 +19,8 @@
 
 mod batch;
 mod conn;
+#[cfg(test)]
+mod difftest;
 mod reply;
 mod scripts;
 
@@ -35,7 +37,7 @@ use redis::{IntoConnectionInfo, ScriptInvocation, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use self::conn::{map_err, ClusterHandle, Conn};
-use self::scripts::{AdmitMode, Outcome};
+use self::scripts::{AdmitMode, Outcome, Release};
 use super::{Admission, AdmitRequest, Admitted, FeatureSpec, Settle, Store, TargetSpec};
 use crate::breaker::{BreakerSnapshot, CallOutcome, CircuitState, Force, Transition};
 use crate::config::RedisConfig;
@@ -53,7 +55,7 @@ const RECONNECT_TRIES: usize = 3;
 #[derive(Clone)]
 pub struct RedisStore {
     core: Arc<Core>,
-    /// The admission batcher's queue ([`batch`]); its task ends when every clone is dropped.
+    /// The admission batcher's queue ((`batch.rs`)); its task ends when every clone is dropped.
     admissions: mpsc::Sender<batch::Job>,
     split_admit: bool,
 }
@@ -66,6 +68,8 @@ struct Core {
     settle_batch: usize,
     /// Where compensations run (captured at connect, so they can be spawned from anywhere).
     runtime: tokio::runtime::Handle,
+    /// The specs queued admissions share.
+    specs: batch::SpecCache,
 }
 
 impl fmt::Debug for RedisStore {
@@ -142,6 +146,7 @@ impl RedisStore {
             timeout: config.timeout,
             settle_batch: config.settle_batch.max(1),
             runtime: runtime.clone(),
+            specs: batch::SpecCache::default(),
         });
         let (admissions, queue) = mpsc::channel(batch::QUEUE);
         runtime.spawn(batch::run(Arc::clone(&core), queue));
@@ -205,8 +210,7 @@ impl RedisStore {
         let (reply, mut answer) = oneshot::channel();
         let job = batch::Job {
             split: self.splits_admit(),
-            target: req.target.clone(),
-            feature: req.feature.clone(),
+            specs: self.core.specs.get(req.target, req.feature),
             call_id: req.call_id.to_owned(),
             reply,
         };
@@ -255,67 +259,118 @@ impl RedisStore {
         }
     }
 
-    /// Runs every script call of one settle batch concurrently. Returns the transitions of
-    /// the calls that succeeded and the first error.
-    async fn settle_all(&self, items: &[Settle]) -> (Vec<Transition>, Option<StoreError>) {
+    /// One target's settle calls (chunks of `settle_batch`, in order, one after the other),
+    /// the first carrying `ride` (a feature's release) if any: the transitions of the calls
+    /// that succeeded, the error that stopped them, the failure of the release.
+    async fn settle_target(
+        &self,
+        target: &TargetSpec,
+        outcomes: &[Outcome],
+        mut ride: Option<Release<'_, &str>>,
+    ) -> (Vec<Transition>, Option<StoreError>, Option<StoreError>) {
+        let (conn, t) = (&self.core.conn, self.core.timeout);
+        let mut out = Vec::new();
+        let mut release_error = None;
+        for chunk in outcomes.chunks(self.core.settle_batch) {
+            let inv = match ride.take() {
+                Some(r) => scripts::settle_and_release(&target.keys, &target.params, chunk, r),
+                None => scripts::settle(&target.keys, &target.params, chunk),
+            };
+            let r = match conn.invoke(&inv).await {
+                Ok(v) => {
+                    let (v, e) = reply::split_release_error(v);
+                    release_error = release_error.or(e);
+                    reply::transitions(v, &target.name, "settle.lua")
+                }
+                Err(e) => Err(map_err(e, t)),
+            };
+            match r {
+                Ok(trs) => out.extend(trs),
+                Err(e) => return (out, Some(e), release_error),
+            }
+        }
+        (out, None, release_error)
+    }
+
+    /// Runs every script call of one settle batch concurrently.
+    ///
+    /// On a single node, the first release call of the i-th feature rides along with the
+    /// first settle call of the i-th target (one script call: `settle.lua` with a release),
+    /// so that a batch of one target and one feature takes one round trip. A release part
+    /// that fails does not stop its outcomes from being recorded (as with separate calls).
+    async fn settle_all(&self, items: &[Settle]) -> SettleResult {
         let batch = self.core.settle_batch;
         let (targets, features) = group(items);
         let conn = &self.core.conn;
         let t = self.core.timeout;
 
-        let target_calls = targets.iter().map(|(target, outcomes)| async move {
-            let mut out = Vec::new();
-            // Chunks of one target run in order, one after the other.
-            for chunk in outcomes.chunks(batch) {
-                let inv = scripts::settle(&target.keys, &target.params, chunk);
-                let r = match conn.invoke(&inv).await {
-                    Ok(v) => reply::transitions(v, &target.name, "settle.lua"),
-                    Err(e) => Err(map_err(e, t)),
-                };
-                match r {
-                    Ok(trs) => out.extend(trs),
-                    Err(e) => return (out, Some(e)),
-                }
-            }
-            (out, None)
-        });
-        let feature_calls = features.iter().flat_map(|g| {
+        // Each feature's release calls (id chunks; the first carries the refunds).
+        let mut riding: Vec<Option<Release<'_, &str>>> = vec![None; targets.len()];
+        let mut alone: Vec<Release<'_, &str>> = Vec::new();
+        for (i, g) in features.iter().enumerate() {
             let emission_us = g.feature.rate.map_or(0, |r| r.emission_us);
-            let mut chunks: Vec<(&[&str], usize)> =
-                g.ids.chunks(batch).map(|ids| (ids, 0)).collect();
-            match chunks.first_mut() {
-                Some(first) => first.1 = g.refunds,
-                None => chunks.push((&[], g.refunds)),
+            let mut calls = g.ids.chunks(batch).enumerate().map(|(c, ids)| Release {
+                keys: &g.feature.keys,
+                emission_us,
+                refunds: if c == 0 { g.refunds } else { 0 },
+                permit_ids: ids,
+            });
+            let first = calls.next().unwrap_or(Release {
+                keys: &g.feature.keys,
+                emission_us,
+                refunds: g.refunds,
+                permit_ids: &[],
+            });
+            match riding.get_mut(i).filter(|_| !self.is_cluster()) {
+                Some(slot) => *slot = Some(first),
+                None => alone.push(first),
             }
-            chunks.into_iter().map(move |(ids, refunds)| {
-                let inv = scripts::release(&g.feature.keys, emission_us, refunds, ids);
-                async move {
-                    match conn.invoke(&inv).await {
-                        Ok(v) => reply::int(&v, "release.lua").err(),
-                        Err(e) => Some(map_err(e, t)),
-                    }
+            alone.extend(calls);
+        }
+
+        let target_calls = targets
+            .iter()
+            .zip(riding)
+            .map(|((target, outcomes), ride)| self.settle_target(target, outcomes, ride));
+        let feature_calls = alone.into_iter().map(|r| {
+            let inv = scripts::release(r.keys, r.emission_us, r.refunds, r.permit_ids);
+            async move {
+                match conn.invoke(&inv).await {
+                    Ok(v) => reply::int(&v, "release.lua").err(),
+                    Err(e) => Some(map_err(e, t)),
                 }
-            })
+            }
         });
         let work = join(join_all(target_calls), join_all(feature_calls));
+        let mut result = SettleResult {
+            transitions: Vec::new(),
+            outcome_error: None,
+            release_error: None,
+        };
         match tokio::time::timeout(t, work).await {
-            Err(_) => (Vec::new(), Some(StoreError::Timeout(t))),
+            Err(_) => result.outcome_error = Some(StoreError::Timeout(t)),
             Ok((target_results, feature_errors)) => {
-                let mut transitions = Vec::new();
-                let mut first_error = None;
-                for (trs, e) in target_results {
-                    transitions.extend(trs);
-                    if first_error.is_none() {
-                        first_error = e;
-                    }
+                for (trs, outcome_error, release_error) in target_results {
+                    result.transitions.extend(trs);
+                    result.outcome_error = result.outcome_error.or(outcome_error);
+                    result.release_error = result.release_error.or(release_error);
                 }
-                if first_error.is_none() {
-                    first_error = feature_errors.into_iter().flatten().next();
-                }
-                (transitions, first_error)
+                let more = feature_errors.into_iter().flatten().next();
+                result.release_error = result.release_error.or(more);
             }
         }
+        result
     }
+}
+
+/// What one settle batch did.
+struct SettleResult {
+    /// Transitions made by the outcome calls that succeeded, in order per target.
+    transitions: Vec<Transition>,
+    /// The first failure of an outcome call (or of the batch: a timeout).
+    outcome_error: Option<StoreError>,
+    /// The first failure of a release.
+    release_error: Option<StoreError>,
 }
 
 /// The only decision of a one-call script reply.
@@ -478,6 +533,7 @@ impl Core {
             code: CallOutcome::Ignored.code(),
             elapsed_ms: 0,
             probe_id: call_id.to_owned(),
+            count: 1,
         };
         let inv = scripts::settle(&target.keys, &target.params, std::slice::from_ref(&outcome));
         self.spawn_compensation(inv, "free probe slot", target.name.clone());
@@ -594,40 +650,50 @@ fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup<'_>>) {
     let mut target_at: HashMap<&str, usize> = HashMap::new();
     let mut features: Vec<FeatureGroup<'_>> = Vec::new();
     let mut feature_at: HashMap<&str, usize> = HashMap::new();
+    // The groups of the previous item: consecutive items mostly share them.
+    let (mut last_target, mut last_feature) = (usize::MAX, usize::MAX);
     for s in items {
         // An ignored outcome of a call without a probe slot changes nothing: not sent.
         if s.outcome != CallOutcome::Ignored || s.probe {
-            let i = *target_at
-                .entry(s.target.keys.breaker.as_str())
-                .or_insert_with(|| {
-                    targets.push((&s.target, Vec::new()));
-                    targets.len() - 1
-                });
-            if let Some((_, outcomes)) = targets.get_mut(i) {
-                outcomes.push(Outcome {
-                    generation: s.generation,
-                    code: s.outcome.code(),
-                    elapsed_ms: s.elapsed_ms,
-                    probe_id: if s.probe {
-                        s.call_id.clone()
-                    } else {
-                        String::new()
-                    },
-                });
+            let same = targets.get(last_target).is_some_and(|(t, _)| {
+                std::ptr::eq(*t, &*s.target) || t.keys.breaker == s.target.keys.breaker
+            });
+            let i = if same {
+                last_target
+            } else {
+                *target_at
+                    .entry(s.target.keys.breaker.as_str())
+                    .or_insert_with(|| {
+                        targets.push((&s.target, Vec::new()));
+                        targets.len() - 1
+                    })
+            };
+            last_target = i;
+            if let Some((target, outcomes)) = targets.get_mut(i) {
+                push_outcome(outcomes, target, s);
             }
         }
         let refund = s.refund_rate && s.feature.rate.is_some();
         if s.permit || refund {
-            let i = *feature_at
-                .entry(s.feature.keys.permits.as_str())
-                .or_insert_with(|| {
-                    features.push(FeatureGroup {
-                        feature: &s.feature,
-                        ids: Vec::new(),
-                        refunds: 0,
-                    });
-                    features.len() - 1
-                });
+            let same = features.get(last_feature).is_some_and(|g| {
+                std::ptr::eq(g.feature, &*s.feature)
+                    || g.feature.keys.permits == s.feature.keys.permits
+            });
+            let i = if same {
+                last_feature
+            } else {
+                *feature_at
+                    .entry(s.feature.keys.permits.as_str())
+                    .or_insert_with(|| {
+                        features.push(FeatureGroup {
+                            feature: &s.feature,
+                            ids: Vec::new(),
+                            refunds: 0,
+                        });
+                        features.len() - 1
+                    })
+            };
+            last_feature = i;
             if let Some(g) = features.get_mut(i) {
                 if s.permit {
                     g.ids.push(s.call_id.as_str());
@@ -639,8 +705,42 @@ fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup<'_>>) {
     (targets, features)
 }
 
-/// An `admit.lua` reply for `k` calls: `{now, t_from, t_to, t_generation, t_reason}` and 4
-/// integers per call.
+/// Appends one settled call to its target's entries, merged into the last entry when it is
+/// the same outcome again (same generation and code, both slow or both not, no probe slot):
+/// `settle.lua` records an entry of `count` outcomes exactly as that many entries in a row.
+fn push_outcome(outcomes: &mut Vec<Outcome>, target: &TargetSpec, s: &Settle) {
+    let slow_ms = target.params.slow_call_ms;
+    let slow = |elapsed_ms: u64| slow_ms > 0 && elapsed_ms >= slow_ms;
+    let code = s.outcome.code();
+    if !s.probe {
+        if let Some(last) = outcomes.last_mut() {
+            if last.probe_id.is_empty()
+                && last.generation == s.generation
+                && last.code == code
+                && slow(last.elapsed_ms) == slow(s.elapsed_ms)
+                && last.count < u32::MAX
+            {
+                last.count += 1;
+                return;
+            }
+        }
+    }
+    outcomes.push(Outcome {
+        generation: s.generation,
+        code,
+        elapsed_ms: s.elapsed_ms,
+        probe_id: if s.probe {
+            s.call_id.clone()
+        } else {
+            String::new()
+        },
+        count: 1,
+    });
+}
+
+/// An `admit.lua` reply for `k` calls: `{now, t_from, t_to, t_generation, t_reason, m,
+/// generation, probe, permit, code, a, b}`: the first `m` calls admitted alike, the others
+/// refused alike.
 fn parse_admit(
     v: Value,
     target: &str,
@@ -649,19 +749,13 @@ fn parse_admit(
 ) -> Result<(Vec<Part>, Option<Transition>), StoreError> {
     const WHAT: &str = "admit.lua";
     let xs = reply::ints(v, WHAT)?;
-    let (head, calls) = xs.split_at(xs.len().min(5));
-    let [now, t_from, t_to, t_gen, t_reason] = head[..] else {
+    let [now, t_from, t_to, t_gen, t_reason, m, generation, probe, permit, code, a, b] = xs[..]
+    else {
         return Err(StoreError::Reply(format!(
-            "{WHAT}: expected 5 + 4 x {k} integers, got {}",
+            "{WHAT}: expected 12 integers, got {}",
             xs.len()
         )));
     };
-    if calls.len() != 4 * k {
-        return Err(StoreError::Reply(format!(
-            "{WHAT}: expected 5 + 4 x {k} integers, got {}",
-            xs.len()
-        )));
-    }
     let now = reply::unsigned(now, WHAT)?;
     let transition = if t_from < 0 {
         None
@@ -672,55 +766,65 @@ fn parse_admit(
             now,
         )?)
     };
-    let parts = calls
-        .chunks_exact(4)
-        .map(|c| parse_part(c, target, feature))
-        .collect::<Result<Vec<_>, _>>()?;
+    let m = usize::try_from(m)
+        .ok()
+        .filter(|m| *m <= k)
+        .ok_or_else(|| StoreError::Reply(format!("{WHAT}: {m} admitted of {k}")))?;
+    let mut parts = Vec::with_capacity(k);
+    if m > 0 {
+        let admitted = Part::Admitted {
+            generation: reply::unsigned(generation, WHAT)?,
+            probe: probe != 0,
+            permit: permit != 0,
+        };
+        parts.resize(m, admitted);
+    }
+    if m < k {
+        let refused = parse_refusal([code, a, b], target, feature)?;
+        parts.resize(k, refused);
+    }
     Ok((parts, transition))
 }
 
-/// One call's `{code, a, b, c}` of an `admit.lua` reply.
-fn parse_part(c: &[i64], target: &str, feature: &FeatureSpec) -> Result<Part, StoreError> {
+/// How `admit.lua` refused a call: `{code, a, b}`.
+fn parse_refusal(
+    [code, a, b]: [i64; 3],
+    target: &str,
+    feature: &FeatureSpec,
+) -> Result<Part, StoreError> {
     const WHAT: &str = "admit.lua";
-    let [code, a, b, c] = c[..] else {
-        return Err(StoreError::Reply(format!("{WHAT}: short record {c:?}")));
-    };
     let ms = |n: i64| reply::unsigned(n, WHAT).map(Duration::from_millis);
-    Ok(match code {
-        0 => Part::Admitted {
-            generation: reply::unsigned(a, WHAT)?,
-            probe: b != 0,
-            permit: c != 0,
-        },
-        1 => Part::Rejected(Rejection::CircuitOpen {
+    let rejection = match code {
+        1 => Rejection::CircuitOpen {
             target: target.to_owned(),
             state: CircuitState::from_code(a)
                 .ok_or_else(|| StoreError::Reply(format!("{WHAT}: unknown state code {a}")))?,
             retry_after: if b < 0 { None } else { Some(ms(b)?) },
-        }),
-        2 => Part::Rejected(Rejection::NotBefore {
+        },
+        2 => Rejection::NotBefore {
             target: target.to_owned(),
             retry_after: ms(a)?,
-        }),
-        3 => Part::Rejected(Rejection::RateLimited {
+        },
+        3 => Rejection::RateLimited {
             feature: feature.name.clone(),
             retry_after: Duration::from_micros(reply::unsigned(a, WHAT)?),
-        }),
-        4 => Part::Rejected(Rejection::BulkheadFull {
+        },
+        4 => Rejection::BulkheadFull {
             feature: feature.name.clone(),
             limit: feature.bulkhead.map_or(0, |b| b.limit),
             retry_after: Some(ms(a)?),
-        }),
+        },
         other => {
             return Err(StoreError::Reply(format!(
-                "{WHAT}: unknown result code {other}"
+                "{WHAT}: unknown refusal code {other}"
             )))
         }
-    })
+    };
+    Ok(Part::Rejected(rejection))
 }
 
 impl Store for RedisStore {
-    /// Decided by the batcher ([`batch`]) together with the admissions queued at the same
+    /// Decided by the batcher ((`batch.rs`)) together with the admissions queued at the same
     /// time: one `admit.lua` call per (target, feature) on a single node; per target (breaker
     /// part) and per feature (feature part), with background compensation, on Cluster (or
     /// when forced with [`RedisStore::with_split_admit`]). When the batcher's queue is full,
@@ -736,17 +840,29 @@ impl Store for RedisStore {
     }
 
     /// One `settle.lua` call per target (chunks of `settle_batch`, in order) and one
-    /// `release.lua` call per feature, all sent concurrently, bounded together by the timeout.
+    /// `release.lua` call per feature, all sent concurrently, bounded together by the timeout;
+    /// on a single node a target's first call also carries a feature's first release.
     ///
-    /// On error some of the calls may have been applied (and a timed-out call may still
-    /// apply): re-sending the same items can count outcomes and refunds twice (permit
-    /// releases are idempotent). Transitions made by calls that succeeded are logged.
+    /// When every outcome was recorded but a release was refused by Redis (a key of the wrong
+    /// type), the transitions are returned (they happened, and this is the only report of
+    /// them) and the release failure is logged: that permit ends with its lease, as after any
+    /// lost release. Otherwise, on error, some of the calls may have been applied (and a
+    /// timed-out call may still apply): re-sending the same items can count outcomes and
+    /// refunds twice (permit releases are idempotent). Transitions made by calls that
+    /// succeeded are then logged.
     async fn settle(&self, items: &[Settle]) -> Result<Vec<Transition>, StoreError> {
-        let (transitions, error) = self.settle_all(items).await;
-        match error {
-            None => Ok(transitions),
-            Some(e) => {
-                transitions.iter().for_each(log_lost_transition);
+        let r = self.settle_all(items).await;
+        match (r.outcome_error, r.release_error) {
+            (None, None) => Ok(r.transitions),
+            (None, Some(e)) if !e.is_unavailable() => {
+                tracing::warn!(
+                    error = %e,
+                    "fusebox: a permit release failed; the permit will end with its lease"
+                );
+                Ok(r.transitions)
+            }
+            (Some(e), _) | (None, Some(e)) => {
+                r.transitions.iter().for_each(log_lost_transition);
                 Err(e)
             }
         }

@@ -108,6 +108,22 @@ pub(super) fn transitions(
         .collect()
 }
 
+/// A `settle.lua` reply whose release part failed ends with the error message (a string):
+/// the reply without it, and the failure.
+pub(super) fn split_release_error(v: Value) -> (Value, Option<StoreError>) {
+    let Value::Array(mut items) = v else {
+        return (v, None);
+    };
+    let message = match items.last() {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(Value::SimpleString(s)) => s.clone(),
+        _ => return (Value::Array(items), None),
+    };
+    items.pop();
+    let e = StoreError::Command(format!("settle.lua (release part): {message}"));
+    (Value::Array(items), Some(e))
+}
+
 /// A stored unsigned integer by the rule of `lua/lib.lua`: 1 to `digits` ASCII digits and at
 /// most `max`; anything else (missing, corrupted) reads as 0.
 fn stored_uint(v: Option<&[u8]>, digits: usize, max: u64) -> u64 {

@@ -68,8 +68,19 @@ pub(super) fn admit<S: AsRef<str>>(
     feature: &FeatureSpec,
     call_ids: impl IntoIterator<Item = S>,
 ) -> ScriptInvocation<'static> {
+    admit_with(&ADMIT, mode, target, feature, call_ids)
+}
+
+/// [`admit`] of another text of the script (tests run it on a clock of their own).
+pub(super) fn admit_with<S: AsRef<str>>(
+    script: &'static Script,
+    mode: AdmitMode,
+    target: (&TargetKeys, &BreakerParams),
+    feature: &FeatureSpec,
+    call_ids: impl IntoIterator<Item = S>,
+) -> ScriptInvocation<'static> {
     let (keys, p) = target;
-    let mut inv = ADMIT.prepare_invoke();
+    let mut inv = script.prepare_invoke();
     if mode != AdmitMode::Feature {
         inv.key(&keys.breaker).key(&keys.probes);
     }
@@ -92,7 +103,7 @@ pub(super) fn admit<S: AsRef<str>>(
     inv
 }
 
-/// One outcome for `settle.lua`.
+/// One entry for `settle.lua`: `count` identical outcomes in a row.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Outcome {
     pub(super) generation: u64,
@@ -100,9 +111,11 @@ pub(super) struct Outcome {
     pub(super) elapsed_ms: u64,
     /// Empty when the call held no probe slot.
     pub(super) probe_id: String,
+    /// How many outcomes this entry stands for (at least 1).
+    pub(super) count: u32,
 }
 
-/// The 14 breaker parameters in the order `settle.lua` reads them (ARGV[1..14]).
+/// The 12 breaker parameters in the order `settle.lua` reads them (ARGV[1..12]).
 fn push_params(inv: &mut ScriptInvocation<'static>, p: &BreakerParams) {
     inv.arg(p.consecutive_failures)
         .arg(p.failure_rate_pct.to_string())
@@ -114,28 +127,67 @@ fn push_params(inv: &mut ScriptInvocation<'static>, p: &BreakerParams) {
         .arg(p.open_ms)
         .arg(p.open_multiplier.to_string())
         .arg(p.max_open_ms)
-        .arg(p.half_open_probes)
         .arg(p.half_open_successes)
-        .arg(p.probe_timeout_ms)
         .arg(p.idle_ttl_ms);
 }
 
-/// `settle.lua` for one target and a run of its outcomes (in order).
+/// `settle.lua` for one target and a run of its entries (in order).
 pub(super) fn settle(
     keys: &TargetKeys,
     p: &BreakerParams,
     outcomes: &[Outcome],
 ) -> ScriptInvocation<'static> {
-    let mut inv = SETTLE.prepare_invoke();
+    settle_with(&SETTLE, keys, p, outcomes, None::<Release<'_, &str>>)
+}
+
+/// What `settle.lua` also releases for one feature (single node only: other hash tags).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Release<'a, S> {
+    pub(super) keys: &'a FeatureKeys,
+    pub(super) emission_us: u64,
+    pub(super) refunds: usize,
+    pub(super) permit_ids: &'a [S],
+}
+
+/// [`settle`] of another text of the script, with release.lua's work for one feature.
+pub(super) fn settle_with<S: AsRef<str>>(
+    script: &'static Script,
+    keys: &TargetKeys,
+    p: &BreakerParams,
+    outcomes: &[Outcome],
+    release: Option<Release<'_, S>>,
+) -> ScriptInvocation<'static> {
+    let mut inv = script.prepare_invoke();
     inv.key(&keys.breaker).key(&keys.probes);
+    if let Some(r) = &release {
+        inv.key(&r.keys.rate).key(&r.keys.permits);
+    }
     push_params(&mut inv, p);
+    inv.arg(outcomes.len());
     for o in outcomes {
         inv.arg(o.generation)
             .arg(o.code)
             .arg(o.elapsed_ms)
-            .arg(o.probe_id.as_str());
+            .arg(o.probe_id.as_str())
+            .arg(o.count);
+    }
+    if let Some(r) = release {
+        inv.arg(r.emission_us).arg(r.refunds);
+        for id in r.permit_ids {
+            inv.arg(id.as_ref());
+        }
     }
     inv
+}
+
+/// `settle.lua` for one target's entries and one feature's releases (single node).
+pub(super) fn settle_and_release<S: AsRef<str>>(
+    keys: &TargetKeys,
+    p: &BreakerParams,
+    outcomes: &[Outcome],
+    release: Release<'_, S>,
+) -> ScriptInvocation<'static> {
+    settle_with(&SETTLE, keys, p, outcomes, Some(release))
 }
 
 /// `release.lua` for one feature: permit ids to release, rate slots to refund.
@@ -145,7 +197,18 @@ pub(super) fn release<S: AsRef<str>>(
     refunds: usize,
     permit_ids: &[S],
 ) -> ScriptInvocation<'static> {
-    let mut inv = RELEASE.prepare_invoke();
+    release_with(&RELEASE, keys, emission_us, refunds, permit_ids)
+}
+
+/// [`release`] of another text of the script.
+pub(super) fn release_with<S: AsRef<str>>(
+    script: &'static Script,
+    keys: &FeatureKeys,
+    emission_us: u64,
+    refunds: usize,
+    permit_ids: &[S],
+) -> ScriptInvocation<'static> {
+    let mut inv = script.prepare_invoke();
     inv.key(&keys.rate).key(&keys.permits);
     inv.arg(emission_us).arg(refunds);
     for id in permit_ids {

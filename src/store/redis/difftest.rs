@@ -1,0 +1,504 @@
+//! Differential test of the hot-path scripts against [`MemoryStore`], the reference model, at
+//! the same instants: the scripts run with `redis.call('TIME')` replaced by a clock the test
+//! keeps in Redis, next to a `MemoryStore` on a [`ManualClock`] at the same millisecond.
+//!
+//! It covers what the integration suites cannot reach: one `admit.lua` call deciding k > 1
+//! calls (against k `admit_now` calls in a row), run-length encoded settles, several window
+//! buckets aging, and the rate rules with every kind of run. Decisions, retry-after values,
+//! transitions (with their instants), snapshots and permits in flight must be equal.
+//!
+//! A second test checks that admissions whose callers stop waiting hold nothing afterwards.
+//!
+//! Needs `redis-server` on PATH (each test starts its own on a free port); without it a test
+//! says so and passes.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::{Connection, Script, Value};
+
+use super::scripts::{self, AdmitMode};
+use super::{group, parse_admit, reply, Part};
+use crate::breaker::{BreakerParams, CallOutcome, Force, Transition};
+use crate::bulkhead::BulkheadParams;
+use crate::clock::ManualClock;
+use crate::keys::{feature_keys, target_keys};
+use crate::ratelimit::RateParams;
+use crate::store::{Admission, Admitted, FeatureSpec, MemoryStore, Settle, Store, TargetSpec};
+
+const CLOCK_KEY: &str = "fusebox-test:clock";
+const TIME: &str = "redis.call('TIME')";
+
+/// A script's text with its clock replaced by the test's (`{seconds, microseconds}` as TIME).
+fn on_test_clock(text: &str) -> String {
+    assert!(text.contains(TIME), "the script reads no clock");
+    text.replace(
+        TIME,
+        &format!("redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"),
+    )
+}
+
+fn with_lib(script: &str) -> Script {
+    Script::new(&on_test_clock(&format!(
+        "{}\n{script}",
+        include_str!("../../../lua/lib.lua")
+    )))
+}
+
+static ADMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&on_test_clock(include_str!("../../../lua/admit.lua"))));
+static SETTLE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&on_test_clock(include_str!("../../../lua/settle.lua"))));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    // release.lua reads the clock only for a refund.
+    Script::new(&on_test_clock(include_str!("../../../lua/release.lua")))
+});
+static FORCE: LazyLock<Script> = LazyLock::new(|| with_lib(include_str!("../../../lua/force.lua")));
+static SNAPSHOT: LazyLock<Script> =
+    LazyLock::new(|| with_lib(include_str!("../../../lua/snapshot.lua")));
+static IN_FLIGHT: LazyLock<Script> =
+    LazyLock::new(|| with_lib(include_str!("../../../lua/in_flight.lua")));
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis() -> Option<(Server, Connection, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok()?
+        .port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let server = Server(child);
+    let url = format!("redis://127.0.0.1:{port}/");
+    let client = redis::Client::open(url.as_str()).ok()?;
+    for _ in 0..400 {
+        if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100)) {
+            if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                return Some((server, c, url));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    None
+}
+
+struct World {
+    con: Connection,
+    clock: ManualClock,
+    memory: MemoryStore,
+    targets: Vec<Arc<TargetSpec>>,
+    features: Vec<Arc<FeatureSpec>>,
+    next_id: u64,
+}
+
+impl World {
+    fn tick(&mut self, ms: u64) {
+        self.clock.advance(Duration::from_millis(ms));
+        let now = crate::clock::Clock::now_ms(&self.clock);
+        let _: () = redis::cmd("HSET")
+            .arg(CLOCK_KEY)
+            .arg("s")
+            .arg(now / 1000)
+            .arg("us")
+            .arg(now % 1000 * 1000)
+            .query(&mut self.con)
+            .expect("set the test clock");
+    }
+
+    fn now(&self) -> u64 {
+        crate::clock::Clock::now_ms(&self.clock)
+    }
+
+    /// Keys expire on Redis's own clock, which the test does not move: keep them.
+    fn persist(&mut self) {
+        let mut pipe = redis::pipe();
+        for t in &self.targets {
+            pipe.cmd("PERSIST").arg(&t.keys.breaker).ignore();
+            pipe.cmd("PERSIST").arg(&t.keys.probes).ignore();
+        }
+        for f in &self.features {
+            pipe.cmd("PERSIST").arg(&f.keys.rate).ignore();
+            pipe.cmd("PERSIST").arg(&f.keys.permits).ignore();
+        }
+        let _: () = pipe.query(&mut self.con).expect("persist");
+    }
+
+    fn run(&mut self, inv: &redis::ScriptInvocation<'static>) -> Value {
+        inv.invoke(&mut self.con).expect("script")
+    }
+
+    /// k calls of (t, f) by one admit.lua call, and by k `admit_now` calls in a row.
+    fn admit(
+        &mut self,
+        t: usize,
+        f: usize,
+        k: usize,
+    ) -> (Vec<Admission>, Vec<Admission>, Vec<String>) {
+        let (t, f) = (Arc::clone(&self.targets[t]), Arc::clone(&self.features[f]));
+        let ids: Vec<String> = (0..k)
+            .map(|_| {
+                self.next_id += 1;
+                format!("c{}", self.next_id)
+            })
+            .collect();
+        let inv = scripts::admit_with(&ADMIT, AdmitMode::Both, (&t.keys, &t.params), &f, &ids);
+        let v = self.run(&inv);
+        let (parts, mut transition) = parse_admit(v, &t.name, &f, k).expect("admit reply");
+        let redis = parts
+            .into_iter()
+            .map(|p| match p {
+                Part::Admitted {
+                    generation,
+                    probe,
+                    permit,
+                } => Admission::Admitted(Admitted {
+                    generation,
+                    probe,
+                    permit,
+                    transition: transition.take(),
+                }),
+                Part::Rejected(rejection) => Admission::Rejected {
+                    rejection,
+                    transition: transition.take(),
+                },
+            })
+            .collect();
+        let memory = ids
+            .iter()
+            .map(|id| {
+                self.memory.admit_now(crate::store::AdmitRequest {
+                    target: &t,
+                    feature: &f,
+                    call_id: id,
+                })
+            })
+            .collect();
+        (redis, memory, ids)
+    }
+
+    fn settle(&mut self, items: &[Settle]) -> (Vec<Transition>, Vec<Transition>) {
+        let (targets, features) = group(items);
+        let mut redis = Vec::new();
+        // As the store does on a single node: the i-th feature's release rides with the i-th
+        // target's settle; the rest by release.lua (alternating which way, to test both).
+        let ride = items.len().is_multiple_of(2);
+        for (i, (target, outcomes)) in targets.iter().enumerate() {
+            let release = features.get(i).filter(|_| ride).map(|g| scripts::Release {
+                keys: &g.feature.keys,
+                emission_us: g.feature.rate.map_or(0, |r| r.emission_us),
+                refunds: g.refunds,
+                permit_ids: g.ids.as_slice(),
+            });
+            let inv =
+                scripts::settle_with(&SETTLE, &target.keys, &target.params, outcomes, release);
+            let v = inv.invoke(&mut self.con).expect("settle.lua");
+            redis.extend(reply::transitions(v, &target.name, "settle.lua").expect("reply"));
+        }
+        for (i, g) in features.iter().enumerate() {
+            if ride && i < targets.len() {
+                continue;
+            }
+            let emission = g.feature.rate.map_or(0, |r| r.emission_us);
+            let inv = scripts::release_with(&RELEASE, &g.feature.keys, emission, g.refunds, &g.ids);
+            let _: Value = inv.invoke(&mut self.con).expect("release.lua");
+        }
+        let memory = self.memory.settle_now(items);
+        (redis, memory)
+    }
+
+    fn force(&mut self, t: usize, cmd: Force) -> (Option<Transition>, Option<Transition>) {
+        let t = Arc::clone(&self.targets[t]);
+        let mut inv = FORCE.prepare_invoke();
+        inv.key(&t.keys.breaker)
+            .key(&t.keys.probes)
+            .arg(cmd.code())
+            .arg(t.params.idle_ttl_ms);
+        let v = self.run(&inv);
+        let mut trs = reply::transitions(v, &t.name, "force.lua").expect("reply");
+        let memory = self
+            .memory
+            .force(&t, cmd)
+            .now_or_never()
+            .expect("sync")
+            .expect("force");
+        (trs.pop(), memory)
+    }
+
+    fn check_views(&mut self, step: usize) {
+        for t in self.targets.clone() {
+            let mut inv = SNAPSHOT.prepare_invoke();
+            inv.key(&t.keys.breaker).key(&t.keys.probes);
+            let v = self.run(&inv);
+            let (now, state) = reply::snapshot_state(v).expect("snapshot");
+            assert_eq!(now, self.now());
+            let redis = state.snapshot(&t.params, now);
+            let memory = self
+                .memory
+                .snapshot(&t)
+                .now_or_never()
+                .expect("sync")
+                .expect("snapshot");
+            assert_eq!(redis, memory, "step {step}: snapshot of {}", t.name);
+        }
+        for f in self.features.clone() {
+            let mut inv = IN_FLIGHT.prepare_invoke();
+            inv.key(&f.keys.permits);
+            let v = self.run(&inv);
+            let redis = reply::int(&v, "in_flight").expect("in_flight");
+            let memory = self
+                .memory
+                .in_flight(&f)
+                .now_or_never()
+                .expect("sync")
+                .expect("in_flight");
+            let memory = i64::from(memory);
+            assert_eq!(redis, memory, "step {step}: in flight of {}", f.name);
+        }
+    }
+}
+
+fn random_target(rng: &mut StdRng, ns: &str, name: &str) -> Arc<TargetSpec> {
+    let pick = |rng: &mut StdRng, xs: &[u64]| xs[rng.random_range(0..xs.len())];
+    let slow_call_ms = pick(rng, &[0, 0, 30]);
+    let params = BreakerParams {
+        consecutive_failures: pick(rng, &[0, 2, 3, 5]) as u32,
+        failure_rate_pct: [0.0, 34.0, 50.0, 50.0, 100.0][rng.random_range(0..5)],
+        minimum_calls: pick(rng, &[1, 3, 6]) as u32,
+        bucket_ms: pick(rng, &[40, 150]),
+        buckets: pick(rng, &[1, 3, 5]) as u32,
+        slow_call_ms,
+        slow_call_rate_pct: if slow_call_ms > 0 {
+            [30.0, 50.0][rng.random_range(0..2)]
+        } else {
+            0.0
+        },
+        open_ms: pick(rng, &[100, 250]),
+        open_multiplier: [1.0, 1.05, 2.0][rng.random_range(0..3)],
+        max_open_ms: 2_000,
+        half_open_probes: pick(rng, &[1, 2, 3]) as u32,
+        half_open_successes: pick(rng, &[1, 2]) as u32,
+        probe_timeout_ms: pick(rng, &[150, 1_000]),
+        idle_ttl_ms: 1_000_000_000,
+    };
+    Arc::new(TargetSpec {
+        name: name.to_owned(),
+        keys: target_keys(ns, name),
+        params,
+    })
+}
+
+fn random_feature(rng: &mut StdRng, ns: &str, name: &str) -> Arc<FeatureSpec> {
+    let bulkhead = rng.random_bool(0.7).then(|| BulkheadParams {
+        limit: rng.random_range(1..=5),
+        lease_ms: [120, 1_000][rng.random_range(0..2)],
+    });
+    let rate = rng.random_bool(0.6).then(|| RateParams {
+        emission_us: [15_000, 60_000][rng.random_range(0..2)],
+        burst: rng.random_range(1..=4),
+    });
+    Arc::new(FeatureSpec {
+        name: name.to_owned(),
+        keys: feature_keys(ns, name),
+        bulkhead,
+        rate,
+    })
+}
+
+fn strip(admissions: &[Admission]) -> Vec<String> {
+    admissions.iter().map(|a| format!("{a:?}")).collect()
+}
+
+#[test]
+fn scripts_decide_as_the_memory_store_does() {
+    let Some((_server, con, _)) = start_redis() else {
+        eprintln!("redis-server not available: differential script test skipped");
+        return;
+    };
+    let mut world = World {
+        con,
+        clock: ManualClock::new(1_700_000_000_000),
+        memory: MemoryStore::default(),
+        targets: Vec::new(),
+        features: Vec::new(),
+        next_id: 0,
+    };
+    let mut batched = 0usize;
+    for round in 0..12u64 {
+        let mut rng = StdRng::seed_from_u64(0xB47C4 + round);
+        let ns = format!("d{round}");
+        world.memory = MemoryStore::new(Arc::new(world.clock.clone()));
+        world.targets = (0..2)
+            .map(|i| random_target(&mut rng, &ns, &format!("t{i}")))
+            .collect();
+        world.features = (0..2)
+            .map(|i| random_feature(&mut rng, &ns, &format!("f{i}")))
+            .collect();
+        world.tick(1);
+        let mut held: Vec<Settle> = Vec::new();
+        for step in 0..500 {
+            world.tick([0, 0, 1, 5, 20, 60][rng.random_range(0..6)]);
+            let roll = rng.random_range(0..100);
+            if roll < 45 || held.is_empty() {
+                let (t, f) = (rng.random_range(0..2), rng.random_range(0..2));
+                let k = [1, 1, 2, 3, 5, 8][rng.random_range(0..6)];
+                batched += usize::from(k > 1);
+                let (redis, memory, ids) = world.admit(t, f, k);
+                assert_eq!(
+                    strip(&redis),
+                    strip(&memory),
+                    "round {round} step {step}: admit {k} of {:?} / {:?} at {}",
+                    world.targets[t].params,
+                    world.features[f],
+                    world.now()
+                );
+                for (a, id) in redis.iter().zip(ids) {
+                    if let Admission::Admitted(a) = a {
+                        held.push(Settle {
+                            target: Arc::clone(&world.targets[t]),
+                            feature: Arc::clone(&world.features[f]),
+                            call_id: id,
+                            generation: a.generation,
+                            probe: a.probe,
+                            permit: a.permit,
+                            refund_rate: false,
+                            outcome: CallOutcome::Success,
+                            elapsed_ms: 0,
+                        });
+                    }
+                }
+            } else if roll < 92 {
+                // Runs of the same outcome, to exercise run-length entries.
+                let n = rng.random_range(1..=held.len().min(10));
+                let mut outcome = CallOutcome::Success;
+                let mut elapsed = 0;
+                let items: Vec<Settle> = (0..n)
+                    .map(|_| {
+                        if rng.random_bool(0.35) {
+                            outcome = [
+                                CallOutcome::Success,
+                                CallOutcome::Success,
+                                CallOutcome::Failure,
+                                CallOutcome::Failure,
+                                CallOutcome::Ignored,
+                            ][rng.random_range(0..5)];
+                            elapsed = [0, 10, 40][rng.random_range(0..3)];
+                        }
+                        let mut s = held.swap_remove(rng.random_range(0..held.len()));
+                        s.outcome = outcome;
+                        s.elapsed_ms = elapsed;
+                        s.refund_rate = outcome == CallOutcome::Ignored && rng.random_bool(0.5);
+                        s
+                    })
+                    .collect();
+                let (mut redis, mut memory) = world.settle(&items);
+                // In order per target; the store groups them by target.
+                redis.sort_by(|a, b| a.target.cmp(&b.target));
+                memory.sort_by(|a, b| a.target.cmp(&b.target));
+                assert_eq!(redis, memory, "round {round} step {step}: settle {items:?}");
+            } else if roll < 95 {
+                let t = rng.random_range(0..2);
+                let cmd = [
+                    Force::Reset,
+                    Force::Reset,
+                    Force::Open,
+                    Force::Closed,
+                    Force::Disable,
+                ][rng.random_range(0..5)];
+                let (redis, memory) = world.force(t, cmd);
+                assert_eq!(redis, memory, "round {round} step {step}: force {cmd:?}");
+            } else {
+                world.check_views(step);
+            }
+            world.persist();
+        }
+        world.check_views(500);
+    }
+    assert!(batched > 1000, "only {batched} batched admissions");
+}
+
+/// Callers that stop waiting (their futures dropped at once, before or while their batch is
+/// in flight) hold nothing afterwards: a job whose caller is gone is not sent, and one whose
+/// answer cannot be delivered is given back by the batcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_admissions_hold_nothing() {
+    let Some((_server, _, url)) = start_redis() else {
+        eprintln!("redis-server not available: abandoned admission test skipped");
+        return;
+    };
+    let config = crate::RedisConfig {
+        url: Some(url),
+        timeout: Duration::from_secs(2),
+        ..crate::RedisConfig::default()
+    };
+    let store = super::RedisStore::connect(&config).await.expect("connect");
+    let t = TargetSpec {
+        name: "t".to_owned(),
+        keys: target_keys("abandon", "t"),
+        params: BreakerParams::from_config(&crate::BreakerConfig::default(), 60_000),
+    };
+    let f = FeatureSpec {
+        name: "f".to_owned(),
+        keys: feature_keys("abandon", "f"),
+        bulkhead: Some(BulkheadParams {
+            limit: 1_000,
+            lease_ms: 60_000,
+        }),
+        rate: None,
+    };
+    let mut given_up = 0;
+    for i in 0..300 {
+        let id = format!("a{i}");
+        let req = crate::store::AdmitRequest {
+            target: &t,
+            feature: &f,
+            call_id: &id,
+        };
+        // Dropped after a first poll or a few: queued, or in flight, or answered.
+        let wait = Duration::from_micros([0, 50, 200, 1_000][i % 4]);
+        match tokio::time::timeout(wait, store.admit(req)).await {
+            Ok(Ok(Admission::Admitted(_))) => {
+                let settle = Settle {
+                    target: Arc::new(t.clone()),
+                    feature: Arc::new(f.clone()),
+                    call_id: id,
+                    generation: 0,
+                    probe: false,
+                    permit: true,
+                    refund_rate: false,
+                    outcome: CallOutcome::Success,
+                    elapsed_ms: 1,
+                };
+                store.settle(&[settle]).await.expect("settle");
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => given_up += 1,
+        }
+    }
+    assert!(given_up > 20, "only {given_up} callers gave up");
+    for _ in 0..300 {
+        if store.in_flight(&f).await.expect("in_flight") == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} permits still held after every caller left or released",
+        store.in_flight(&f).await.expect("in_flight")
+    );
+}
