@@ -351,24 +351,17 @@ local function make_record()
     other_c, other_f, other_s = 0, 0, 0
   end
 
-  -- BreakerParams::open_duration_ms
+  -- BreakerParams::open_duration_ms: multiply (unrounded) per re-open, ceil once, cap
   local function open_duration(opens)
     local open_ms, mult, max_open = tonumber(A[8]), tonumber(A[9]), tonumber(A[10])
     local cap = math.max(max_open, open_ms)
     local d = open_ms
     local i = 1
-    while i < opens and d < cap do
-      local nd = math.floor(d * mult)
-      if mult > 1 and nd <= d then
-        nd = d + 1
-      end
-      if nd == d then
-        break
-      end
-      d = math.min(nd, cap)
+    while i < opens and d < cap and mult > 1 do
+      d = d * mult
       i = i + 1
     end
-    return math.min(d, cap)
+    return math.min(math.ceil(d), cap)
   end
 
   local function transition(to, reason)

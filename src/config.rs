@@ -104,7 +104,11 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &self.url.as_deref().map(redact_url))
             .field(
                 "cluster",
-                &self.cluster.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
             )
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -325,7 +329,11 @@ impl Config {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let mut message = inner.message().to_owned();
-            let field = if path == "." { "(file)".to_owned() } else { path };
+            let field = if path == "." {
+                "(file)".to_owned()
+            } else {
+                path
+            };
             if message.is_empty() {
                 message = inner.to_string();
             }
@@ -343,7 +351,10 @@ impl Config {
             // namespace `a:t` + target `m` cannot share keys with namespace `a` + target `t:m`.
             return Err(Error::config(
                 "namespace",
-                format!("{:?} contains ':'; use letters, digits and ._-/@", self.namespace),
+                format!(
+                    "{:?} contains ':'; use letters, digits and ._-/@",
+                    self.namespace
+                ),
             ));
         }
         if let Some(r) = &self.redis {

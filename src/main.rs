@@ -100,7 +100,9 @@ async fn run(args: &[String]) -> Result<(), String> {
             {
                 Some(t) => out!(
                     "{target}: {} -> {} (generation {})",
-                    t.from, t.to, t.generation
+                    t.from,
+                    t.to,
+                    t.generation
                 ),
                 None => out!("{target}: already {}", cmd.target_state()),
             }

@@ -1304,9 +1304,10 @@ fn a_slow_probe_reopens_when_the_slow_call_rule_is_on() {
     );
 }
 
-/// The grown open duration is computed by repeated multiply-and-floor (as Lua does), capped.
+/// The grown open duration: multiplied once per re-open without rounding, rounded up once,
+/// capped (Lua does the same operations on the same doubles).
 #[test]
-fn open_duration_grows_by_multiply_and_floor_and_stops_at_the_cap() {
+fn open_duration_grows_by_multiply_then_ceil_and_stops_at_the_cap() {
     let p = BreakerParams {
         open_ms: 1_001,
         open_multiplier: 1.5,
@@ -1314,8 +1315,8 @@ fn open_duration_grows_by_multiply_and_floor_and_stops_at_the_cap() {
         ..params()
     };
     let got: Vec<u64> = (1..=6).map(|k| p.open_duration_ms(k)).collect();
-    // 1001, floor(1501.5) = 1501, floor(2251.5) = 2251, floor(3376.5) = 3376, cap 4000.
-    assert_eq!(got, vec![1_001, 1_501, 2_251, 3_376, 4_000, 4_000]);
+    // 1001, ceil(1501.5) = 1502, ceil(2252.25) = 2253, ceil(3378.375) = 3379, cap 4000.
+    assert_eq!(got, vec![1_001, 1_502, 2_253, 3_379, 4_000, 4_000]);
     assert_eq!(
         p.open_duration_ms(u32::MAX),
         4_000,

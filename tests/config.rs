@@ -373,6 +373,9 @@ fn bad_names_name_their_field() {
         ("namespace", with_namespace("app{x}")),
         ("namespace", with_namespace(&"n".repeat(201))),
         ("namespace", with_namespace("caf\u{e9}")),
+        // `:` ends the namespace inside a key (`fusebox:{<ns>:t:<target>}`), so `a:t` + `m`
+        // could otherwise share keys with `a` + `t:m`.
+        ("namespace", with_namespace("team:a")),
         ("targets.gpt 4o", with_target("gpt 4o")),
         ("targets.gpt{4o}", with_target("gpt{4o}")),
         ("targets.a}b", with_target("a}b")),
@@ -381,10 +384,12 @@ fn bad_names_name_their_field() {
         ("features.{chat}", with_feature("{chat}")),
         ("features.chat\nroom", with_feature("chat\nroom")),
     ]);
-    // What is allowed: letters, digits and ._-:/@ (model ids look like these).
+    // What is allowed: letters, digits and ._-:/@ in names (model ids look like these), the
+    // same but `:` in the namespace.
     let mut ok = with_target("anthropic/claude-3.5:latest@eu_west");
-    ok.namespace = "team.a-b_c:d/e@f".to_owned();
-    ok.validate().expect("names with ._-:/@");
+    ok.namespace = "team.a-b_c/e@f".to_owned();
+    ok.validate()
+        .expect("names with ._-:/@, namespace with ._-/@");
 }
 
 #[test]

@@ -62,25 +62,20 @@ impl BreakerParams {
         }
     }
 
-    /// Open duration for the `opens`-th consecutive open (1-based), computed by repeated
-    /// multiply-and-floor so that Rust and Lua (both IEEE doubles) agree to the millisecond.
-    /// With a multiplier above 1 every step grows by at least 1 ms, so a short duration with
-    /// a small multiplier still grows (10 ms x 1.05 would otherwise floor back to 10 ms).
+    /// Open duration for the `opens`-th consecutive open (1-based): `open_ms` multiplied by
+    /// the multiplier once per re-open without rounding, then rounded up once and capped, so
+    /// that Rust and Lua (both IEEE doubles, same operations) agree to the millisecond and a
+    /// short duration with a small multiplier still grows (10 ms x 1.05 = 10.5 -> 11 ms). The
+    /// loop ends at the cap: with a multiplier of at least 1.01 (validated) that is at most
+    /// about 1,900 steps.
     pub fn open_duration_ms(&self, opens: u32) -> u64 {
         let cap = self.max_open_ms.max(self.open_ms) as f64;
         let mut d = self.open_ms as f64;
         let mut i = 1;
-        while i < opens && d < cap {
-            let mut next = (d * self.open_multiplier).floor();
-            if self.open_multiplier > 1.0 && next <= d {
-                next = d + 1.0;
-            }
-            if next == d {
-                break;
-            }
-            d = next.min(cap);
+        while i < opens && d < cap && self.open_multiplier > 1.0 {
+            d *= self.open_multiplier;
             i += 1;
         }
-        d.min(cap) as u64
+        d.ceil().min(cap) as u64
     }
 }

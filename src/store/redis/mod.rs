@@ -207,7 +207,7 @@ impl RedisStore {
 
     /// Admission through the batcher; a direct script call when its queue is full (or gone).
     async fn admit_batched(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
-        let (reply, mut answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let job = batch::Job {
             split: self.splits_admit(),
             specs: self.core.specs.get(req.target, req.feature),
@@ -218,7 +218,21 @@ impl RedisStore {
             return self.admit_direct(req).await;
         }
         let t = self.core.timeout;
-        match tokio::time::timeout(t, &mut answer).await {
+        // If this future is dropped while waiting (the caller was cancelled), the guard
+        // settles the race with the batcher the same way as a timeout does below.
+        let mut pending = Pending {
+            core: &self.core,
+            req,
+            answer: Some(answer),
+        };
+        let Some(answer) = pending.answer.as_mut() else {
+            return Err(StoreError::Timeout(t));
+        };
+        let waited = tokio::time::timeout(t, &mut *answer).await;
+        let Some(mut answer) = pending.answer.take() else {
+            return Err(StoreError::Timeout(t));
+        };
+        match waited {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => {
                 // The batcher went away with the job (its runtime is shutting down): the
@@ -587,6 +601,33 @@ impl Core {
 /// Whether a failed script call may nevertheless have run (and changed state).
 fn may_have_run(e: &StoreError) -> bool {
     !matches!(e, StoreError::Command(_))
+}
+
+/// A queued admission whose caller may stop waiting. Dropped while still armed (the caller's
+/// future was cancelled), it closes the answer channel: either the batcher then finds the job
+/// abandoned and gives back what it was granted, or the answer had already arrived and is
+/// given back here (the call never ran: its probe slot, permit and rate slot).
+struct Pending<'a> {
+    core: &'a Arc<Core>,
+    req: AdmitRequest<'a>,
+    answer: Option<oneshot::Receiver<Result<Admission, StoreError>>>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let Some(mut answer) = self.answer.take() else {
+            return;
+        };
+        answer.close();
+        if let Ok(Ok(Admission::Admitted(a))) = answer.try_recv() {
+            if a.probe {
+                self.core
+                    .spawn_free_probe(self.req.target, self.req.call_id);
+            }
+            self.core
+                .spawn_release(self.req.feature, self.req.call_id, a.permit, true);
+        }
+    }
 }
 
 fn log_lost_transition(t: &Transition) {
