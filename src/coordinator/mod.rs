@@ -209,6 +209,10 @@ impl CoordinatorBuilder {
             None => None,
             Some(rc) => {
                 let store = RedisStore::connect(rc).await?;
+                let sink_reporter = reporter.clone();
+                store.set_transition_sink(Arc::new(move |t| {
+                    sink_reporter.emit(Event::Transition(t));
+                }));
                 let (tx, rx) = mpsc::channel(rc.settle_queue);
                 let sink = Sink {
                     store: store.clone(),

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, TransitionSink};
 
 use crate::breaker::{BreakerParams, BreakerSnapshot, CallOutcome, Force, Transition};
 use crate::bulkhead::BulkheadParams;

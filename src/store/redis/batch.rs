@@ -36,7 +36,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::scripts::AdmitMode;
-use super::{log_lost_transition, Core, Part};
+use super::{Core, Part};
 use crate::breaker::Transition;
 use crate::store::{Admission, Admitted, FeatureSpec, TargetSpec};
 use crate::StoreError;
@@ -323,13 +323,13 @@ fn abandoned(core: &Arc<Core>, specs: &Specs, call_id: &str, answer: Answer) {
             }
             core.spawn_release(feature, call_id, permit, true);
             if let Some(t) = transition {
-                log_lost_transition(&t);
+                core.lost_transition(&t);
             }
         }
         Ok(Admission::Rejected {
             transition: Some(t),
             ..
-        }) => log_lost_transition(&t),
+        }) => core.lost_transition(&t),
         // Nothing taken; an error was compensated where it was made.
         Ok(Admission::Rejected { .. }) | Err(_) => {}
     }

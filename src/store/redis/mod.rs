@@ -70,7 +70,13 @@ struct Core {
     runtime: tokio::runtime::Handle,
     /// The specs queued admissions share.
     specs: batch::SpecCache,
+    /// Where transitions go that a store call made but could not return (its caller gave
+    /// up, or another part of the same operation failed): the coordinator reports them.
+    lost: std::sync::OnceLock<TransitionSink>,
 }
+
+/// Receives breaker transitions that a store operation made but could not return.
+pub type TransitionSink = Arc<dyn Fn(Transition) + Send + Sync>;
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -147,6 +153,7 @@ impl RedisStore {
             settle_batch: config.settle_batch.max(1),
             runtime: runtime.clone(),
             specs: batch::SpecCache::default(),
+            lost: std::sync::OnceLock::new(),
         });
         let (admissions, queue) = mpsc::channel(batch::QUEUE);
         runtime.spawn(batch::run(Arc::clone(&core), queue));
@@ -168,6 +175,14 @@ impl RedisStore {
     /// Whether `admit` runs split (always on Cluster, or forced).
     pub fn splits_admit(&self) -> bool {
         self.split_admit || self.is_cluster()
+    }
+
+    /// Sets where transitions go that an operation made but could not return (for example a
+    /// settle whose outcomes were recorded while a release in the same batch failed). The
+    /// coordinator reports them as events, so each transition is still reported once. Only
+    /// the first sink set is kept.
+    pub fn set_transition_sink(&self, sink: TransitionSink) {
+        let _ = self.core.lost.set(sink);
     }
 
     /// Whether this store talks to Redis Cluster.
@@ -533,7 +548,7 @@ impl Core {
                     self.spawn_release(feature, call_id, true, false);
                 }
                 if let Some(t) = transition {
-                    log_lost_transition(&t);
+                    self.lost_transition(&t);
                 }
                 Err(e)
             }
@@ -626,19 +641,36 @@ impl Drop for Pending<'_> {
             }
             self.core
                 .spawn_release(self.req.feature, self.req.call_id, a.permit, true);
+            if let Some(t) = &a.transition {
+                self.core.lost_transition(t);
+            }
         }
     }
 }
 
-fn log_lost_transition(t: &Transition) {
-    tracing::warn!(
-        target_name = %t.target,
-        from = %t.from,
-        to = %t.to,
-        generation = t.generation,
-        reason = t.reason.as_str(),
-        "fusebox: breaker transition made by a store call whose result was lost"
-    );
+impl Core {
+    /// A transition that happened but whose operation's result is lost: logged, and given
+    /// to the transition sink so that it is still reported once.
+    fn lost_transition(&self, t: &Transition) {
+        tracing::debug!(
+            target_name = %t.target,
+            from = %t.from,
+            to = %t.to,
+            generation = t.generation,
+            reason = t.reason.as_str(),
+            "fusebox: breaker transition made by a store call whose result was lost"
+        );
+        match self.lost.get() {
+            Some(sink) => sink(t.clone()),
+            None => tracing::warn!(
+                target_name = %t.target,
+                from = %t.from,
+                to = %t.to,
+                generation = t.generation,
+                "fusebox: breaker transition not reported (no transition sink)"
+            ),
+        }
+    }
 }
 
 fn single_node(url: &str, config: &RedisConfig) -> Result<redis::aio::ConnectionManager, Error> {
@@ -903,7 +935,9 @@ impl Store for RedisStore {
                 Ok(r.transitions)
             }
             (Some(e), _) | (None, Some(e)) => {
-                r.transitions.iter().for_each(log_lost_transition);
+                for t in &r.transitions {
+                    self.core.lost_transition(t);
+                }
                 Err(e)
             }
         }
