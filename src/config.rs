@@ -374,7 +374,7 @@ impl Config {
 }
 
 impl RedisConfig {
-    fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), Error> {
         match (&self.url, self.cluster.is_empty()) {
             (Some(_), false) => {
                 return Err(Error::config(

@@ -129,21 +129,17 @@ impl RedisStore {
             // Fails only when a provider is already installed, which is just as good.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        // The same checks as `Config::validate`, naming the same fields.
+        config.validate()?;
         let conn = match (&config.url, config.cluster.is_empty()) {
-            (Some(_), false) => {
-                return Err(Error::config(
-                    "redis.cluster",
-                    "set either redis.url or redis.cluster, not both",
-                ))
-            }
-            (None, true) => {
-                return Err(Error::config(
-                    "redis.url",
-                    "a [redis] table needs url (single node) or cluster (seed nodes)",
-                ))
-            }
             (Some(url), true) => Conn::Single(single_node(url, config)?),
             (None, false) => Conn::Cluster(Arc::new(cluster(config, runtime.clone())?)),
+            _ => {
+                return Err(Error::config(
+                    "redis.url",
+                    "set exactly one of redis.url and redis.cluster",
+                ))
+            }
         };
         // Start connecting now, in the background, so the first call does not pay for it.
         conn.warm_up(&runtime);
