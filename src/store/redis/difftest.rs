@@ -72,10 +72,12 @@ impl Drop for Server {
     }
 }
 
-fn start_redis() -> Option<(Server, Connection, String)> {
+/// Spawns `redis-server` on a free loopback port. A missing `redis-server` fails the test
+/// (`.ci/run` installs it): a Redis test that skips itself proves nothing.
+fn start_redis() -> (Server, Connection, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .ok()?
+        .expect("a free loopback port")
         .port();
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -83,19 +85,19 @@ fn start_redis() -> Option<(Server, Connection, String)> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
+        .expect("redis-server must be on PATH for this test (apt-get install redis-server)");
     let server = Server(child);
     let url = format!("redis://127.0.0.1:{port}/");
-    let client = redis::Client::open(url.as_str()).ok()?;
+    let client = redis::Client::open(url.as_str()).expect("a valid url");
     for _ in 0..400 {
         if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100)) {
             if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                return Some((server, c, url));
+                return (server, c, url);
             }
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    None
+    panic!("redis-server on port {port} did not answer PING within 10 s");
 }
 
 struct World {
@@ -326,10 +328,7 @@ fn strip(admissions: &[Admission]) -> Vec<String> {
 
 #[test]
 fn scripts_decide_as_the_memory_store_does() {
-    let Some((_server, con, _)) = start_redis() else {
-        eprintln!("redis-server not available: differential script test skipped");
-        return;
-    };
+    let (_server, con, _) = start_redis();
     let mut world = World {
         con,
         clock: ManualClock::new(1_700_000_000_000),
@@ -437,10 +436,7 @@ fn scripts_decide_as_the_memory_store_does() {
 /// answer cannot be delivered is given back by the batcher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_admissions_hold_nothing() {
-    let Some((_server, _, url)) = start_redis() else {
-        eprintln!("redis-server not available: abandoned admission test skipped");
-        return;
-    };
+    let (_server, _, url) = start_redis();
     let config = crate::RedisConfig {
         url: Some(url),
         timeout: Duration::from_secs(2),
@@ -469,9 +465,17 @@ async fn abandoned_admissions_hold_nothing() {
             feature: &f,
             call_id: &id,
         };
-        // Dropped after a first poll or a few: queued, or in flight, or answered.
-        let wait = Duration::from_micros([0, 50, 200, 1_000][i % 4]);
-        match tokio::time::timeout(wait, store.admit(req)).await {
+        // Every fourth caller is dropped right after its first poll (its job is queued, maybe
+        // not yet sent); the others give up after a short wait: queued, in flight or answered.
+        let answer = if i % 4 == 0 {
+            store.admit(req).now_or_never().ok_or(())
+        } else {
+            let wait = Duration::from_micros([0, 50, 200, 1_000][i % 4]);
+            tokio::time::timeout(wait, store.admit(req))
+                .await
+                .map_err(|_| ())
+        };
+        match answer {
             Ok(Ok(Admission::Admitted(_))) => {
                 let settle = Settle {
                     target: Arc::new(t.clone()),
@@ -487,10 +491,11 @@ async fn abandoned_admissions_hold_nothing() {
                 store.settle(&[settle]).await.expect("settle");
             }
             Ok(other) => panic!("{other:?}"),
-            Err(_) => given_up += 1,
+            Err(()) => given_up += 1,
         }
     }
-    assert!(given_up > 20, "only {given_up} callers gave up");
+    // At least the 75 dropped after one poll (an admission cannot be answered without Redis).
+    assert!(given_up >= 75, "only {given_up} callers gave up");
     for _ in 0..300 {
         if store.in_flight(&f).await.expect("in_flight") == 0 {
             return;
