@@ -5,6 +5,7 @@
 //! cargo bench --bench hot_path                     # spawns redis-server on a free port
 //! REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench hot_path
 //! FUSEBOX_BENCH_SECS=5 cargo bench --bench hot_path
+//! FUSEBOX_BENCH_CONCURRENCY=64 FUSEBOX_BENCH_SECS=20 cargo bench --bench hot_path  # one level
 //! ```
 //!
 //! Rows, each at concurrency 1 and 64:
@@ -183,7 +184,11 @@ fn main() {
             .expect("pool");
 
         println!("fusebox hot path, {secs} s per row, same Redis, same run ({url})");
-        for &c in &[1usize, 64] {
+        let levels: Vec<usize> = match std::env::var("FUSEBOX_BENCH_CONCURRENCY") {
+            Ok(v) => vec![v.parse().expect("FUSEBOX_BENCH_CONCURRENCY: a number")],
+            Err(_) => vec![1, 64],
+        };
+        for &c in &levels {
             let (conn_a, script_a) = (conn.clone(), Arc::clone(&script));
             let a = measure(c, secs, move || {
                 let mut conn = conn_a.clone();
