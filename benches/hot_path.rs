@@ -13,7 +13,13 @@
 //!     fusebox uses); (b) a fusebox-guarded no-op call (admit + record + release) on the
 //!     Redis store, with a breaker, a bulkhead and a rate limit in force; (c) the same on the
 //!     in-memory store; (d) a deadpool-redis checkout + the same `EVALSHA`, to show what a
-//!     pool checkout would cost on the hot path.
+//!     pool checkout would cost on the hot path; (e) `admit.lua` alone, one `EVALSHA` per
+//!     admission through the same client (no fusebox client code, no batching, no release):
+//!     what the admission script itself costs over the trivial one.
+//!
+//! Each row also shows the Redis server's CPU time per operation (from `INFO cpu`, taken
+//! before and after the row, after the row's queued settles were flushed), a figure that
+//! does not depend on how busy the client side of the machine was.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -74,6 +80,23 @@ struct Figures {
     ops: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Operations measured (for the Redis CPU per operation).
+    count: usize,
+}
+
+/// Redis server CPU seconds (user + system) so far, from `INFO cpu`.
+async fn redis_cpu(conn: &mut redis::aio::ConnectionManager) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(conn)
+        .await
+        .expect("INFO cpu");
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            (k == "used_cpu_user" || k == "used_cpu_sys").then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 async fn measure<F, Fut>(concurrency: usize, secs: f64, op: F) -> Figures
@@ -112,6 +135,7 @@ where
         ops: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        count: all.len(),
     }
 }
 
@@ -140,10 +164,14 @@ fn config(redis: Option<String>) -> Config {
     c
 }
 
-fn row(name: &str, c: usize, f: Figures) {
+/// `redis_cpu_s`: Redis CPU seconds the row used (warm-up and flush included).
+fn row(name: &str, c: usize, f: Figures, redis_cpu_s: f64) {
     println!(
-        "{name:<44} c={c:<3} {:>10.0} ops/s   p50 {:>8.1} µs   p99 {:>8.1} µs",
-        f.ops, f.p50_us, f.p99_us
+        "{name:<44} c={c:<3} {:>9.0} ops/s  p50 {:>7.1} µs  p99 {:>7.1} µs  Redis CPU {:>5.1} µs/op",
+        f.ops,
+        f.p50_us,
+        f.p99_us,
+        redis_cpu_s * 1e6 / (f.count + 200) as f64
     );
 }
 
@@ -169,6 +197,9 @@ fn main() {
             .await
             .expect("connect to Redis");
         let script = Arc::new(redis::Script::new("return 1"));
+        let admit_script = Arc::new(redis::Script::new(include_str!("../lua/admit.lua")));
+        let ids = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut info = conn.clone();
         let redis_fusebox = Coordinator::new(config(Some(url.clone())))
             .await
             .expect("coordinator");
@@ -189,6 +220,7 @@ fn main() {
             Err(_) => vec![1, 64],
         };
         for &c in &levels {
+            let cpu0 = redis_cpu(&mut info).await;
             let (conn_a, script_a) = (conn.clone(), Arc::clone(&script));
             let a = measure(c, secs, move || {
                 let mut conn = conn_a.clone();
@@ -198,6 +230,7 @@ fn main() {
                 }
             })
             .await;
+            let cpu1 = redis_cpu(&mut info).await;
             let fb = redis_fusebox.clone();
             let b = measure(c, secs, move || {
                 let fb = fb.clone();
@@ -207,6 +240,8 @@ fn main() {
                 }
             })
             .await;
+            redis_fusebox.flush(Duration::from_secs(5)).await;
+            let cpu2 = redis_cpu(&mut info).await;
             let fm = memory_fusebox.clone();
             let m = measure(c, secs, move || {
                 let fm = fm.clone();
@@ -216,6 +251,7 @@ fn main() {
                 }
             })
             .await;
+            let cpu3 = redis_cpu(&mut info).await;
             let (pool_d, script_d) = (pool.clone(), Arc::clone(&script));
             let d = measure(c, secs, move || {
                 let pool = pool_d.clone();
@@ -226,15 +262,52 @@ fn main() {
                 }
             })
             .await;
-            row("(a) raw EVALSHA (baseline)", c, a);
-            row("(b) fusebox guarded no-op, RedisStore", c, b);
-            row("(c) fusebox guarded no-op, MemoryStore", c, m);
-            row("(d) deadpool checkout + EVALSHA", c, d);
+            let cpu4 = redis_cpu(&mut info).await;
+            let (conn_e, script_e, ids_e) = (conn.clone(), Arc::clone(&admit_script), ids.clone());
+            let ns = format!("bench-{}", std::process::id());
+            let e = measure(c, secs, move || {
+                let mut conn = conn_e.clone();
+                let script = Arc::clone(&script_e);
+                let id = ids_e.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tag = format!("fusebox:{{{ns}:raw}}:v1");
+                async move {
+                    // Mode `both`: breaker (1 probe, 30 s probe timeout, 24 h idle TTL), rate
+                    // limit (1 µs emission, burst 10^8: never refuses), bulkhead (limit 10^9:
+                    // never refuses; 60 s lease; permits are not released, as a raw script
+                    // call has no settle).
+                    let _: Vec<i64> = script
+                        .key(format!("{tag}:breaker"))
+                        .key(format!("{tag}:probes"))
+                        .key(format!("{tag}:rate"))
+                        .key(format!("{tag}:permits"))
+                        .arg("both")
+                        .arg(1)
+                        .arg(30_000)
+                        .arg(86_400_000)
+                        .arg(1)
+                        .arg(100_000_000)
+                        .arg(1_000_000_000)
+                        .arg(60_000)
+                        .arg(format!("raw-{id}"))
+                        .invoke_async(&mut conn)
+                        .await
+                        .expect("EVALSHA admit.lua");
+                }
+            })
+            .await;
+            let cpu5 = redis_cpu(&mut info).await;
+            row("(a) raw EVALSHA (baseline)", c, a, cpu1 - cpu0);
+            row("(b) fusebox guarded no-op, RedisStore", c, b, cpu2 - cpu1);
+            row("(c) fusebox guarded no-op, MemoryStore", c, m, cpu3 - cpu2);
+            row("(d) deadpool checkout + EVALSHA", c, d, cpu4 - cpu3);
+            row("(e) admit.lua alone, one EVALSHA per call", c, e, cpu5 - cpu4);
             println!(
-                "    c={c}: ratio b/a = {:.2} (ops/s); p50 added by fusebox = {:.1} µs = {:.2} baseline round trips; deadpool d/a = {:.2}",
+                "    c={c}: ratio b/a = {:.2} (ops/s); p50 added by fusebox = {:.1} µs = {:.2} baseline round trips \
+                 (admit.lua alone: {:.2}); deadpool d/a = {:.2}",
                 b.ops / a.ops,
                 b.p50_us - a.p50_us,
                 (b.p50_us - a.p50_us) / a.p50_us,
+                (e.p50_us - a.p50_us) / a.p50_us,
                 d.ops / a.ops
             );
         }

@@ -1,35 +1,64 @@
 //! Background delivery of outcomes and releases to the shared store.
 //!
 //! The caller of [`crate::Permit::record`] never waits for Redis: its settle goes into a
-//! bounded queue. One task drains whatever has queued up (natural batching: one item when
-//! idle, up to `settle_batch` under load) and sends the batch as one round trip. When the
-//! queue is full the caller's settle is sent by a spawned task instead, so nothing blocks
-//! and nothing is silently lost; on [`crate::Coordinator::shutdown`] the queue is flushed.
+//! bounded queue. One task drains whatever has queued up and sends it as one batch (one
+//! round trip). It first waits up to `redis.settle_delay` after the first item for more to
+//! come, so that a lone caller's settles are batched as well as a busy replica's; it sends at
+//! once when the batch is full (`settle_batch`), when a flush is asked for, or when an item
+//! is urgent (a release of a feature that has callers waiting on this replica). When the
+//! queue is full the caller's settle is sent by a spawned task instead, so nothing blocks and
+//! nothing is silently lost; on [`crate::Coordinator::shutdown`] the queue is flushed.
+
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::Sink;
 use crate::store::{Settle, Store};
 
 pub(crate) enum Msg {
-    Settle(Settle),
+    /// A settle; `urgent`: send it without waiting for more.
+    Settle { settle: Settle, urgent: bool },
     Flush(oneshot::Sender<()>),
 }
 
-pub(crate) async fn run(sink: Sink, mut rx: mpsc::Receiver<Msg>, batch_max: usize) {
+/// How the flusher batches.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batching {
+    /// Most settles in one delivery.
+    pub(crate) max: usize,
+    /// Longest wait for more after the first settle of a batch.
+    pub(crate) delay: Duration,
+}
+
+pub(crate) async fn run(sink: Sink, mut rx: mpsc::Receiver<Msg>, batching: Batching) {
+    let batch_max = batching.max.max(1);
     let mut batch: Vec<Settle> = Vec::with_capacity(batch_max);
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Settle(s) => batch.push(s),
-                Msg::Flush(ack) => acks.push(ack),
+        let mut send_now = take(first, &mut batch, &mut acks);
+        let mut deadline: Option<Instant> = None;
+        loop {
+            // Whatever is queued already.
+            while !send_now && batch.len() < batch_max {
+                match rx.try_recv() {
+                    Ok(msg) => send_now = take(msg, &mut batch, &mut acks),
+                    Err(_) => break,
+                }
             }
-            if batch.len() >= batch_max || !acks.is_empty() {
+            if send_now || batch.len() >= batch_max || batching.delay.is_zero() {
                 break;
             }
-            next = rx.try_recv().ok();
+            // Wait a little for more (at most `delay` after the first).
+            let until = *deadline.get_or_insert_with(|| Instant::now() + batching.delay);
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => send_now = take(msg, &mut batch, &mut acks),
+                    None => break,
+                },
+                () = tokio::time::sleep_until(until) => break,
+            }
         }
         if !batch.is_empty() {
             deliver(&sink, &batch).await;
@@ -37,6 +66,20 @@ pub(crate) async fn run(sink: Sink, mut rx: mpsc::Receiver<Msg>, batch_max: usiz
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
+        }
+    }
+}
+
+/// Adds `msg` to the batch (or its flush request to `acks`); true when the batch must go now.
+fn take(msg: Msg, batch: &mut Vec<Settle>, acks: &mut Vec<oneshot::Sender<()>>) -> bool {
+    match msg {
+        Msg::Settle { settle, urgent } => {
+            batch.push(settle);
+            urgent
+        }
+        Msg::Flush(ack) => {
+            acks.push(ack);
+            true
         }
     }
 }

@@ -12,7 +12,7 @@ pub use permit::{Heartbeat, Permit};
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -64,6 +64,9 @@ pub(crate) struct FeatureRt {
     /// One waiter is woken per permit of this feature released (by this replica), so it
     /// retries at once instead of all waiters stampeding Redis.
     pub(crate) released: Notify,
+    /// Callers of this feature waiting on this replica (for a permit or a rate slot): while
+    /// there are any, this replica's releases of the feature are sent without delay.
+    pub(crate) waiting: AtomicUsize,
 }
 
 pub(crate) struct Remote {
@@ -219,7 +222,14 @@ impl CoordinatorBuilder {
                     reporter: reporter.clone(),
                     features: Arc::clone(&features),
                 };
-                flusher = Some((sink.clone(), rx, rc.settle_batch));
+                flusher = Some((
+                    sink.clone(),
+                    rx,
+                    flusher::Batching {
+                        max: rc.settle_batch,
+                        delay: rc.settle_delay,
+                    },
+                ));
                 Some(Remote {
                     store,
                     queue: tx,
@@ -284,6 +294,7 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
         policy: f.on_store_unavailable,
         lease: f.lease,
         released: Notify::new(),
+        waiting: AtomicUsize::new(0),
     }
 }
 
@@ -330,12 +341,13 @@ impl Shared {
         format!("{}-{n:x}", self.replica)
     }
 
-    /// Queues a settle for the shared store without waiting.
-    pub(crate) fn enqueue(self: &Arc<Self>, settle: Settle) {
+    /// Queues a settle for the shared store without waiting. `urgent`: the flusher sends it
+    /// without waiting for more (someone on this replica waits for the permit it releases).
+    pub(crate) fn enqueue(self: &Arc<Self>, settle: Settle, urgent: bool) {
         let Some(remote) = &self.remote else { return };
-        match remote.queue.try_send(Msg::Settle(settle)) {
+        match remote.queue.try_send(Msg::Settle { settle, urgent }) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Msg::Settle(s))) => {
+            Err(mpsc::error::TrySendError::Full(Msg::Settle { settle: s, .. })) => {
                 let sink = remote.sink.clone();
                 if let Ok(handle) = tokio::runtime::Handle::try_current() {
                     handle.spawn(async move { flusher::deliver(&sink, &[s]).await });
@@ -382,6 +394,8 @@ impl Coordinator {
         let t = self.shared.target(target)?;
         let deadline = Instant::now() + f.max_wait;
         let mut attempt: u32 = 0;
+        // From the first refusal it waits out until it returns: counted as waiting.
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let released = f.released.notified();
             tokio::pin!(released);
@@ -406,6 +420,7 @@ impl Coordinator {
             let left = deadline - now;
             let pause = wait_step(&rejection, attempt).min(left);
             attempt = attempt.saturating_add(1);
+            waiting.get_or_insert_with(|| Waiting::new(&f.waiting));
             tokio::select! {
                 _ = &mut released => {}
                 _ = tokio::time::sleep(pause) => {}
@@ -615,6 +630,22 @@ impl Coordinator {
 /// (exact), a jittered exponential step for bulkheads (2 ms doubling to 100 ms, full jitter
 /// above 1 ms), so that waiters neither spin on Redis nor sleep through a freed permit. A
 /// local release wakes waiters at once.
+/// Counts a caller as waiting for as long as it lives (also when its future is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn wait_step(rejection: &Rejection, attempt: u32) -> Duration {
     match rejection {
         Rejection::RateLimited { retry_after, .. } => *retry_after,

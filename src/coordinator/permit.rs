@@ -125,7 +125,8 @@ impl Permit {
                 self.feature.released.notify_one();
             }
         } else {
-            self.shared.enqueue(settle);
+            let urgent = settle.permit && self.feature.waiting.load(Ordering::Relaxed) > 0;
+            self.shared.enqueue(settle, urgent);
         }
     }
 
