@@ -449,6 +449,10 @@ fn bad_redis_values_name_their_field() {
         ("redis.settle_queue", redis(|r| r.settle_queue = usize::MAX)),
         ("redis.settle_batch", redis(|r| r.settle_batch = 0)),
         ("redis.settle_batch", redis(|r| r.settle_batch = 4097)),
+        (
+            "redis.settle_delay",
+            redis(|r| r.settle_delay = Duration::from_millis(101)),
+        ),
     ]);
 }
 
@@ -466,6 +470,7 @@ replicas = 8
 idle_ttl = "12h"
 settle_queue = 4096
 settle_batch = 128
+settle_delay = "5ms"
 
 [breaker]
 consecutive_failures = 8
@@ -545,6 +550,7 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
             idle_ttl: 12 * 3600 * SEC,
             settle_queue: 4096,
             settle_batch: 128,
+            settle_delay: 5 * MS,
         }),
         breaker: BreakerConfig {
             consecutive_failures: Some(8),

@@ -19,7 +19,10 @@ use crate::store::{Settle, Store};
 
 pub(crate) enum Msg {
     /// A settle; `urgent`: send it without waiting for more.
-    Settle { settle: Settle, urgent: bool },
+    Settle {
+        settle: Settle,
+        urgent: bool,
+    },
     Flush(oneshot::Sender<()>),
 }
 
