@@ -6,6 +6,7 @@
 //! REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench hot_path
 //! FUSEBOX_BENCH_SECS=5 cargo bench --bench hot_path
 //! FUSEBOX_BENCH_CONCURRENCY=64 FUSEBOX_BENCH_SECS=20 cargo bench --bench hot_path  # one level
+//! FUSEBOX_BENCH_SETTLE_DELAY_MS=0 cargo bench --bench hot_path  # redis.settle_delay (default 2)
 //! ```
 //!
 //! Rows, each at concurrency 1 and 64:
@@ -144,10 +145,16 @@ fn config(redis: Option<String>) -> Config {
         namespace: format!("bench-{}", std::process::id()),
         ..Config::default()
     };
+    let defaults = RedisConfig::default();
+    let settle_delay = match std::env::var("FUSEBOX_BENCH_SETTLE_DELAY_MS") {
+        Ok(ms) => Duration::from_millis(ms.parse().expect("FUSEBOX_BENCH_SETTLE_DELAY_MS: ms")),
+        Err(_) => defaults.settle_delay,
+    };
     c.redis = redis.map(|url| RedisConfig {
         url: Some(url),
         timeout: Duration::from_secs(2),
-        ..RedisConfig::default()
+        settle_delay,
+        ..defaults
     });
     c.features.insert(
         "bench".into(),
@@ -214,7 +221,13 @@ fn main() {
             .build()
             .expect("pool");
 
-        println!("fusebox hot path, {secs} s per row, same Redis, same run ({url})");
+        println!(
+            "fusebox hot path, {secs} s per row, same Redis, same run ({url}); settle_delay {:?}",
+            config(Some(String::new()))
+                .redis
+                .map(|r| r.settle_delay)
+                .unwrap_or_default()
+        );
         let levels: Vec<usize> = match std::env::var("FUSEBOX_BENCH_CONCURRENCY") {
             Ok(v) => vec![v.parse().expect("FUSEBOX_BENCH_CONCURRENCY: a number")],
             Err(_) => vec![1, 64],

@@ -2,10 +2,14 @@
 //!
 //! The caller of [`crate::Permit::record`] never waits for Redis: its settle goes into a
 //! bounded queue. One task drains whatever has queued up and sends it as one batch (one
-//! round trip). It first waits up to `redis.settle_delay` after the first item for more to
-//! come, so that a lone caller's settles are batched as well as a busy replica's; it sends at
-//! once when the batch is full (`settle_batch`), when a flush is asked for, or when an item
-//! is urgent (a release of a feature that has callers waiting on this replica). When the
+//! round trip). A small batch (fewer than [`SMALL`] items) first waits up to
+//! `redis.settle_delay` after its first item for more to come, so that a lone caller's
+//! settles are batched as well as a busy replica's; a batch that has grown to [`SMALL`] goes
+//! at once (under load the queue batches by itself, and holding a batch back then only makes
+//! the script call that carries it longer, in front of the admissions Redis runs next:
+//! measured, a 2 ms wait for every batch cost 10–14% of throughput at concurrency 64). A
+//! batch also goes at once when a flush is asked for, or when an item is urgent (a release
+//! of a feature that has callers waiting on this replica). When the
 //! queue is full the caller's settle is sent by a spawned task instead, so nothing blocks and
 //! nothing is silently lost; on [`crate::Coordinator::shutdown`] the queue is flushed.
 
@@ -16,6 +20,9 @@ use tokio::time::Instant;
 
 use super::Sink;
 use crate::store::{Settle, Store};
+
+/// A batch this large is sent without waiting for more.
+pub(crate) const SMALL: usize = 16;
 
 pub(crate) enum Msg {
     /// A settle; `urgent`: send it without waiting for more.
@@ -50,7 +57,7 @@ pub(crate) async fn run(sink: Sink, mut rx: mpsc::Receiver<Msg>, batching: Batch
                     Err(_) => break,
                 }
             }
-            if send_now || batch.len() >= batch_max || batching.delay.is_zero() {
+            if send_now || batch.len() >= batch_max.min(SMALL) || batching.delay.is_zero() {
                 break;
             }
             // Wait a little for more (at most `delay` after the first).
