@@ -1383,6 +1383,10 @@ async fn a_lone_callers_settles_are_sent_together(env: Env) {
         admitted - before
     );
     let settles = after - before - 20;
+    eprintln!(
+        "20 lone calls: {} admission and {settles} settle script calls",
+        admitted - before
+    );
     // A batch goes as soon as it holds 16, the rest waits: two when the 20 calls take under
     // 100 ms (seen: 2); a stalled machine may split them further.
     assert!(
