@@ -1384,7 +1384,7 @@ async fn a_lone_callers_settles_are_sent_together(env: Env) {
     );
     let settles = after - before - 20;
     eprintln!(
-        "20 lone calls: {} admission and {settles} settle script calls",
+        "20 lone calls: {} script calls by the last admission, {settles} of all were settles",
         admitted - before
     );
     // A batch goes as soon as it holds 16, the rest waits: two when the 20 calls take under
