@@ -140,21 +140,24 @@ where
     }
 }
 
+/// `redis.settle_delay` for row (b): `FUSEBOX_BENCH_SETTLE_DELAY_MS`, else the default.
+fn settle_delay() -> Duration {
+    match std::env::var("FUSEBOX_BENCH_SETTLE_DELAY_MS") {
+        Ok(ms) => Duration::from_millis(ms.parse().expect("FUSEBOX_BENCH_SETTLE_DELAY_MS: ms")),
+        Err(_) => RedisConfig::default().settle_delay,
+    }
+}
+
 fn config(redis: Option<String>) -> Config {
     let mut c = Config {
         namespace: format!("bench-{}", std::process::id()),
         ..Config::default()
     };
-    let defaults = RedisConfig::default();
-    let settle_delay = match std::env::var("FUSEBOX_BENCH_SETTLE_DELAY_MS") {
-        Ok(ms) => Duration::from_millis(ms.parse().expect("FUSEBOX_BENCH_SETTLE_DELAY_MS: ms")),
-        Err(_) => defaults.settle_delay,
-    };
     c.redis = redis.map(|url| RedisConfig {
         url: Some(url),
         timeout: Duration::from_secs(2),
-        settle_delay,
-        ..defaults
+        settle_delay: settle_delay(),
+        ..RedisConfig::default()
     });
     c.features.insert(
         "bench".into(),
@@ -223,10 +226,7 @@ fn main() {
 
         println!(
             "fusebox hot path, {secs} s per row, same Redis, same run ({url}); settle_delay {:?}",
-            config(Some(String::new()))
-                .redis
-                .map(|r| r.settle_delay)
-                .unwrap_or_default()
+            settle_delay()
         );
         let levels: Vec<usize> = match std::env::var("FUSEBOX_BENCH_CONCURRENCY") {
             Ok(v) => vec![v.parse().expect("FUSEBOX_BENCH_CONCURRENCY: a number")],
@@ -277,22 +277,25 @@ fn main() {
             .await;
             let cpu4 = redis_cpu(&mut info).await;
             let (conn_e, script_e, ids_e) = (conn.clone(), Arc::clone(&admit_script), ids.clone());
-            let ns = format!("bench-{}", std::process::id());
+            let tag = format!("fusebox:{{bench-{}:raw}}:v1", std::process::id());
+            let keys: Arc<[String; 4]> = Arc::new(
+                ["breaker", "probes", "rate", "permits"].map(|k| format!("{tag}:{k}")),
+            );
             let e = measure(c, secs, move || {
                 let mut conn = conn_e.clone();
                 let script = Arc::clone(&script_e);
+                let keys = Arc::clone(&keys);
                 let id = ids_e.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let tag = format!("fusebox:{{{ns}:raw}}:v1");
                 async move {
                     // Mode `both`: breaker (1 probe, 30 s probe timeout, 24 h idle TTL), rate
                     // limit (1 µs emission, burst 10^8: never refuses), bulkhead (limit 10^9:
                     // never refuses; 60 s lease; permits are not released, as a raw script
                     // call has no settle).
                     let _: Vec<i64> = script
-                        .key(format!("{tag}:breaker"))
-                        .key(format!("{tag}:probes"))
-                        .key(format!("{tag}:rate"))
-                        .key(format!("{tag}:permits"))
+                        .key(&keys[0])
+                        .key(&keys[1])
+                        .key(&keys[2])
+                        .key(&keys[3])
                         .arg("both")
                         .arg(1)
                         .arg(30_000)

@@ -338,24 +338,11 @@ impl Shared {
 
     /// `<replica>-<counter in hex>`: unique fleet-wide, never reused by this replica.
     fn next_call_id(&self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut digits = [0u8; 16];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = HEX[(n & 0xf) as usize];
-            n >>= 4;
-            if n == 0 {
-                break;
-            }
-        }
-        let mut id = String::with_capacity(self.replica.len() + 1 + digits.len() - i);
+        use std::fmt::Write as _;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut id = String::with_capacity(self.replica.len() + 17);
         id.push_str(&self.replica);
-        id.push('-');
-        for &d in &digits[i..] {
-            id.push(char::from(d));
-        }
+        let _ = write!(id, "-{n:x}");
         id
     }
 
