@@ -9,10 +9,9 @@
 //!
 //! A second test checks that admissions whose callers stop waiting hold nothing afterwards.
 //!
-//! Needs `redis-server` on PATH (each test starts its own on a free port); without it a test
-//! says so and passes.
+//! Needs `redis-server` on PATH (each test starts its own on a free port, through
+//! `tests/support`); without it the tests fail and say how to install it.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -63,41 +62,20 @@ static SNAPSHOT: LazyLock<Script> =
 static IN_FLIGHT: LazyLock<Script> =
     LazyLock::new(|| with_lib(include_str!("../../../lua/in_flight.lua")));
 
-struct Server(Child);
+/// The test suites' own `redis-server` spawner (`tests/support`), so that every test, this
+/// one and the benchmark start Redis the same way.
+#[allow(clippy::unwrap_used, missing_docs, unused_imports)]
+#[path = "../../../tests/support/mod.rs"]
+mod support;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `redis-server` on a free loopback port. A missing `redis-server` fails the test
-/// (`.ci/run` installs it): a Redis test that skips itself proves nothing.
-fn start_redis() -> (Server, Connection, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server must be on PATH for this test (apt-get install redis-server)");
-    let server = Server(child);
-    let url = format!("redis://127.0.0.1:{port}/");
-    let client = redis::Client::open(url.as_str()).expect("a valid url");
-    for _ in 0..400 {
-        if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100)) {
-            if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                return (server, c, url);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("redis-server on port {port} did not answer PING within 10 s");
+/// Spawns `redis-server` on a free loopback port (`tests/support`). A missing
+/// `redis-server` fails the test (`.ci/run` installs it): a Redis test that skips itself
+/// proves nothing.
+fn start_redis() -> (support::RedisServer, Connection, String) {
+    let server = support::RedisServer::start();
+    let url = server.url();
+    let con = support::sync_connection(&url);
+    (server, con, url)
 }
 
 struct World {
