@@ -35,10 +35,11 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
+use super::admit::{Part, PartResult};
 use super::scripts::AdmitMode;
-use super::{Core, Part};
+use super::Core;
 use crate::breaker::Transition;
-use crate::store::{Admission, Admitted, FeatureSpec, TargetSpec};
+use crate::store::{Admission, FeatureSpec, TargetSpec};
 use crate::StoreError;
 
 /// Most admissions one drain of the queue takes (and so one script call decides).
@@ -98,10 +99,6 @@ impl SpecCache {
         s
     }
 }
-
-/// The decision of one part (or the whole) of one call: what it got, and the transition its
-/// script call made if this call is the one that made it.
-type PartResult = Result<(Part, Option<Transition>), StoreError>;
 
 /// The calls of one script call: job indices, in queue order (their ids distinct).
 struct Group {
@@ -310,29 +307,7 @@ impl Hasher for Fnv {
 
 /// Gives back what a call whose caller stopped waiting was granted: it never ran.
 fn abandoned(core: &Arc<Core>, specs: &Specs, call_id: &str, answer: Answer) {
-    let Specs { target, feature } = specs;
-    match answer {
-        Ok(Admission::Admitted(Admitted {
-            probe,
-            permit,
-            transition,
-            ..
-        })) => {
-            if probe {
-                core.spawn_free_probe(target, call_id);
-            }
-            core.spawn_release(feature, call_id, permit, true);
-            if let Some(t) = transition {
-                core.lost_transition(&t);
-            }
-        }
-        Ok(Admission::Rejected {
-            transition: Some(t),
-            ..
-        }) => core.lost_transition(&t),
-        // Nothing taken; an error was compensated where it was made.
-        Ok(Admission::Rejected { .. }) | Err(_) => {}
-    }
+    core.unused_answer(&specs.target, &specs.feature, call_id, &answer);
 }
 
 #[cfg(test)]

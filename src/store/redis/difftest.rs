@@ -20,8 +20,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::{Connection, Script, Value};
 
+use super::admit::{parse_admit, Part};
+use super::reply;
 use super::scripts::{self, AdmitMode};
-use super::{group, parse_admit, reply, Part};
+use super::settle::group;
 use crate::breaker::{BreakerParams, CallOutcome, Force, Transition};
 use crate::bulkhead::BulkheadParams;
 use crate::clock::ManualClock;
