@@ -28,6 +28,15 @@ pub enum Event {
     },
     /// The shared store answers again; this replica is back on shared state.
     StoreRecovered,
+    /// A call's bulkhead permit lease ran out while the call was still running (no heartbeat
+    /// got through in time, or the store had already reclaimed it): another call may hold
+    /// its slot. The holder sees it on [`crate::Permit::lease_lost`].
+    LeaseLost {
+        /// The call's feature.
+        feature: String,
+        /// The call's target.
+        target: String,
+    },
     /// Outcomes or releases could not be delivered to the store and were dropped (permits
     /// still come back when their lease ends).
     SettleDropped {
@@ -86,6 +95,13 @@ pub(crate) fn trace(event: &Event) {
             event = "store_recovered",
             degraded = false,
             "shared store reachable again"
+        ),
+        Event::LeaseLost { feature, target } => tracing::warn!(
+            target: "fusebox",
+            event = "lease_lost",
+            feature = %feature,
+            breaker.target = %target,
+            "bulkhead permit lease lost while the call ran"
         ),
         Event::SettleDropped { count, error } => tracing::warn!(
             target: "fusebox",

@@ -81,6 +81,13 @@ impl Env {
         (c, recorder)
     }
 
+    /// [`Self::config`] with a one-permit feature `stream` of the given lease.
+    fn config_with_stream(&self, lease: Duration) -> Config {
+        let mut config = self.config();
+        config.features.insert("stream".into(), leased(lease));
+        config
+    }
+
     /// A second coordinator ("another replica") sharing `first`'s state: a new coordinator
     /// on the same Redis, or `first` itself on the embedded store (which is per process).
     async fn peer(&self, first: &Coordinator, config: Config) -> Coordinator {
@@ -855,6 +862,162 @@ on_both!(
     keep_alive_holds_the_permit_past_its_lease,
     without_keep_alive_the_lease_ends,
 );
+
+// ---------------------------------------------------------------------------------------------
+// Leases that hold (issue 5, §2.3)
+// ---------------------------------------------------------------------------------------------
+
+/// A one-permit feature with the given lease.
+fn leased(lease: Duration) -> FeatureConfig {
+    FeatureConfig {
+        max_concurrent: Some(1),
+        lease,
+        ..FeatureConfig::default()
+    }
+}
+
+/// Regression (§2.3, "one failed heartbeat loses the lease"): the keep-alive used to beat
+/// once at 0.8 x lease and take a failed beat for a live lease, so a 400 ms refusal (CLIENT
+/// PAUSE) around that tick let the lease run out while the call still ran and another replica
+/// took the permit: a limit of 1 held twice, and the holder learned nothing. Now it beats
+/// every lease / 3 and retries a failed beat quickly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_around_the_heartbeat_tick_does_not_lose_the_lease() {
+    bounded(async {
+        let env = Env::redis();
+        let lease = Duration::from_millis(1500);
+        let mut config = env.config();
+        config.features.insert("stream".into(), leased(lease));
+        // The holder gives up on Redis after 100 ms (as in production, 50 ms by default).
+        let mut holder_config = config.clone();
+        if let Some(r) = holder_config.redis.as_mut() {
+            r.timeout = Duration::from_millis(100);
+        }
+        let (holder, holder_rec) = env.start(holder_config).await;
+        let (other, _) = env.start(config).await;
+
+        let permit = holder.admit("stream", "m").await.expect("admitted");
+        let alive = permit.keep_alive();
+        // The old single tick fell at 1.2 s; pause Redis from 1.0 s to 1.4 s around it.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        env.server().cli(&["CLIENT", "PAUSE", "400", "ALL"]);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // 1.6 s: past the admission's own lease. The other replica keeps trying until 3.5 s.
+        let mut taken = 0;
+        let mut refused = 0;
+        for _ in 0..19 {
+            match other.admit("stream", "m").await {
+                Ok(p) => {
+                    taken += 1;
+                    drop(p);
+                }
+                Err(_) => refused += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            taken, 0,
+            "the permit was taken by another replica while its holder ran ({refused} refused)"
+        );
+        assert!(!permit.lease_lost() && !alive.is_lost(), "the holder kept its lease");
+        assert!(
+            !holder_rec
+                .events()
+                .iter()
+                .any(|e| matches!(e, Event::LeaseLost { .. })),
+            "no lease_lost event"
+        );
+        drop(alive);
+        permit.success();
+    })
+    .await;
+}
+
+/// Regression (§2.3): a lease that does run out (Redis stopped for longer than the lease) is
+/// no longer silent: the holder sees it on the permit and on the keep-alive handle, and an
+/// `Event::LeaseLost` is observed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_is_seen_by_the_holder_and_observed() {
+    bounded(async {
+        let env = Env::redis();
+        let mut config = env.config();
+        config
+            .features
+            .insert("stream".into(), leased(Duration::from_millis(600)));
+        if let Some(r) = config.redis.as_mut() {
+            r.timeout = Duration::from_millis(100);
+        }
+        let (c, rec) = env.start(config).await;
+        let permit = c.admit("stream", "m").await.expect("admitted");
+        let alive = permit.keep_alive();
+        env.server().pause();
+        let mut waited = Duration::ZERO;
+        while !permit.lease_lost() && waited < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += Duration::from_millis(50);
+        }
+        env.server().resume();
+        assert!(permit.lease_lost(), "the permit says its lease was lost");
+        assert!(alive.is_lost(), "the keep-alive handle says so too");
+        let lost: Vec<_> = rec
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::LeaseLost { .. }))
+            .collect();
+        assert_eq!(lost.len(), 1, "one lease_lost event: {lost:?}");
+        assert!(
+            matches!(&lost[0], Event::LeaseLost { feature, target } if feature == "stream" && target == "m")
+        );
+    })
+    .await;
+}
+
+/// Regression (§2.3): `Coordinator::call` kept no lease alive, so a call longer than the
+/// lease silently lost its permit and a second call of a limit-1 feature ran beside it.
+async fn a_long_call_keeps_its_permit(env: Env) {
+    let mut config = env.config();
+    config
+        .features
+        .insert("stream".into(), leased(Duration::from_millis(300)));
+    let (c, rec) = env.start(config).await;
+    let other = env.peer(&c, env.config_with_stream(Duration::from_millis(300))).await;
+    let running = Arc::new(AtomicUsize::new(0));
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let long = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.call("stream", "m", || async move {
+                let _ = started_tx.send(());
+                let _ = finish_rx.await;
+                Ok::<_, String>(())
+            })
+            .await
+        })
+    };
+    started_rx.await.expect("the long call started");
+    // Three leases and more: every attempt of the other replica must be refused.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(p) = other.admit("stream", "m").await {
+            running.fetch_add(1, Ordering::SeqCst);
+            drop(p);
+        }
+    }
+    let _ = finish_tx.send(());
+    let result = long.await.expect("the call's task");
+    assert!(matches!(result, Ok(Ok(()))), "the long call ran: {result:?}");
+    assert_eq!(
+        running.load(Ordering::SeqCst),
+        0,
+        "another call got the permit of a call still running"
+    );
+    flush(&c).await;
+    let _next = c.admit("stream", "m").await.expect("free after the call");
+    assert_healthy(&c, &rec);
+}
+
+on_both!(a_long_call_keeps_its_permit);
 
 // ---------------------------------------------------------------------------------------------
 // Rate limit

@@ -3,7 +3,10 @@
 //! `retry_interval` one call probes Redis, and a success brings the replica back.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock: real time, or paused time in tests (`tokio::time::pause`).
+use tokio::time::Instant;
 
 /// Where one operation should go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,31 +7,35 @@
 mod flusher;
 mod health;
 mod permit;
+mod tiered;
 
 pub use permit::{Heartbeat, Permit};
+pub use tiered::Source;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 
-use self::flusher::Msg;
-use self::health::{Change, Health, Route};
+use self::health::Health;
+use self::tiered::{Remote, Reporter, Sink, Tiered, Tried};
 use crate::breaker::{BreakerParams, BreakerSnapshot, CallOutcome, Force, Transition};
 use crate::bulkhead::BulkheadParams;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{check_name, Config, FeatureConfig, StorePolicy};
 use crate::keys::{feature_keys, target_keys};
-use crate::observer::{trace, Event, Observer};
+use crate::observer::{Event, Observer};
 use crate::ratelimit::RateParams;
 use crate::store::{
-    Admission, AdmitRequest, FeatureSpec, MemoryStore, RedisStore, Settle, Store, TargetSpec,
+    Admission, AdmitRequest, FeatureSpec, MemoryStore, RedisStore, Store, TargetSpec,
 };
-use crate::{Error, Rejection, StoreError};
+use crate::{Error, Rejection};
 
 /// Most target names remembered (unconfigured targets get the default breaker settings;
 /// past this many distinct names, specs are built per call instead of cached).
@@ -48,7 +52,7 @@ impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Coordinator")
             .field("namespace", &self.shared.namespace)
-            .field("redis", &self.shared.remote.is_some())
+            .field("redis", &self.shared.tiered.remote.is_some())
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
     }
@@ -56,8 +60,9 @@ impl std::fmt::Debug for Coordinator {
 
 pub(crate) struct FeatureRt {
     pub(crate) spec: Arc<FeatureSpec>,
-    /// The same feature with limits divided by the fleet size, for local mode.
-    pub(crate) local: Arc<FeatureSpec>,
+    /// The same feature with limits divided by the fleet size, for local mode (replaced when
+    /// the observed fleet size changes).
+    local: RwLock<Arc<FeatureSpec>>,
     pub(crate) max_wait: Duration,
     pub(crate) policy: StorePolicy,
     pub(crate) lease: Duration,
@@ -69,71 +74,13 @@ pub(crate) struct FeatureRt {
     pub(crate) waiting: AtomicUsize,
 }
 
-pub(crate) struct Remote {
-    pub(crate) store: RedisStore,
-    pub(crate) queue: mpsc::Sender<Msg>,
-    /// What the background flusher needs; it holds no `Shared`, so dropping the last
-    /// coordinator closes the queue and ends the task after it delivered what was queued.
-    pub(crate) sink: Sink,
-}
-
-/// Reports events and store health; shared by the coordinator and the flusher.
-#[derive(Clone)]
-pub(crate) struct Reporter {
-    observer: Arc<dyn Observer>,
-    health: Option<Arc<Health>>,
-}
-
-impl Reporter {
-    pub(crate) fn emit(&self, event: Event) {
-        trace(&event);
-        self.observer.on_event(&event);
-    }
-
-    pub(crate) fn store_ok(&self) {
-        if let Some(h) = &self.health {
-            if h.success() == Change::Recovered {
-                self.emit(Event::StoreRecovered);
-            }
-        }
-    }
-
-    pub(crate) fn store_failed(&self, error: &StoreError) {
-        if let Some(h) = &self.health {
-            if error.is_unavailable() && h.failure() == Change::Degraded {
-                self.emit(Event::StoreDegraded {
-                    error: error.clone(),
-                });
-            }
-        }
-    }
-
-    fn observe<T>(&self, res: &Result<T, StoreError>) {
-        match res {
-            Ok(_) => self.store_ok(),
-            Err(e) => self.store_failed(e),
-        }
-    }
-}
-
-/// The flusher's view: the store, the reporter, and the features' release notifiers.
-#[derive(Clone)]
-pub(crate) struct Sink {
-    pub(crate) store: RedisStore,
-    pub(crate) reporter: Reporter,
-    pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
-}
-
 pub(crate) struct Shared {
     namespace: String,
     default_breaker: BreakerParams,
     targets: RwLock<HashMap<String, Arc<TargetSpec>>>,
     pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
-    pub(crate) remote: Option<Remote>,
-    pub(crate) health: Option<Arc<Health>>,
-    /// The embedded store (no Redis configured), or local state for Redis-down mode.
-    pub(crate) local: MemoryStore,
-    pub(crate) reporter: Reporter,
+    /// Shared store, local store, health and reporting: the one routing seam.
+    pub(crate) tiered: Tiered,
     replica: String,
     counter: AtomicU64,
 }
@@ -205,7 +152,8 @@ impl CoordinatorBuilder {
             .map(|rc| Arc::new(Health::new(rc.failure_threshold, rc.retry_interval)));
         let reporter = Reporter {
             observer: self.observer,
-            health: health.clone(),
+            health,
+            on_recovered: Arc::default(),
         };
         let mut flusher = None;
         let remote = match &config.redis {
@@ -243,10 +191,11 @@ impl CoordinatorBuilder {
             default_breaker: BreakerParams::from_config(&config.breaker, idle_ttl_ms),
             targets: RwLock::new(targets),
             features,
-            remote,
-            health,
-            local,
-            reporter,
+            tiered: Tiered {
+                remote,
+                local,
+                reporter,
+            },
             replica: format!("{replica:016x}"),
             counter: AtomicU64::new(0),
         });
@@ -289,7 +238,7 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
     };
     FeatureRt {
         spec: Arc::new(spec),
-        local: Arc::new(local),
+        local: RwLock::new(Arc::new(local)),
         max_wait: f.max_wait,
         policy: f.on_store_unavailable,
         lease: f.lease,
@@ -298,13 +247,16 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
     }
 }
 
+impl FeatureRt {
+    /// The feature's local-mode share of its limits.
+    pub(crate) fn local(&self) -> Arc<FeatureSpec> {
+        Arc::clone(&self.local.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 impl Shared {
     pub(crate) fn emit(&self, event: Event) {
-        self.reporter.emit(event);
-    }
-
-    pub(crate) fn route(&self) -> Route {
-        self.health.as_ref().map_or(Route::Remote, |h| h.route())
+        self.tiered.reporter.emit(event);
     }
 
     fn target(&self, name: &str) -> Result<Arc<TargetSpec>, Error> {
@@ -345,22 +297,6 @@ impl Shared {
         let _ = write!(id, "-{n:x}");
         id
     }
-
-    /// Queues a settle for the shared store without waiting. `urgent`: the flusher sends it
-    /// without waiting for more (someone on this replica waits for the permit it releases).
-    pub(crate) fn enqueue(self: &Arc<Self>, settle: Settle, urgent: bool) {
-        let Some(remote) = &self.remote else { return };
-        match remote.queue.try_send(Msg::Settle { settle, urgent }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Msg::Settle { settle: s, .. })) => {
-                let sink = remote.sink.clone();
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { flusher::deliver(&sink, &[s]).await });
-                }
-            }
-            Err(_) => {}
-        }
-    }
 }
 
 /// Where an admitted call's state lives.
@@ -387,7 +323,7 @@ impl Coordinator {
 
     /// True while Redis is configured but unreachable and this replica runs on local state.
     pub fn is_degraded(&self) -> bool {
-        self.shared.health.as_ref().is_some_and(|h| h.is_degraded())
+        self.shared.tiered.is_degraded()
     }
 
     /// Asks to run one call of `feature` against `target`. Waits up to the feature's
@@ -439,46 +375,37 @@ impl Coordinator {
         t: &Arc<TargetSpec>,
     ) -> Result<Permit, Rejection> {
         let call_id = self.shared.next_call_id();
-        if let Some(remote) = &self.shared.remote {
-            if self.shared.route() == Route::Remote {
-                let req = AdmitRequest {
-                    target: t,
-                    feature: &f.spec,
-                    call_id: &call_id,
-                };
-                match remote.store.admit(req).await {
-                    Ok(admission) => {
-                        self.shared.reporter.store_ok();
-                        return self.finish(admission, f, t, call_id, Location::Shared);
-                    }
-                    Err(error) => {
-                        tracing::debug!(target: "fusebox", event = "store_error", error = %error, "admit failed");
-                        self.shared.reporter.store_failed(&error);
-                        // RedisStore::admit already gives back, in the background, whatever a
-                        // timed-out script may have taken under this call id (never reused).
-                    }
-                }
-            }
-            if f.policy == StorePolicy::FailClosed {
-                return Err(Rejection::StoreUnavailable {
-                    feature: f.spec.name.clone(),
-                });
-            }
-            let req = AdmitRequest {
-                target: t,
-                feature: &f.local,
-                call_id: &call_id,
-            };
-            let admission = self.shared.local.admit_now(req);
-            return self.finish(admission, f, t, call_id, Location::Local);
-        }
+        let tiered = &self.shared.tiered;
         let req = AdmitRequest {
             target: t,
             feature: &f.spec,
             call_id: &call_id,
         };
-        let admission = self.shared.local.admit_now(req);
-        self.finish(admission, f, t, call_id, Location::Shared)
+        // A timed-out remote admission is given back by RedisStore in the background
+        // (whatever the script may have taken under this call id, never reused).
+        match tiered.remote(|store| store.admit(req)).await {
+            Tried::Done(admission) => {
+                return self.finish(admission, f, t, call_id, Location::Shared);
+            }
+            Tried::Embedded => {
+                let admission = tiered.local.admit_now(req);
+                return self.finish(admission, f, t, call_id, Location::Shared);
+            }
+            Tried::Failed(_) | Tried::Skipped => {}
+        }
+        if f.policy == StorePolicy::FailClosed {
+            return Err(Rejection::StoreUnavailable {
+                feature: f.spec.name.clone(),
+            });
+        }
+        let local = f.local();
+        let req = AdmitRequest {
+            target: t,
+            feature: &local,
+            call_id: &call_id,
+        };
+        let admission = tiered.local.admit_now(req);
+        self.finish(admission, f, t, call_id, Location::Local)
     }
 
     fn finish(
@@ -546,7 +473,8 @@ impl Coordinator {
         Fut: Future<Output = Result<T, E>>,
     {
         let permit = self.admit(feature, target).await?;
-        let result = call().await;
+        // The lease is kept alive while the call runs, however long it takes.
+        let result = permit.guard(call()).await;
         permit.record(classify(&result));
         Ok(result)
     }
@@ -556,27 +484,21 @@ impl Coordinator {
     pub async fn set_not_before(&self, target: &str, retry_after: Duration) -> Result<(), Error> {
         let t = self.shared.target(target)?;
         let ms = retry_after.as_millis().min(u128::from(u32::MAX)) as u64;
+        let tiered = &self.shared.tiered;
         // Local state learns it too, so a replica that degrades later still honours it.
-        self.shared.local.set_not_before(&t, ms).await?;
-        if let Some(r) = &self.shared.remote {
-            if self.shared.route() == Route::Remote {
-                let res = r.store.set_not_before(&t, ms).await;
-                self.shared.reporter.observe(&res);
-            }
-        }
+        tiered.local.set_not_before(&t, ms).await?;
+        let _ = tiered.remote(|s| s.set_not_before(&t, ms)).await;
         Ok(())
     }
 
     /// An operator command on `target`'s breaker, applied fleet-wide.
     pub async fn force(&self, target: &str, cmd: Force) -> Result<Option<Transition>, Error> {
         let t = self.shared.target(target)?;
-        let tr = match &self.shared.remote {
-            Some(r) => {
-                let res = r.store.force(&t, cmd).await;
-                self.shared.reporter.observe(&res);
-                res?
-            }
-            None => self.shared.local.force(&t, cmd).await?,
+        let tiered = &self.shared.tiered;
+        let tr = match tiered.remote_ungated(|s| s.force(&t, cmd)).await {
+            Tried::Done(tr) => tr,
+            Tried::Failed(e) => return Err(e.into()),
+            Tried::Skipped | Tried::Embedded => tiered.local.force(&t, cmd).await?,
         };
         if let Some(tr) = &tr {
             self.shared.emit(Event::Transition(tr.clone()));
@@ -587,43 +509,33 @@ impl Coordinator {
     /// `target`'s breaker as the fleet sees it (or this replica, in local mode).
     pub async fn snapshot(&self, target: &str) -> Result<BreakerSnapshot, Error> {
         let t = self.shared.target(target)?;
-        if let Some(r) = &self.shared.remote {
-            if self.shared.route() == Route::Remote {
-                let res = r.store.snapshot(&t).await;
-                self.shared.reporter.observe(&res);
-                if let Ok(s) = res {
-                    return Ok(s);
-                }
-            }
+        let tiered = &self.shared.tiered;
+        match tiered.remote(|s| s.snapshot(&t)).await {
+            Tried::Done(s) => Ok(s),
+            _ => Ok(tiered.local.snapshot(&t).await?),
         }
-        Ok(self.shared.local.snapshot(&t).await?)
     }
 
     /// Bulkhead permits of `feature` in flight fleet-wide (or on this replica, in local mode).
     pub async fn in_flight(&self, feature: &str) -> Result<u32, Error> {
         let f = self.shared.feature(feature)?;
-        if let Some(r) = &self.shared.remote {
-            if self.shared.route() == Route::Remote {
-                let res = r.store.in_flight(&f.spec).await;
-                self.shared.reporter.observe(&res);
-                if let Ok(n) = res {
-                    return Ok(n);
-                }
-            }
+        let tiered = &self.shared.tiered;
+        match tiered.remote(|s| s.in_flight(&f.spec)).await {
+            Tried::Done(n) => Ok(n),
+            _ => Ok(tiered.local.in_flight(&f.local()).await?),
         }
-        Ok(self.shared.local.in_flight(&f.local).await?)
     }
 
     /// Delivers every queued outcome and release to the store, waiting at most `timeout`
     /// (then what is left is delivered in the background as usual). Call it before a clean
     /// shutdown; dropping the coordinator also delivers the queue if the runtime lives on.
     pub async fn flush(&self, timeout: Duration) {
-        let Some(remote) = &self.shared.remote else {
+        let Some(remote) = &self.shared.tiered.remote else {
             return;
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let _ = tokio::time::timeout(timeout, async {
-            if remote.queue.send(Msg::Flush(tx)).await.is_ok() {
+            if remote.queue.send(flusher::Msg::Flush(tx)).await.is_ok() {
                 let _ = rx.await;
             }
         })
