@@ -919,7 +919,10 @@ async fn a_refusal_around_the_heartbeat_tick_does_not_lose_the_lease() {
             taken, 0,
             "the permit was taken by another replica while its holder ran ({refused} refused)"
         );
-        assert!(!permit.lease_lost() && !alive.is_lost(), "the holder kept its lease");
+        assert!(
+            !permit.lease_lost() && !alive.is_lost(),
+            "the holder kept its lease"
+        );
         assert!(
             !holder_rec
                 .events()
@@ -980,7 +983,9 @@ async fn a_long_call_keeps_its_permit(env: Env) {
         .features
         .insert("stream".into(), leased(Duration::from_millis(300)));
     let (c, rec) = env.start(config).await;
-    let other = env.peer(&c, env.config_with_stream(Duration::from_millis(300))).await;
+    let other = env
+        .peer(&c, env.config_with_stream(Duration::from_millis(300)))
+        .await;
     let running = Arc::new(AtomicUsize::new(0));
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1006,7 +1011,10 @@ async fn a_long_call_keeps_its_permit(env: Env) {
     }
     let _ = finish_tx.send(());
     let result = long.await.expect("the call's task");
-    assert!(matches!(result, Ok(Ok(()))), "the long call ran: {result:?}");
+    assert!(
+        matches!(result, Ok(Ok(()))),
+        "the long call ran: {result:?}"
+    );
     assert_eq!(
         running.load(Ordering::SeqCst),
         0,
