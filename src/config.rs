@@ -87,6 +87,12 @@ pub struct RedisConfig {
     /// for it. 0 (send at once) to 100 ms. Default: `2ms`.
     #[serde(with = "humantime_serde")]
     pub settle_delay: Duration,
+    /// Bound on operator reads and commands (`Coordinator::snapshot`, `in_flight`, `force`,
+    /// the CLI's `status` and `force`), which use their own connection so that a slow link
+    /// fails the hot path's `timeout` without hiding the fleet's state from an operator.
+    /// 1 ms to 10 s. Default: `connect_timeout`.
+    #[serde(with = "humantime_serde::option")]
+    pub operator_timeout: Option<Duration>,
 }
 
 impl Default for RedisConfig {
@@ -103,6 +109,7 @@ impl Default for RedisConfig {
             settle_queue: 65536,
             settle_batch: 256,
             settle_delay: Duration::from_millis(2),
+            operator_timeout: None,
         }
     }
 }
@@ -128,6 +135,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("settle_queue", &self.settle_queue)
             .field("settle_batch", &self.settle_batch)
             .field("settle_delay", &self.settle_delay)
+            .field("operator_timeout", &self.operator_timeout)
             .finish()
     }
 }
@@ -384,6 +392,14 @@ impl Config {
 }
 
 impl RedisConfig {
+    /// The bound on operator reads and commands: `operator_timeout`, else `connect_timeout`
+    /// (capped at 10 s).
+    pub fn resolved_operator_timeout(&self) -> Duration {
+        self.operator_timeout
+            .unwrap_or(self.connect_timeout)
+            .min(Duration::from_secs(10))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         match (&self.url, self.cluster.is_empty()) {
             (Some(_), false) => {
@@ -440,6 +456,9 @@ impl RedisConfig {
             Duration::ZERO,
             Duration::from_millis(100),
         )?;
+        if let Some(t) = self.operator_timeout {
+            check_range("redis.operator_timeout", t, MS, Duration::from_secs(10))?;
+        }
         Ok(())
     }
 }

@@ -123,14 +123,31 @@ impl Rejection {
     }
 }
 
-/// A failure of the shared store itself.
+/// A failure of the shared store itself. Its `Display` names the cause and carries the
+/// server's or the operating system's own message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The store did not answer within the configured timeout.
     #[error("store timed out after {0:?}")]
     Timeout(Duration),
-    /// Connection or protocol failure.
+    /// Nothing listens at the address (TCP connection refused).
+    #[error("store connection refused: {0}")]
+    Refused(String),
+    /// The server refused the credentials (`WRONGPASS`, `NOAUTH`, ACL).
+    #[error("store authentication failed: {0}")]
+    Auth(String),
+    /// The host name does not resolve.
+    #[error("store host not found: {0}")]
+    Dns(String),
+    /// The TLS handshake failed (certificate, or TLS spoken to a plain port).
+    #[error("store TLS failed: {0}")]
+    Tls(String),
+    /// The server answered, but not as the configuration expects (for example a `cluster`
+    /// configuration pointed at a Redis without cluster mode).
+    #[error("store protocol error: {0}")]
+    Protocol(String),
+    /// Another connection failure (reset, dropped, not serving yet).
     #[error("store connection failed: {0}")]
     Connection(String),
     /// A script or command failed inside Redis (e.g. WRONGTYPE on a corrupted key).
@@ -150,7 +167,136 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Timeout(_) | StoreError::Connection(_) | StoreError::Unavailable
+            StoreError::Timeout(_)
+                | StoreError::Refused(_)
+                | StoreError::Auth(_)
+                | StoreError::Dns(_)
+                | StoreError::Tls(_)
+                | StoreError::Protocol(_)
+                | StoreError::Connection(_)
+                | StoreError::Unavailable
         )
+    }
+
+    /// A stable, low-cardinality name of the cause, for metrics, logs and JSON output:
+    /// `timeout`, `refused`, `auth`, `dns`, `tls`, `protocol`, `connection`, `command`,
+    /// `reply`, `unavailable`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Refused(_) => "refused",
+            StoreError::Auth(_) => "auth",
+            StoreError::Dns(_) => "dns",
+            StoreError::Tls(_) => "tls",
+            StoreError::Protocol(_) => "protocol",
+            StoreError::Connection(_) => "connection",
+            StoreError::Command(_) => "command",
+            StoreError::Reply(_) => "reply",
+            StoreError::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Classifies a redis-rs error by its cause, keeping the server's (or the OS's) message.
+/// `timeout` is the bound that was in force, for [`StoreError::Timeout`].
+pub(crate) fn store_error_from_redis(e: &redis::RedisError, timeout: Duration) -> StoreError {
+    use redis::{ErrorKind, ServerErrorKind};
+    if e.is_timeout() {
+        return StoreError::Timeout(timeout);
+    }
+    let message = e.to_string();
+    let lower = message.to_ascii_lowercase();
+    let code = e.code().unwrap_or_default();
+    if e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(code, "WRONGPASS" | "NOAUTH" | "NOPERM")
+    {
+        return StoreError::Auth(message);
+    }
+    if e.is_connection_refusal() || lower.contains("connection refused") {
+        return StoreError::Refused(message);
+    }
+    if lower.contains("failed to lookup address")
+        || lower.contains("name or service not known")
+        || lower.contains("nodename nor servname")
+        || lower.contains("no such host")
+    {
+        return StoreError::Dns(message);
+    }
+    if lower.contains("tls")
+        || lower.contains("certificate")
+        || lower.contains("handshake")
+        || lower.contains("invalidcontenttype")
+    {
+        return StoreError::Tls(message);
+    }
+    if lower.contains("cluster support disabled") {
+        return StoreError::Protocol(format!(
+            "{message} (redis.cluster points at a Redis that is not in cluster mode; use \
+             redis.url for a single node)"
+        ));
+    }
+    match e.kind() {
+        ErrorKind::Parse => return StoreError::Protocol(message),
+        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => {
+            return StoreError::Connection(message)
+        }
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ReadOnly,
+        ) => return StoreError::Connection(message),
+        // A script running too long on the server (BUSY) makes the store unavailable for now.
+        ErrorKind::Extension if code == "BUSY" => return StoreError::Connection(message),
+        _ => {}
+    }
+    if e.is_connection_dropped() {
+        StoreError::Connection(message)
+    } else {
+        StoreError::Command(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(kind: std::io::ErrorKind, msg: &str) -> redis::RedisError {
+        redis::RedisError::from(std::io::Error::new(kind, msg.to_owned()))
+    }
+
+    #[test]
+    fn store_errors_keep_their_cause_and_message() {
+        let t = Duration::from_millis(50);
+        let refused = store_error_from_redis(
+            &io(
+                std::io::ErrorKind::ConnectionRefused,
+                "Connection refused (os error 111)",
+            ),
+            t,
+        );
+        assert_eq!(refused.kind(), "refused");
+        assert!(refused.to_string().contains("os error 111"), "{refused}");
+        let dns = store_error_from_redis(
+            &io(
+                std::io::ErrorKind::Other,
+                "failed to lookup address information: Name or service not known",
+            ),
+            t,
+        );
+        assert_eq!(dns.kind(), "dns", "{dns}");
+        let timeout = store_error_from_redis(&io(std::io::ErrorKind::TimedOut, "timed out"), t);
+        assert_eq!(timeout.to_string(), "store timed out after 50ms");
+        let auth = store_error_from_redis(
+            &redis::RedisError::from((
+                redis::ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+            t,
+        );
+        assert_eq!(auth.kind(), "auth");
+        assert!(auth.to_string().contains("Password authentication failed"));
+        assert!(auth.is_unavailable());
     }
 }

@@ -15,5 +15,7 @@ pub use error::{Error, Rejection, StoreError};
 pub mod coordinator;
 pub mod observer;
 
-pub use coordinator::{Coordinator, CoordinatorBuilder, Heartbeat, Permit};
+pub use coordinator::{
+    Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Permit, Reading, Source,
+};
 pub use observer::{Event, Observer};

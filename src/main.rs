@@ -73,13 +73,11 @@ async fn run(args: &[String]) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let s = coordinator
-                .snapshot(target)
+                .read_breaker(target)
                 .await
                 .map_err(|e| e.to_string())?;
-            if coordinator.is_degraded() {
-                out!("(store unreachable: showing this process's local state)");
-            }
-            out!("{s:#?}");
+            out!("source: {:?}", s.source);
+            out!("{:#?}", s.value);
             Ok(())
         }
         ["force", path, target, cmd] => {

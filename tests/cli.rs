@@ -445,8 +445,8 @@ fn status_of_an_invalid_target_is_an_error() {
     }
 }
 
-/// With Redis down, `status` answers at once from local state (saying so) and `force` fails
-/// with a store error: no hang, no panic.
+/// With Redis down, `status` and `force` fail with the cause (connection refused), never
+/// showing this process's local state as the fleet's: no hang, no panic.
 #[test]
 fn status_and_force_with_redis_down() {
     let mut server = RedisServer::start();
@@ -454,12 +454,13 @@ fn status_and_force_with_redis_down() {
     server.kill();
 
     let run = fusebox(&["status", file.path(), "m"]);
-    run.assert_ok();
-    assert!(run.stdout.contains("store unreachable"), "{run:#?}");
+    run.assert_refused();
+    assert!(run.stderr.contains("connection refused"), "{run:#?}");
+    assert!(!run.stdout.contains("Closed"), "{run:#?}");
     assert!(run.took < Duration::from_secs(10), "{run:#?}");
 
     let run = fusebox(&["force", file.path(), "m", "open"]);
     run.assert_refused();
-    assert!(run.stderr.contains("store error"), "{run:#?}");
+    assert!(run.stderr.contains("connection refused"), "{run:#?}");
     assert!(run.took < Duration::from_secs(10), "{run:#?}");
 }

@@ -551,6 +551,7 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
             settle_queue: 4096,
             settle_batch: 128,
             settle_delay: 5 * MS,
+            operator_timeout: None,
         }),
         breaker: BreakerConfig {
             consecutive_failures: Some(8),

@@ -6,9 +6,11 @@
 
 mod flusher;
 mod health;
+mod operator;
 mod permit;
 mod tiered;
 
+pub use operator::{KnownNames, Reading};
 pub use permit::{Heartbeat, Permit};
 pub use tiered::Source;
 
@@ -25,7 +27,7 @@ use tokio::sync::{mpsc, Notify};
 
 use self::health::Health;
 use self::tiered::{Remote, Reporter, Sink, Tiered, Tried};
-use crate::breaker::{BreakerParams, BreakerSnapshot, CallOutcome, Force, Transition};
+use crate::breaker::{BreakerParams, CallOutcome};
 use crate::bulkhead::BulkheadParams;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{check_name, Config, FeatureConfig, StorePolicy};
@@ -81,6 +83,8 @@ pub(crate) struct Shared {
     pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
     /// Shared store, local store, health and reporting: the one routing seam.
     pub(crate) tiered: Tiered,
+    /// The operator API's own connection (see [`operator`]).
+    pub(crate) operator: operator::OperatorLink,
     replica: String,
     counter: AtomicU64,
 }
@@ -196,6 +200,7 @@ impl CoordinatorBuilder {
                 local,
                 reporter,
             },
+            operator: operator::OperatorLink::new(config.redis.as_ref()),
             replica: format!("{replica:016x}"),
             counter: AtomicU64::new(0),
         });
@@ -489,41 +494,6 @@ impl Coordinator {
         tiered.local.set_not_before(&t, ms).await?;
         let _ = tiered.remote(|s| s.set_not_before(&t, ms)).await;
         Ok(())
-    }
-
-    /// An operator command on `target`'s breaker, applied fleet-wide.
-    pub async fn force(&self, target: &str, cmd: Force) -> Result<Option<Transition>, Error> {
-        let t = self.shared.target(target)?;
-        let tiered = &self.shared.tiered;
-        let tr = match tiered.remote_ungated(|s| s.force(&t, cmd)).await {
-            Tried::Done(tr) => tr,
-            Tried::Failed(e) => return Err(e.into()),
-            Tried::Skipped | Tried::Embedded => tiered.local.force(&t, cmd).await?,
-        };
-        if let Some(tr) = &tr {
-            self.shared.emit(Event::Transition(tr.clone()));
-        }
-        Ok(tr)
-    }
-
-    /// `target`'s breaker as the fleet sees it (or this replica, in local mode).
-    pub async fn snapshot(&self, target: &str) -> Result<BreakerSnapshot, Error> {
-        let t = self.shared.target(target)?;
-        let tiered = &self.shared.tiered;
-        match tiered.remote(|s| s.snapshot(&t)).await {
-            Tried::Done(s) => Ok(s),
-            _ => Ok(tiered.local.snapshot(&t).await?),
-        }
-    }
-
-    /// Bulkhead permits of `feature` in flight fleet-wide (or on this replica, in local mode).
-    pub async fn in_flight(&self, feature: &str) -> Result<u32, Error> {
-        let f = self.shared.feature(feature)?;
-        let tiered = &self.shared.tiered;
-        match tiered.remote(|s| s.in_flight(&f.spec)).await {
-            Tried::Done(n) => Ok(n),
-            _ => Ok(tiered.local.in_flight(&f.local()).await?),
-        }
     }
 
     /// Delivers every queued outcome and release to the store, waiting at most `timeout`

@@ -9,7 +9,7 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{ErrorKind, RedisError, ScriptInvocation, ServerErrorKind, Value};
+use redis::{ErrorKind, RedisError, ScriptInvocation, Value};
 
 use crate::StoreError;
 
@@ -167,33 +167,9 @@ impl Conn {
     }
 }
 
-/// Maps a redis error: unreachable / slow / not serving -> `Connection` or `Timeout` (these
-/// count toward local mode), anything the server refused to do -> `Command`.
+/// Maps a redis error by its cause (see `crate::error::store_error_from_redis`): unreachable /
+/// slow / not serving count toward local mode, anything the server refused to do is
+/// `Command`.
 pub(super) fn map_err(e: RedisError, timeout: Duration) -> StoreError {
-    if e.is_timeout() {
-        return StoreError::Timeout(timeout);
-    }
-    let unavailable = match e.kind() {
-        ErrorKind::Io
-        | ErrorKind::Parse
-        | ErrorKind::AuthenticationFailed
-        | ErrorKind::ClusterConnectionNotFound => true,
-        ErrorKind::Server(k) => matches!(
-            k,
-            ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly
-        ),
-        // A script running too long on the server (BUSY) makes the store unavailable for now.
-        ErrorKind::Extension => e.code() == Some("BUSY"),
-        _ => false,
-    } || e.is_connection_dropped()
-        || e.is_connection_refusal();
-    if unavailable {
-        StoreError::Connection(e.to_string())
-    } else {
-        StoreError::Command(e.to_string())
-    }
+    crate::error::store_error_from_redis(&e, timeout)
 }

@@ -1,0 +1,173 @@
+//! The operator API: reads and commands for status pages, the CLI and admin endpoints.
+//!
+//! Operator reads never pass local state off as the fleet's. With Redis configured they read
+//! Redis over their own connection, bounded by `redis.operator_timeout` (default: the
+//! connect timeout, not the hot path's `redis.timeout`), and fail with the real cause
+//! (refused, authentication, DNS, TLS, timeout, protocol) instead of falling back. Every
+//! [`Reading`] says which store answered ([`Source`]).
+
+mod link;
+
+use std::collections::BTreeSet;
+
+use self::link::Link;
+pub(crate) use self::link::OperatorLink;
+use super::tiered::Source;
+use super::Coordinator;
+use crate::breaker::{BreakerSnapshot, Force, Transition};
+use crate::observer::Event;
+use crate::store::Store;
+use crate::Error;
+
+/// An operator read and the store that answered it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading<T> {
+    /// What was read.
+    pub value: T,
+    /// Which store answered.
+    pub source: Source,
+}
+
+/// Targets and features that have state in the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownNames {
+    /// Targets with breaker state.
+    pub targets: BTreeSet<String>,
+    /// Features with bulkhead or rate-limit state.
+    pub features: BTreeSet<String>,
+}
+
+impl Coordinator {
+    /// The store operator reads go to: [`Source::Shared`] with Redis configured,
+    /// [`Source::Embedded`] without.
+    pub fn operator_source(&self) -> Source {
+        if self.shared.tiered.remote.is_some() {
+            Source::Shared
+        } else {
+            Source::Embedded
+        }
+    }
+
+    /// `target`'s breaker as the fleet sees it: read from Redis when it is configured
+    /// (failing with the cause when Redis cannot be read, never falling back to local
+    /// state), from the embedded store otherwise.
+    pub async fn read_breaker(&self, target: &str) -> Result<Reading<BreakerSnapshot>, Error> {
+        let t = self.shared.target(target)?;
+        match self.shared.operator.get().await? {
+            Some(link) => Ok(Reading {
+                value: link.store.snapshot(&t).await?,
+                source: Source::Shared,
+            }),
+            None => Ok(Reading {
+                value: self.shared.tiered.local.snapshot(&t).await?,
+                source: Source::Embedded,
+            }),
+        }
+    }
+
+    /// `target`'s breaker in this replica's local state (what it decides on while Redis is
+    /// unreachable). With Redis configured this is [`Source::Local`], not the fleet's view.
+    pub async fn read_local_breaker(
+        &self,
+        target: &str,
+    ) -> Result<Reading<BreakerSnapshot>, Error> {
+        let t = self.shared.target(target)?;
+        Ok(Reading {
+            value: self.shared.tiered.local.snapshot(&t).await?,
+            source: self.local_source(),
+        })
+    }
+
+    /// `target`'s breaker as the fleet sees it; see [`Self::read_breaker`].
+    pub async fn snapshot(&self, target: &str) -> Result<BreakerSnapshot, Error> {
+        Ok(self.read_breaker(target).await?.value)
+    }
+
+    /// Bulkhead permits of `feature` in flight fleet-wide: read from Redis when it is
+    /// configured (failing with the cause, never falling back), from the embedded store
+    /// otherwise.
+    pub async fn read_in_flight(&self, feature: &str) -> Result<Reading<u32>, Error> {
+        let f = self.shared.feature(feature)?;
+        match self.shared.operator.get().await? {
+            Some(link) => Ok(Reading {
+                value: link.store.in_flight(&f.spec).await?,
+                source: Source::Shared,
+            }),
+            None => Ok(Reading {
+                value: self.shared.tiered.local.in_flight(&f.spec).await?,
+                source: Source::Embedded,
+            }),
+        }
+    }
+
+    /// Bulkhead permits of `feature` in flight fleet-wide; see [`Self::read_in_flight`].
+    pub async fn in_flight(&self, feature: &str) -> Result<u32, Error> {
+        Ok(self.read_in_flight(feature).await?.value)
+    }
+
+    /// Targets and features that have state in the store under this namespace. With Redis,
+    /// a `SCAN` for the namespace's keys (on Cluster, on every master); embedded, the names
+    /// this process has used.
+    pub async fn known_names(&self) -> Result<Reading<KnownNames>, Error> {
+        match self.shared.operator.get().await? {
+            Some(link) => Ok(Reading {
+                value: link.scan_names(&self.shared.namespace).await?,
+                source: Source::Shared,
+            }),
+            None => {
+                let targets = self
+                    .shared
+                    .targets
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                Ok(Reading {
+                    value: KnownNames {
+                        targets,
+                        features: self.shared.features.keys().cloned().collect(),
+                    },
+                    source: Source::Embedded,
+                })
+            }
+        }
+    }
+
+    /// An operator command on `target`'s breaker, applied fleet-wide in Redis when it is
+    /// configured (failing with the cause when Redis cannot be reached), to the embedded
+    /// store otherwise. `None`: the breaker was already in the commanded state.
+    pub async fn force(&self, target: &str, cmd: Force) -> Result<Option<Transition>, Error> {
+        let t = self.shared.target(target)?;
+        let tr = match self.shared.operator.get().await? {
+            Some(link) => link.store.force(&t, cmd).await?,
+            None => self.shared.tiered.local.force(&t, cmd).await?,
+        };
+        if let Some(tr) = &tr {
+            self.shared.emit(Event::Transition(tr.clone()));
+        }
+        Ok(tr)
+    }
+
+    fn local_source(&self) -> Source {
+        if self.shared.tiered.remote.is_some() {
+            Source::Local
+        } else {
+            Source::Embedded
+        }
+    }
+}
+
+impl OperatorLink {
+    /// The operator's connection, established on first use (`None`: no Redis configured).
+    /// A failure is returned with its cause and not remembered: the next call tries again.
+    async fn get(&self) -> Result<Option<&Link>, Error> {
+        let Some(config) = &self.config else {
+            return Ok(None);
+        };
+        self.cell
+            .get_or_try_init(|| Link::connect(config))
+            .await
+            .map(Some)
+    }
+}
