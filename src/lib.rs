@@ -16,6 +16,6 @@ pub mod coordinator;
 pub mod observer;
 
 pub use coordinator::{
-    Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Permit, Reading, Source,
+    Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading, Source,
 };
 pub use observer::{Event, Observer};

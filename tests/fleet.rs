@@ -910,3 +910,91 @@ async fn rate_limit_holds_fleet_wide() {
     assert!(limited.load(SeqCst) > 0, "the limit was never reached");
     assert_store_stayed_healthy(&fleet);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fleet measures itself (issue 5, §2.5)
+// ---------------------------------------------------------------------------------------------
+
+/// Regression (§2.5, "the fleet size for local mode is a guess"): local mode divided the
+/// limits by `redis.replicas` (default 1), so a degraded fleet of 3 with `fail_open` admitted
+/// 3 x the limit. Now every coordinator keeps an expiring membership entry in Redis and local
+/// mode divides by the last fleet size it observed: with a limit of 6 and Redis stopped, each
+/// of 3 replicas admits 2, the fleet 6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_mode_divides_by_the_observed_fleet_size() {
+    let _serial = SERIAL.lock().await;
+    let server = RedisServer::start();
+    let mut redis = single(server.url());
+    redis.timeout = ms(100);
+    redis.failure_threshold = 1;
+    redis.retry_interval = Duration::from_secs(1);
+    let mut config = config("fleet-size", redis);
+    config.features.insert(
+        "chat".into(),
+        FeatureConfig {
+            max_concurrent: Some(6),
+            lease: Duration::from_secs(30),
+            on_store_unavailable: StorePolicy::FailOpen,
+            ..FeatureConfig::default()
+        },
+    );
+    let fleet = fleet(3, &config).await;
+    for r in &fleet {
+        assert_eq!(
+            r.coordinator.fleet_size(),
+            1,
+            "nothing observed yet: the setting"
+        );
+        r.coordinator
+            .call("chat", "m", || async { Ok::<_, ()>(()) })
+            .await
+            .expect("admitted")
+            .expect("ran");
+    }
+    // Each coordinator joined on its first call; wait until each has seen all three.
+    let started = Instant::now();
+    while fleet.iter().any(|r| r.coordinator.fleet_size() != 3) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "fleet sizes observed: {:?}",
+            fleet
+                .iter()
+                .map(|r| r.coordinator.fleet_size())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(ms(50)).await;
+    }
+    let members = fleet[0]
+        .coordinator
+        .replicas()
+        .await
+        .expect("membership read");
+    assert_eq!(members.len(), 3, "three live members: {members:?}");
+    assert_eq!(members.iter().filter(|m| m.this).count(), 1, "{members:?}");
+    flush_all(&fleet).await;
+
+    server.pause();
+    let mut held = Vec::new();
+    let mut admitted = Vec::new();
+    for r in &fleet {
+        let mut n = 0;
+        for _ in 0..6 {
+            if let Ok(p) = r.coordinator.admit("chat", "m").await {
+                assert!(
+                    p.is_local(),
+                    "admitted on local state while Redis is stopped"
+                );
+                held.push(p);
+                n += 1;
+            }
+        }
+        admitted.push(n);
+    }
+    server.resume();
+    assert_eq!(
+        admitted,
+        vec![2, 2, 2],
+        "each replica admits its share of the limit (6 / 3 replicas observed)"
+    );
+    drop(held);
+}

@@ -4,12 +4,14 @@
 //! Redis-down mode, a breaker around Redis itself ([`health`]) and the background settle
 //! queue ([`flusher`]).
 
+mod fleet;
 mod flusher;
 mod health;
 mod operator;
 mod permit;
 mod tiered;
 
+pub use fleet::Member;
 pub use operator::{KnownNames, Reading};
 pub use permit::{Heartbeat, Permit};
 pub use tiered::Source;
@@ -25,6 +27,7 @@ use tokio::time::Instant;
 use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 
+use self::fleet::Fleet;
 use self::health::Health;
 use self::tiered::{Remote, Reporter, Sink, Tiered, Tried};
 use crate::breaker::{BreakerParams, CallOutcome};
@@ -87,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) operator: operator::OperatorLink,
     replica: String,
     counter: AtomicU64,
+    /// The fleet's size as this replica last observed it (local mode divides by it).
+    pub(crate) fleet: Fleet,
 }
 
 /// Builds a [`Coordinator`]: configuration plus optional observer and clock.
@@ -128,6 +133,14 @@ impl CoordinatorBuilder {
             .map_or(Duration::from_secs(24 * 3600), |r| r.idle_ttl);
         let idle_ttl_ms = idle_ttl.as_millis() as u64;
         let replicas = config.redis.as_ref().map_or(1, |r| r.replicas);
+        let fleet = Fleet::new(
+            &config.namespace,
+            replicas,
+            config
+                .redis
+                .as_ref()
+                .map_or(Duration::from_secs(1), |r| r.retry_interval),
+        );
         let ns = config.namespace.clone();
 
         let mut targets = HashMap::new();
@@ -203,6 +216,7 @@ impl CoordinatorBuilder {
             operator: operator::OperatorLink::new(config.redis.as_ref()),
             replica: format!("{replica:016x}"),
             counter: AtomicU64::new(0),
+            fleet,
         });
         if let Some((sink, rx, batch)) = flusher {
             tokio::spawn(flusher::run(sink, rx, batch));
@@ -229,18 +243,7 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
             .map(|limit| BulkheadParams { limit, lease_ms }),
         rate,
     };
-    let r = replicas.max(1);
-    let local = FeatureSpec {
-        bulkhead: spec.bulkhead.map(|b| BulkheadParams {
-            limit: b.limit.div_ceil(r),
-            ..b
-        }),
-        rate: spec.rate.map(|p| RateParams {
-            emission_us: p.emission_us.saturating_mul(u64::from(r)),
-            burst: p.burst.div_ceil(r),
-        }),
-        ..spec.clone()
-    };
+    let local = local_share(&spec, replicas);
     FeatureRt {
         spec: Arc::new(spec),
         local: RwLock::new(Arc::new(local)),
@@ -252,6 +255,22 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
     }
 }
 
+/// `spec` with its bulkhead limit and rate divided by the fleet size `replicas` (rounded up).
+fn local_share(spec: &FeatureSpec, replicas: u32) -> FeatureSpec {
+    let r = replicas.max(1);
+    FeatureSpec {
+        bulkhead: spec.bulkhead.map(|b| BulkheadParams {
+            limit: b.limit.div_ceil(r),
+            ..b
+        }),
+        rate: spec.rate.map(|p| RateParams {
+            emission_us: p.emission_us.saturating_mul(u64::from(r)),
+            burst: p.burst.div_ceil(r),
+        }),
+        ..spec.clone()
+    }
+}
+
 impl FeatureRt {
     /// The feature's local-mode share of its limits.
     pub(crate) fn local(&self) -> Arc<FeatureSpec> {
@@ -260,6 +279,22 @@ impl FeatureRt {
 }
 
 impl Shared {
+    /// Recomputes every feature's local share after the fleet size changed.
+    pub(crate) fn reshare(&self) {
+        let r = self.fleet.divisor();
+        for f in self.features.values() {
+            let local = Arc::new(local_share(&f.spec, r));
+            *f.local.write().unwrap_or_else(|p| p.into_inner()) = local;
+        }
+    }
+
+    /// Starts renewing this replica's fleet membership (once; with a shared store only).
+    fn join_fleet(self: &Arc<Self>) {
+        if self.tiered.remote.is_some() && self.fleet.join_once() {
+            tokio::spawn(fleet::run(Arc::downgrade(self)));
+        }
+    }
+
     pub(crate) fn emit(&self, event: Event) {
         self.tiered.reporter.emit(event);
     }
@@ -338,6 +373,7 @@ impl Coordinator {
     pub async fn admit(&self, feature: &str, target: &str) -> Result<Permit, Error> {
         let f = self.shared.feature(feature)?;
         let t = self.shared.target(target)?;
+        self.shared.join_fleet();
         let deadline = Instant::now() + f.max_wait;
         let mut attempt: u32 = 0;
         // From the first refusal it waits out until it returns: counted as waiting.
@@ -494,6 +530,35 @@ impl Coordinator {
         tiered.local.set_not_before(&t, ms).await?;
         let _ = tiered.remote(|s| s.set_not_before(&t, ms)).await;
         Ok(())
+    }
+
+    /// What local mode divides bulkhead limits and rates by: the fleet size this replica last
+    /// observed in the shared store's membership, at least `redis.replicas` (1 without Redis).
+    pub fn fleet_size(&self) -> u32 {
+        self.shared.fleet.divisor()
+    }
+
+    /// The fleet's live members as the shared store lists them (every coordinator that has
+    /// admitted a call, until its entry expires: about three `redis.retry_interval`s after it
+    /// stopped). Without Redis, just this coordinator. Fails with the store's error when the
+    /// shared store cannot be read: it never answers from local state.
+    pub async fn replicas(&self) -> Result<Vec<Member>, Error> {
+        let s = &self.shared;
+        let listed = match s.tiered.remote_ungated(|st| st.members(&s.fleet.key)).await {
+            Tried::Done(m) => m,
+            Tried::Failed(e) => return Err(e.into()),
+            Tried::Skipped | Tried::Embedded => {
+                vec![(s.replica.clone(), s.fleet.ttl.as_millis() as u64)]
+            }
+        };
+        Ok(listed
+            .into_iter()
+            .map(|(id, ms)| Member {
+                this: id == s.replica,
+                id,
+                expires_in: Duration::from_millis(ms),
+            })
+            .collect())
     }
 
     /// Delivers every queued outcome and release to the store, waiting at most `timeout`

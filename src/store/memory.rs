@@ -21,6 +21,8 @@ struct FeatureState {
 struct Inner {
     breakers: HashMap<String, (BreakerState, u64)>,
     features: HashMap<String, FeatureState>,
+    /// Fleet membership (the twin of `lua/member.lua`): key -> replica id -> expiry (ms).
+    members: HashMap<String, HashMap<String, u64>>,
     ops: u64,
 }
 
@@ -197,6 +199,36 @@ impl MemoryStore {
             .features
             .get_mut(&feature.keys.permits)
             .is_some_and(|fs| fs.permits.heartbeat(b, call_id, now))
+    }
+
+    /// Enters (or renews) replica `id` in the membership at `key` for `ttl_ms` (at least
+    /// 1 ms); returns the number of live members. The model of `lua/member.lua`.
+    pub fn join_now(&self, key: &str, id: &str, ttl_ms: u64) -> u32 {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        let members = inner.members.entry(key.to_owned()).or_default();
+        members.retain(|_, expiry| *expiry > now);
+        members.insert(id.to_owned(), now + ttl_ms.max(1));
+        members.len() as u32
+    }
+
+    /// The live members at `key`: (id, ms until the entry expires), soonest first, ties by
+    /// id. The model of `lua/members.lua`.
+    pub fn members_now(&self, key: &str) -> Vec<(String, u64)> {
+        let now = self.clock.now_ms();
+        let inner = self.lock();
+        let mut out: Vec<(String, u64)> = inner
+            .members
+            .get(key)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, e)| **e > now)
+                    .map(|(id, e)| (id.clone(), *e - now))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     fn with_breaker<R>(

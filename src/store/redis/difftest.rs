@@ -68,7 +68,7 @@ static IN_FLIGHT: LazyLock<Script> =
 /// one and the benchmark start Redis the same way.
 #[allow(clippy::unwrap_used, missing_docs, unused_imports)]
 #[path = "../../../tests/support/mod.rs"]
-mod support;
+pub(super) mod support;
 
 /// Spawns `redis-server` on a free loopback port (`tests/support`). A missing
 /// `redis-server` fails the test (`.ci/run` installs it): a Redis test that skips itself

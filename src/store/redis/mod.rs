@@ -24,6 +24,7 @@ mod conn;
 mod connect;
 #[cfg(test)]
 mod difftest;
+mod membership;
 mod reply;
 mod scripts;
 mod settle;
