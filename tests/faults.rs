@@ -853,3 +853,128 @@ async fn redis_down_at_start_then_started() {
     eprintln!("down at start: slowest admission {slowest:?}");
     assert!(slowest < ADMIT_BOUND);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A short stall must not block a bulkhead for a whole lease (issue 5, §2.1)
+// ---------------------------------------------------------------------------------------------
+
+/// Callers of a bulkhead of 12 (lease 30 s) run while the Redis is SIGSTOPped for ~3 s. The
+/// admissions that timed out during the stall ran when Redis woke up: each took a permit
+/// whose caller had already given up. Their take-backs must land once Redis answers again,
+/// so that soon after SIGCONT the permits held in Redis are exactly the calls still running
+/// (none, once the callers stop), not 12 stuck until their leases end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_stall_does_not_block_the_bulkhead_for_a_lease() {
+    let _serial = SERIAL.lock().await;
+    const STALL: &str = "stall";
+    const STALL_LIMIT: u32 = 12;
+    let server = RedisServer::start();
+    let mut cfg = config("stall", server.url(), FAULT_TIMEOUT);
+    cfg.features.insert(
+        STALL.into(),
+        FeatureConfig {
+            max_concurrent: Some(STALL_LIMIT),
+            lease: Duration::from_secs(30),
+            ..FeatureConfig::default()
+        },
+    );
+    let permits_key = feature_keys(&cfg.namespace, STALL).permits;
+    let (c, _rec) = coordinator(cfg).await;
+
+    #[derive(Default)]
+    struct Seen {
+        stop: AtomicBool,
+        shared_ok: AtomicUsize,
+        full: AtomicUsize,
+        /// Shared permits held by a caller right now.
+        live: AtomicUsize,
+        errors: Mutex<Vec<String>>,
+    }
+    let seen = Arc::new(Seen::default());
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (c, seen) = (c.clone(), seen.clone());
+            tokio::spawn(async move {
+                while !seen.stop.load(SeqCst) {
+                    match within("admit", c.admit(STALL, MODEL)).await {
+                        Ok(p) if !p.is_local() => {
+                            seen.live.fetch_add(1, SeqCst);
+                            seen.shared_ok.fetch_add(1, SeqCst);
+                            pause_ms(1..=3).await;
+                            seen.live.fetch_sub(1, SeqCst);
+                            p.success();
+                        }
+                        Ok(p) => {
+                            pause_ms(1..=3).await;
+                            p.success();
+                        }
+                        Err(Error::Rejected(Rejection::BulkheadFull { .. })) => {
+                            seen.full.fetch_add(1, SeqCst);
+                            pause_ms(1..=3).await;
+                        }
+                        Err(e) => lock(&seen.errors).push(format!("{e:?}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until(HANG, "callers run on shared state", || {
+        seen.shared_ok.load(SeqCst) >= 50
+    })
+    .await;
+
+    server.pause();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    server.resume();
+    wait_until(Duration::from_secs(10), "recovered after SIGCONT", || {
+        !c.is_degraded()
+    })
+    .await;
+
+    // Calls flow on shared state again: a bulkhead of 12 shared by 8 callers.
+    let (ok_then, full_then) = (seen.shared_ok.load(SeqCst), seen.full.load(SeqCst));
+    let t0 = Instant::now();
+    while seen.shared_ok.load(SeqCst) < ok_then + 200 && t0.elapsed() < HANG {
+        tokio::time::sleep(ms(10)).await;
+    }
+    let (ok, full) = (
+        seen.shared_ok.load(SeqCst) - ok_then,
+        seen.full.load(SeqCst) - full_then,
+    );
+    eprintln!("after the stall: {ok} shared admissions, {full} refused bulkhead_full");
+
+    seen.stop.store(true, SeqCst);
+    for h in handles {
+        within("caller", h).await.expect("a caller panicked");
+    }
+    within("flush", c.flush(Duration::from_secs(2))).await;
+    assert_eq!(seen.live.load(SeqCst), 0);
+
+    // Nothing runs now: within a few seconds Redis must hold no permit.
+    let held = || -> usize {
+        server
+            .cli(&["ZCARD", &permits_key])
+            .trim()
+            .parse()
+            .unwrap_or(usize::MAX)
+    };
+    let t0 = Instant::now();
+    let mut n = tokio::task::block_in_place(held);
+    while n != 0 && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(ms(50)).await;
+        n = tokio::task::block_in_place(held);
+    }
+    let errors = lock(&seen.errors).clone();
+    assert!(errors.is_empty(), "callers got errors: {errors:?}");
+    assert_eq!(
+        n,
+        0,
+        "permits held in Redis {:?} after SIGCONT with no call in flight (limit {STALL_LIMIT}): \
+         take-backs of the admissions that timed out during the stall were lost",
+        t0.elapsed()
+    );
+    assert!(
+        ok >= 200,
+        "after the stall calls should be admitted again: {ok} admitted, {full} refused"
+    );
+}

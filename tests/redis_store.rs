@@ -1025,6 +1025,44 @@ async fn script_flush_mid_run_is_survived() {
     store.force(&t, Force::Open).await.expect("force");
 }
 
+/// Take-backs (a split admission refused by the breaker gives back the feature part's permit
+/// and rate slot; one refused by the feature frees the breaker part's probe slot) still land
+/// after `SCRIPT FLUSH` emptied the script cache: release.lua and settle.lua are loaded
+/// again on NOSCRIPT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn take_backs_after_script_flush_still_land() {
+    let server = RedisServer::start();
+    let store = connect(&server).await.with_split_admit(true);
+    let t = target("m", &fast_breaker());
+    let f = feature(
+        "chat",
+        Some(BulkheadParams {
+            limit: 1,
+            lease_ms: 30_000,
+        }),
+        Some(RateParams {
+            emission_us: 10_000_000,
+            burst: 1,
+        }),
+    );
+    store.force(&t, Force::Open).await.expect("force");
+    for round in 0..3 {
+        assert_eq!(server.cli(&["SCRIPT", "FLUSH"]), "OK");
+        rejected(&store, &t, &f, &format!("refused-{round}")).await;
+        eventually(
+            Duration::from_secs(5),
+            "permit released after SCRIPT FLUSH",
+            || async { store.in_flight(&f).await.expect("in_flight") == 0 },
+        )
+        .await;
+    }
+    store.force(&t, Force::Reset).await.expect("force");
+    // The rate slot was refunded each time (burst 1, one slot per 10 s).
+    assert_eq!(server.cli(&["SCRIPT", "FLUSH"]), "OK");
+    let a = admitted(&store, &t, &f, "next").await;
+    assert!(a.permit);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_of_the_wrong_type_is_a_command_error_not_a_panic() {
     let server = RedisServer::start();

@@ -15,9 +15,11 @@
 
 use std::sync::Arc;
 
-use super::scripts::{self, Outcome};
+use std::time::Duration;
+
+use super::takeback::Work;
 use super::Core;
-use crate::breaker::{CallOutcome, Transition};
+use crate::breaker::Transition;
 use crate::store::{Admission, Admitted, FeatureSpec, TargetSpec};
 use crate::StoreError;
 
@@ -159,7 +161,9 @@ impl Compensation {
 
 impl Core {
     /// THE executor: carries out `c` for call `call_id` of `target` / `feature` in the
-    /// background.
+    /// background: the transition is reported at once; the probe slot and permit are given
+    /// back by take-backs that are retried until delivered or their lease has passed
+    /// (`takeback.rs`); a refund is tried once.
     pub(super) fn compensate(
         self: &Arc<Self>,
         target: &TargetSpec,
@@ -171,49 +175,21 @@ impl Core {
             self.lost_transition(t);
         }
         if c.free_probe {
-            let outcome = Outcome {
-                generation: 0,
-                code: CallOutcome::Ignored.code(),
-                elapsed_ms: 0,
-                probe_id: call_id.to_owned(),
-                count: 1,
-            };
-            let inv = scripts::settle(&target.keys, &target.params, std::slice::from_ref(&outcome));
-            self.spawn_compensation(inv, "free probe slot", target.name.clone());
+            let lease = Duration::from_millis(target.params.probe_timeout_ms);
+            let work = Work::FreeProbe(Arc::new(target.clone()));
+            self.take_back(work, call_id, lease);
         }
-        let emission_us = feature.rate.map_or(0, |r| r.emission_us);
-        let refunds = usize::from(c.refund_rate && emission_us > 0);
+        let refund = c.refund_rate && feature.rate.is_some_and(|r| r.emission_us > 0);
         let permit = c.release_permit && feature.bulkhead.is_some();
-        if permit || refunds > 0 {
-            let ids: &[&str] = if permit { &[call_id] } else { &[] };
-            let inv = scripts::release(&feature.keys, emission_us, refunds, ids);
-            self.spawn_compensation(inv, "release permit / refund rate", feature.name.clone());
+        if permit || refund {
+            let lease = Duration::from_millis(feature.bulkhead.map_or(0, |b| b.lease_ms));
+            let work = Work::Release {
+                feature: Arc::new(feature.clone()),
+                permit,
+                refund,
+            };
+            self.take_back(work, call_id, lease);
         }
-    }
-
-    fn spawn_compensation(
-        self: &Arc<Self>,
-        inv: redis::ScriptInvocation<'static>,
-        what: &'static str,
-        name: String,
-    ) {
-        let core = Arc::clone(self);
-        self.runtime.spawn(async move {
-            match core.call(&inv).await {
-                Ok(_) => {}
-                // Expected while the store is down; the coordinator reports that already.
-                Err(e) if e.is_unavailable() => tracing::debug!(
-                    error = %e,
-                    name = %name,
-                    "fusebox: admission compensation ({what}) failed; the lease will expire"
-                ),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    name = %name,
-                    "fusebox: admission compensation ({what}) failed; the lease will expire"
-                ),
-            }
-        });
     }
 }
 

@@ -132,17 +132,38 @@ impl Conn {
         }
     }
 
-    /// Starts connecting in the background (the caller does not wait).
-    pub(super) fn warm_up(&self, runtime: &tokio::runtime::Handle) {
+    /// Loads every script (`SCRIPT LOAD`; on Cluster it goes to every master), so that the
+    /// first `EVALSHA` of each after a connect or a restart of Redis finds it. Invocations
+    /// fall back to load-and-retry on NOSCRIPT anyway; this spares that round trip, and a
+    /// take-back whose caller may not wait for the fallback.
+    pub(super) async fn load_scripts(&self) -> Result<(), RedisError> {
         match self {
             Conn::Single(cm) => {
-                let mut cm = cm.clone();
-                runtime.spawn(async move {
-                    let _ = redis::cmd("PING").query_async::<Value>(&mut cm).await;
+                let loads = super::scripts::all().map(|s| {
+                    let mut cm = cm.clone();
+                    async move { s.load_async(&mut cm).await }
                 });
+                for r in futures_util::future::join_all(loads).await {
+                    r?;
+                }
+                Ok(())
             }
             Conn::Cluster(h) => {
-                h.attempt();
+                let attempt = h.attempt();
+                let con = attempt.fut.clone().await?;
+                let loads = super::scripts::all().map(|s| {
+                    let mut con = con.clone();
+                    async move { s.load_async(&mut con).await }
+                });
+                for r in futures_util::future::join_all(loads).await {
+                    if let Err(e) = r {
+                        if needs_fresh_cluster_connection(&e) {
+                            h.invalidate(&attempt.fut);
+                        }
+                        return Err(e);
+                    }
+                }
+                Ok(())
             }
         }
     }

@@ -28,9 +28,11 @@ mod membership;
 mod reply;
 mod scripts;
 mod settle;
+mod takeback;
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +44,9 @@ use super::{Admission, AdmitRequest, FeatureSpec, Settle, Store, TargetSpec};
 use crate::breaker::{BreakerSnapshot, Force, Transition};
 use crate::config::RedisConfig;
 use crate::{Error, StoreError};
+
+/// Bound on loading the scripts (at least the store's timeout).
+const SCRIPT_LOAD_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// [`Store`] on Redis (single node or Cluster). Cheap to clone (clones share connections and
 /// the admission batcher).
@@ -66,6 +71,11 @@ struct Core {
     /// Where transitions go that a store call made but could not return (its caller gave
     /// up, or another part of the same operation failed): the coordinator reports them.
     lost: std::sync::OnceLock<TransitionSink>,
+    /// Take-backs waiting to be (re)sent (`takeback.rs`).
+    takebacks: takeback::TakeBacks,
+    /// Whether Redis may have lost the scripts (not loaded yet, or it was unreachable since
+    /// they were): the next call that gets an answer loads them again, in the background.
+    scripts_stale: Arc<AtomicBool>,
 }
 
 /// Receives breaker transitions that a store operation made but could not return.
@@ -123,8 +133,6 @@ impl RedisStore {
                 ))
             }
         };
-        // Start connecting now, in the background, so the first call does not pay for it.
-        conn.warm_up(&runtime);
         let core = Arc::new(Core {
             conn,
             timeout: config.timeout,
@@ -132,7 +140,12 @@ impl RedisStore {
             runtime: runtime.clone(),
             specs: batch::SpecCache::default(),
             lost: std::sync::OnceLock::new(),
+            takebacks: takeback::TakeBacks::default(),
+            scripts_stale: Arc::new(AtomicBool::new(true)),
         });
+        // Connect and load the scripts now, in the background, so the first call does not
+        // pay for it.
+        core.note(&Ok(()));
         let (admissions, queue) = mpsc::channel(batch::QUEUE);
         runtime.spawn(batch::run(Arc::clone(&core), queue));
         Ok(RedisStore {
@@ -177,10 +190,12 @@ impl RedisStore {
     /// local mode.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let t = self.core.timeout;
-        match tokio::time::timeout(t, self.core.conn.ping()).await {
+        let r = match tokio::time::timeout(t, self.core.conn.ping()).await {
             Ok(r) => r.map_err(|e| map_err(e, t)),
             Err(_) => Err(StoreError::Timeout(t)),
-        }
+        };
+        self.core.note(&r);
+        r
     }
 
     /// One call of a script that is safe to repeat: retried once (within the same timeout)
@@ -188,21 +203,51 @@ impl RedisStore {
     /// in the background but does not resend the failed command.
     async fn call_idempotent(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
         let conn = &self.core.conn;
-        self.core
+        let r = self
+            .core
             .bounded(async move {
                 match conn.invoke(inv).await {
                     Err(e) if e.is_connection_dropped() => conn.invoke(inv).await,
                     r => r,
                 }
             })
-            .await
+            .await;
+        self.core.note(&r);
+        r
     }
 }
 
 impl Core {
     /// One script call, bounded by the timeout.
     async fn call(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
-        self.bounded(self.conn.invoke(inv)).await
+        let r = self.bounded(self.conn.invoke(inv)).await;
+        self.note(&r);
+        r
+    }
+
+    /// Notes how a call went: after a failure that may mean Redis restarted (unreachable,
+    /// timed out) the scripts are loaded again, in the background, by the next call that
+    /// gets an answer, and the take-backs waiting out a backoff are sent at once.
+    fn note<T>(&self, r: &Result<T, StoreError>) {
+        match r {
+            Ok(_) => {
+                if self.scripts_stale.load(Ordering::Relaxed)
+                    && self.scripts_stale.swap(false, Ordering::AcqRel)
+                {
+                    self.takebacks.retry_now();
+                    let (conn, stale) = (self.conn.clone(), Arc::clone(&self.scripts_stale));
+                    let bound = self.timeout.max(SCRIPT_LOAD_TIMEOUT);
+                    self.runtime.spawn(async move {
+                        let loaded = tokio::time::timeout(bound, conn.load_scripts()).await;
+                        if !matches!(loaded, Ok(Ok(()))) {
+                            stale.store(true, Ordering::Release);
+                        }
+                    });
+                }
+            }
+            Err(e) if e.is_unavailable() => self.scripts_stale.store(true, Ordering::Release),
+            Err(_) => {}
+        }
     }
 
     async fn bounded<T>(

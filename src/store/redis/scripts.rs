@@ -39,6 +39,20 @@ pub(super) static FORCE: LazyLock<Script> = script!("force.lua");
 pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
 pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
 
+/// Every script, to load on connect and after a reconnect.
+pub(super) fn all() -> [&'static Script; 8] {
+    [
+        &ADMIT,
+        &SETTLE,
+        &RELEASE,
+        &HEARTBEAT,
+        &NOT_BEFORE,
+        &FORCE,
+        &SNAPSHOT,
+        &IN_FLIGHT,
+    ]
+}
+
 /// Which part of admission one `admit.lua` call runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum AdmitMode {

@@ -32,13 +32,15 @@ impl RedisStore {
                 Some(r) => scripts::settle_and_release(&target.keys, &target.params, chunk, r),
                 None => scripts::settle(&target.keys, &target.params, chunk),
             };
-            let r = match conn.invoke(&inv).await {
+            let r = conn.invoke(&inv).await.map_err(|e| map_err(e, t));
+            self.core.note(&r);
+            let r = match r {
                 Ok(v) => {
                     let (v, e) = reply::split_release_error(v);
                     release_error = release_error.or(e);
                     reply::transitions(v, &target.name, "settle.lua")
                 }
-                Err(e) => Err(map_err(e, t)),
+                Err(e) => Err(e),
             };
             match r {
                 Ok(trs) => out.extend(trs),
@@ -91,9 +93,11 @@ impl RedisStore {
         let feature_calls = alone.into_iter().map(|r| {
             let inv = scripts::release(r.keys, r.emission_us, r.refunds, r.permit_ids);
             async move {
-                match conn.invoke(&inv).await {
+                let r = conn.invoke(&inv).await.map_err(|e| map_err(e, t));
+                self.core.note(&r);
+                match r {
                     Ok(v) => reply::int(&v, "release.lua").err(),
-                    Err(e) => Some(map_err(e, t)),
+                    Err(e) => Some(e),
                 }
             }
         });
