@@ -338,6 +338,25 @@ pub fn check_name(field: &str, name: &str) -> Result<(), Error> {
 }
 
 impl Config {
+    /// A copy with passwords in Redis URLs replaced by `***` (for printing).
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if let Some(r) = c.redis.as_mut() {
+            r.url = r.url.as_deref().map(redact_url);
+            r.cluster = r.cluster.iter().map(|u| redact_url(u)).collect();
+        }
+        c
+    }
+
+    /// The configuration as it takes effect: every default filled in.
+    pub fn resolved(&self) -> Config {
+        let mut c = self.clone();
+        if let Some(r) = c.redis.as_mut() {
+            r.operator_timeout = Some(r.resolved_operator_timeout());
+        }
+        c
+    }
+
     /// Parses TOML and validates it. Unknown fields and wrong types are errors naming the
     /// field by its dotted path (`features.chat.max_concurrent`).
     pub fn from_toml(text: &str) -> Result<Self, Error> {

@@ -43,6 +43,11 @@ impl Default for MemoryStore {
 const SWEEP_EVERY: u64 = 4096;
 
 impl MemoryStore {
+    /// The store's clock now (ms since the Unix epoch), for operator reads.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// A store reading time from `clock`.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         MemoryStore {

@@ -78,6 +78,27 @@ impl Link {
         })
     }
 
+    /// The server's clock (`TIME`), in ms since the Unix epoch.
+    pub(super) async fn time_ms(&self) -> Result<u64, StoreError> {
+        let t = self.timeout;
+        let cmd = redis::cmd("TIME");
+        let v: Value = match &self.raw {
+            Raw::Single(con) => bounded(t, false, cmd.query_async(&mut con.clone())).await?,
+            Raw::Cluster(con) => bounded(t, false, cmd.query_async(&mut con.clone())).await?,
+        };
+        let parts: Vec<u64> = match &v {
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| text(p).and_then(|s| s.parse().ok()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        match parts.as_slice() {
+            [secs, micros] => Ok(secs.saturating_mul(1000) + micros / 1000),
+            _ => Err(StoreError::Reply(format!("TIME replied {v:?}"))),
+        }
+    }
+
     /// Names of targets and features with keys under `namespace`.
     pub(super) async fn scan_names(&self, namespace: &str) -> Result<KnownNames, StoreError> {
         let pattern = format!("fusebox:{{{namespace}:*");

@@ -26,6 +26,9 @@ pub struct Reading<T> {
     pub value: T,
     /// Which store answered.
     pub source: Source,
+    /// The answering store's clock at the read (ms since the Unix epoch; Redis `TIME` for
+    /// the shared store): compare the value's instants (`open_until_ms`, ...) with it.
+    pub now_ms: u64,
 }
 
 /// Targets and features that have state in the store.
@@ -57,11 +60,9 @@ impl Coordinator {
             Some(link) => Ok(Reading {
                 value: link.store.snapshot(&t).await?,
                 source: Source::Shared,
+                now_ms: link.time_ms().await?,
             }),
-            None => Ok(Reading {
-                value: self.shared.tiered.local.snapshot(&t).await?,
-                source: Source::Embedded,
-            }),
+            None => Ok(self.embedded(self.shared.tiered.local.snapshot(&t).await?)),
         }
     }
 
@@ -75,6 +76,7 @@ impl Coordinator {
         Ok(Reading {
             value: self.shared.tiered.local.snapshot(&t).await?,
             source: self.local_source(),
+            now_ms: self.shared.tiered.local.now_ms(),
         })
     }
 
@@ -92,11 +94,9 @@ impl Coordinator {
             Some(link) => Ok(Reading {
                 value: link.store.in_flight(&f.spec).await?,
                 source: Source::Shared,
+                now_ms: link.time_ms().await?,
             }),
-            None => Ok(Reading {
-                value: self.shared.tiered.local.in_flight(&f.spec).await?,
-                source: Source::Embedded,
-            }),
+            None => Ok(self.embedded(self.shared.tiered.local.in_flight(&f.spec).await?)),
         }
     }
 
@@ -113,6 +113,7 @@ impl Coordinator {
             Some(link) => Ok(Reading {
                 value: link.scan_names(&self.shared.namespace).await?,
                 source: Source::Shared,
+                now_ms: link.time_ms().await?,
             }),
             None => {
                 let targets = self
@@ -123,13 +124,10 @@ impl Coordinator {
                     .keys()
                     .cloned()
                     .collect();
-                Ok(Reading {
-                    value: KnownNames {
-                        targets,
-                        features: self.shared.features.keys().cloned().collect(),
-                    },
-                    source: Source::Embedded,
-                })
+                Ok(self.embedded(KnownNames {
+                    targets,
+                    features: self.shared.features.keys().cloned().collect(),
+                }))
             }
         }
     }
@@ -147,6 +145,14 @@ impl Coordinator {
             self.shared.emit(Event::Transition(tr.clone()));
         }
         Ok(tr)
+    }
+
+    fn embedded<T>(&self, value: T) -> Reading<T> {
+        Reading {
+            value,
+            source: Source::Embedded,
+            now_ms: self.shared.tiered.local.now_ms(),
+        }
     }
 
     fn local_source(&self) -> Source {

@@ -1,0 +1,74 @@
+//! Exit codes, documented in `--help` and README, and the failure that carries one.
+
+use std::process::ExitCode;
+
+/// Shown after `--help`.
+pub(crate) const HELP: &str = "Exit codes:
+  0  done
+  1  internal error (cannot write output, cannot start)
+  2  usage error (unknown command or option, bad --timeout)
+  3  configuration error (file missing or invalid: the message names the field)
+  4  the shared store could not be read or written (the message names the cause:
+     connection refused, authentication, DNS, TLS, timeout, protocol, script)
+  5  refused: the command cannot work with this configuration (force without [redis])";
+
+/// Why the command failed, and with which exit code.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Failure {
+            code: 3,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn store(message: impl Into<String>) -> Self {
+        Failure {
+            code: 4,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn refused(message: impl Into<String>) -> Self {
+        Failure {
+            code: 5,
+            message: message.into(),
+        }
+    }
+
+    /// Sorts a library error: store failures exit 4, configuration errors 3.
+    pub(crate) fn from_error(context: &str, e: fusebox::Error) -> Self {
+        let message = format!("{context}: {e}");
+        match e {
+            fusebox::Error::Store(_) => Failure::store(message),
+            fusebox::Error::Config { .. } | fusebox::Error::UnknownFeature(_) => {
+                Failure::config(message)
+            }
+            _ => Failure::internal(message),
+        }
+    }
+
+    pub(crate) fn report(self) -> ExitCode {
+        eprintln!("fusebox: {}", self.message);
+        ExitCode::from(self.code)
+    }
+}

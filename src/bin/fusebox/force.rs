@@ -1,0 +1,55 @@
+//! `fusebox force TARGET open|closed|disable|reset`: an operator command, fleet-wide.
+
+use fusebox::{Config, Coordinator};
+use serde_json::json;
+
+use crate::exit::Failure;
+use crate::{print, print_json, Action, Cli};
+
+pub(crate) async fn run(
+    cli: &Cli,
+    config: Config,
+    target: &str,
+    action: Action,
+) -> Result<(), Failure> {
+    if config.redis.is_none() {
+        return Err(Failure::refused(format!(
+            "{}: no [redis] table, so each process that embeds fusebox keeps its own state, \
+             and a breaker forced here would change only this command's memory. Configure \
+             [redis] to share state across the fleet, or call Coordinator::force inside the \
+             service.",
+            cli.config.display()
+        )));
+    }
+    let cmd = action.force();
+    let coordinator = Coordinator::new(config)
+        .await
+        .map_err(|e| Failure::from_error("cannot start", e))?;
+    let tr = coordinator
+        .force(target, cmd)
+        .await
+        .map_err(|e| Failure::from_error(&format!("force {target}"), e))?;
+    if cli.json {
+        return print_json(&match &tr {
+            Some(t) => json!({
+                "target": target,
+                "changed": true,
+                "from": t.from.as_str(),
+                "to": t.to.as_str(),
+                "generation": t.generation,
+            }),
+            None => json!({
+                "target": target,
+                "changed": false,
+                "to": cmd.target_state().as_str(),
+            }),
+        });
+    }
+    match tr {
+        Some(t) => print(&format!(
+            "{target}: {} -> {} (generation {}), fleet-wide\n",
+            t.from, t.to, t.generation
+        )),
+        None => print(&format!("{target}: already {}\n", cmd.target_state())),
+    }
+}

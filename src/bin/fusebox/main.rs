@@ -1,0 +1,161 @@
+//! `fusebox`: the operator CLI (the proxy comes later).
+//!
+//! ```text
+//! fusebox [-c FILE] [--timeout DUR] [--json] check
+//! fusebox [-c FILE] [--timeout DUR] [--json] status [NAME]
+//! fusebox [-c FILE] [--timeout DUR] [--json] force TARGET open|closed|disable|reset
+//! ```
+//!
+//! Exit codes: see [`exit`].
+
+mod check;
+mod exit;
+mod force;
+mod render;
+mod status;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fusebox::{Config, Force};
+
+use crate::exit::Failure;
+
+/// Operator tools for fusebox: check a configuration, read the fleet's breakers and
+/// bulkheads, force a breaker.
+#[derive(Debug, Parser)]
+#[command(name = "fusebox", version, about, after_help = exit::HELP)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "FUSEBOX_CONFIG",
+        default_value = "fusebox.toml",
+        value_name = "FILE"
+    )]
+    config: PathBuf,
+    /// Bound on each store operation of this command (`500ms`, `2s`; at most 10 s).
+    /// Default: `redis.operator_timeout`, else `redis.connect_timeout`.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate the configuration and print it resolved, as TOML (passwords redacted).
+    Check,
+    /// Show breakers and bulkheads as the shared store holds them. Without NAME: every
+    /// configured and every known target and feature.
+    Status {
+        /// One target (or feature) to show in detail.
+        name: Option<String>,
+    },
+    /// Force a target's breaker, fleet-wide (needs `[redis]`).
+    Force {
+        /// The target (model or endpoint).
+        target: String,
+        /// What to do.
+        action: Action,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Action {
+    /// Hold open: refuse every call to the target.
+    Open,
+    /// Hold closed: admit every call, never trip.
+    Closed,
+    /// Switch the breaker off: calls flow, nothing is counted.
+    Disable,
+    /// Back to normal operation: closed, with an empty window.
+    Reset,
+}
+
+impl Action {
+    fn force(self) -> Force {
+        match self {
+            Action::Open => Force::Open,
+            Action::Closed => Force::Closed,
+            Action::Disable => Force::Disable,
+            Action::Reset => Force::Reset,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration such as \"500ms\", \"2s\" or \"1m\""))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return Failure::internal(format!("cannot start the runtime: {e}")).report(),
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    let config = load(cli)?;
+    match &cli.command {
+        Command::Check => check::run(cli, &config),
+        Command::Status { name } => status::run(cli, config, name.as_deref()).await,
+        Command::Force { target, action } => force::run(cli, config, target, *action).await,
+    }
+}
+
+/// Reads and validates the configuration, with `--timeout` applied.
+fn load(cli: &Cli) -> Result<Config, Failure> {
+    let path = cli.config.display();
+    let text = std::fs::read_to_string(&cli.config).map_err(|e| {
+        Failure::config(format!(
+            "cannot read {path}: {e} (choose a file with -c FILE or FUSEBOX_CONFIG)"
+        ))
+    })?;
+    let mut config = Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))?;
+    if let (Some(t), Some(redis)) = (cli.timeout, config.redis.as_mut()) {
+        redis.operator_timeout = Some(t);
+        config
+            .validate()
+            .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+    }
+    Ok(config)
+}
+
+/// Writes `text` to stdout; a closed pipe (`fusebox status | head -1`) is not an error.
+fn print(text: &str) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::internal(format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Pretty JSON plus a newline.
+fn print_json(value: &serde_json::Value) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::internal(format!("cannot encode JSON: {e}")))?;
+    print(&format!("{text}\n"))
+}

@@ -1,0 +1,232 @@
+//! `fusebox status [NAME]`: breakers and bulkheads as the shared store holds them. Never
+//! shows this process's own state as the fleet's: without `[redis]` it says the state is not
+//! visible from here; when Redis cannot be read it fails with the cause (exit 4).
+
+use std::collections::BTreeSet;
+
+use fusebox::config::redact_url;
+use fusebox::{Config, Coordinator};
+use serde_json::{json, Value};
+
+use crate::exit::Failure;
+use crate::render::{
+    breaker_json, breaker_line, permits_line, rate_line, source_name, window_line,
+};
+use crate::{print, print_json, Cli};
+
+pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result<(), Failure> {
+    let Some(redis) = &config.redis else {
+        return embedded(cli, &config, name);
+    };
+    let store = match &redis.url {
+        Some(url) => redact_url(url),
+        None => format!(
+            "cluster {}",
+            redis
+                .cluster
+                .iter()
+                .map(|u| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let namespace = config.namespace.clone();
+    let coordinator = Coordinator::new(config.clone())
+        .await
+        .map_err(|e| Failure::from_error("cannot start", e))?;
+    let (targets, features) = match name {
+        Some(n) if config.features.contains_key(n) && !config.targets.contains_key(n) => {
+            (BTreeSet::new(), BTreeSet::from([n.to_owned()]))
+        }
+        Some(n) => (BTreeSet::from([n.to_owned()]), BTreeSet::new()),
+        None => {
+            let known = coordinator
+                .known_names()
+                .await
+                .map_err(|e| Failure::from_error(&format!("cannot list {store}"), e))?;
+            let mut targets = known.value.targets;
+            targets.extend(config.targets.keys().cloned());
+            let mut features = known.value.features;
+            features.extend(config.features.keys().cloned());
+            (targets, features)
+        }
+    };
+
+    let mut target_rows = Vec::new();
+    let mut now = 0;
+    let mut source = "shared";
+    for t in &targets {
+        let r = coordinator
+            .read_breaker(t)
+            .await
+            .map_err(|e| Failure::from_error(&format!("cannot read target {t:?} from {store}"), e))?;
+        now = r.now_ms;
+        source = source_name(r.source);
+        target_rows.push((t.clone(), config.targets.contains_key(t), r.value));
+    }
+    let mut feature_rows = Vec::new();
+    for f in &features {
+        let cfg = config.features.get(f);
+        let in_flight = match cfg {
+            Some(_) => {
+                let r = coordinator.read_in_flight(f).await.map_err(|e| {
+                    Failure::from_error(&format!("cannot read feature {f:?} from {store}"), e)
+                })?;
+                source = source_name(r.source);
+                Some(r.value)
+            }
+            None => None,
+        };
+        feature_rows.push((f.clone(), cfg.cloned(), in_flight));
+    }
+
+    if cli.json {
+        return print_json(&json!({
+            "store": source,
+            "redis": store,
+            "namespace": namespace,
+            "now_ms": now,
+            "targets": target_rows.iter().map(|(n, configured, s)| {
+                let mut v = breaker_json(s, now);
+                v["name"] = json!(n);
+                v["configured"] = json!(configured);
+                v
+            }).collect::<Vec<Value>>(),
+            "features": feature_rows.iter().map(|(n, cfg, in_flight)| json!({
+                "name": n,
+                "configured": cfg.is_some(),
+                "in_flight": in_flight,
+                "limit": cfg.as_ref().and_then(|c| c.max_concurrent),
+                "rate": cfg.as_ref().and_then(|c| c.rate.as_ref()).map(|r| json!({
+                    "requests": r.requests,
+                    "per_ms": r.per.as_millis() as u64,
+                    "burst": r.burst.unwrap_or(r.requests),
+                })),
+            })).collect::<Vec<Value>>(),
+        }));
+    }
+    let mut out = format!("store: {source} ({store}), namespace {namespace:?}\n");
+    if !target_rows.is_empty() {
+        let rows: Vec<[String; 3]> = target_rows
+            .iter()
+            .map(|(n, configured, s)| {
+                let name = if *configured || name.is_some() {
+                    n.clone()
+                } else {
+                    format!("{n} (default breaker)")
+                };
+                [name, breaker_line(s, now), window_line(s)]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(["TARGET", "STATE", "WINDOW"], &rows));
+    }
+    if !feature_rows.is_empty() {
+        let rows: Vec<[String; 3]> = feature_rows
+            .iter()
+            .map(|(n, cfg, in_flight)| match cfg {
+                Some(c) => [
+                    n.clone(),
+                    permits_line(*in_flight, c.max_concurrent),
+                    rate_line(c.rate.as_ref()),
+                ],
+                None => [
+                    n.clone(),
+                    "(not in this configuration)".to_owned(),
+                    String::new(),
+                ],
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(["FEATURE", "PERMITS", "RATE"], &rows));
+    }
+    if target_rows.is_empty() && feature_rows.is_empty() {
+        out.push_str("\nno targets or features configured or known in this namespace\n");
+    }
+    print(&out)
+}
+
+/// No `[redis]`: the state lives inside each process that embeds fusebox. List what is
+/// configured, and say that the state is not visible from here.
+fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failure> {
+    let note = "no [redis] table: each process that embeds fusebox keeps its own state, which \
+                this command cannot see";
+    let keep = |n: &String| name.is_none_or(|want| want == n);
+    if cli.json {
+        return print_json(&json!({
+            "store": "embedded",
+            "state_visible": false,
+            "note": note,
+            "targets": config.targets.keys().filter(|n| keep(n)).map(|n| json!({"name": n, "configured": true})).collect::<Vec<_>>(),
+            "features": config.features.iter().filter(|(n, _)| keep(n)).map(|(n, c)| json!({
+                "name": n,
+                "configured": true,
+                "limit": c.max_concurrent,
+                "rate": c.rate.as_ref().map(|r| json!({
+                    "requests": r.requests,
+                    "per_ms": r.per.as_millis() as u64,
+                    "burst": r.burst.unwrap_or(r.requests),
+                })),
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let mut out = format!("store: embedded ({note})\n");
+    let targets: Vec<[String; 2]> = config
+        .targets
+        .keys()
+        .filter(|n| keep(n))
+        .map(|n| [n.clone(), "configured".to_owned()])
+        .collect();
+    if !targets.is_empty() {
+        out.push('\n');
+        out.push_str(&table(["TARGET", "BREAKER"], &targets));
+    }
+    let features: Vec<[String; 3]> = config
+        .features
+        .iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, c)| {
+            [
+                n.clone(),
+                match c.max_concurrent {
+                    Some(l) => format!("limit {l}"),
+                    None => "no bulkhead".to_owned(),
+                },
+                rate_line(c.rate.as_ref()),
+            ]
+        })
+        .collect();
+    if !features.is_empty() {
+        out.push('\n');
+        out.push_str(&table(["FEATURE", "PERMITS", "RATE"], &features));
+    }
+    print(&out)
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                l.push_str(cell);
+            } else {
+                l.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
