@@ -209,7 +209,11 @@ rate = { requests = 100, per = "1m", burst = 20 }
     let original = Config::from_toml(&text).expect("valid");
     assert_eq!(reparsed.resolved(), original.resolved());
     for shown in ["\"my-app\"", "claude-haiku-4-5", "consecutive_failures = 7"] {
-        assert!(run.stdout.contains(shown), "{shown:?} missing:\n{}", run.stdout);
+        assert!(
+            run.stdout.contains(shown),
+            "{shown:?} missing:\n{}",
+            run.stdout
+        );
     }
     assert_eq!(run.stderr, "");
 }
@@ -368,7 +372,12 @@ fn output_to_a_closed_pipe_is_not_a_panic() {
 /// Regression (issue 5 §3): `--help`, `help` and `--version` exited 2 like every failure.
 #[test]
 fn help_and_version_exit_zero() {
-    for args in [&["--help"][..], &["help"][..], &["-h"][..], &["status", "--help"][..]] {
+    for args in [
+        &["--help"][..],
+        &["help"][..],
+        &["-h"][..],
+        &["status", "--help"][..],
+    ] {
         let run = fusebox(args);
         run.assert_ok();
         assert!(run.stdout.contains("Usage:"), "{args:?}: {run:#?}");
@@ -380,10 +389,7 @@ fn help_and_version_exit_zero() {
     assert!(run.stdout.contains("Exit codes:"), "{run:#?}");
     let run = fusebox(&["--version"]);
     run.assert_ok();
-    assert!(
-        run.stdout.contains(env!("CARGO_PKG_VERSION")),
-        "{run:#?}"
-    );
+    assert!(run.stdout.contains(env!("CARGO_PKG_VERSION")), "{run:#?}");
 }
 
 #[test]
@@ -439,7 +445,10 @@ fn force_and_status_against_redis() {
     let run = fb(&file, &["status", "m"]);
     run.assert_ok();
     assert!(run.stdout.contains("store: shared"), "{run:#?}");
-    assert!(run.stdout.contains("forced open by an operator"), "{run:#?}");
+    assert!(
+        run.stdout.contains("forced open by an operator"),
+        "{run:#?}"
+    );
     let run = fb(&file, &["force", "m", "open"]);
     run.assert_ok();
     assert!(run.stdout.contains("already forced_open"), "{run:#?}");
@@ -477,7 +486,9 @@ fn force_and_status_against_redis() {
     assert!(run.stdout.contains("open, half-opens in "), "{run:#?}");
     let (_, v) = fb_json(&file, &["status", "other"]);
     assert_eq!(v["targets"][0]["state"], "open");
-    let left = v["targets"][0]["half_open_in_ms"].as_u64().expect("ms left");
+    let left = v["targets"][0]["half_open_in_ms"]
+        .as_u64()
+        .expect("ms left");
     assert!(left > 0 && left <= 60_000, "{v}");
 
     let run = fb(&file, &["force", "m", "reset"]);
@@ -519,7 +530,16 @@ fn status_lists_configured_and_known_targets_and_features() {
     let text = std::fs::read_to_string(&other.path).expect("read");
     let c = rt.block_on(Coordinator::new(Config::from_toml(&text).expect("valid")));
     let c = c.expect("build");
+    // A closed breaker has keys once an outcome was recorded.
+    rt.block_on(async {
+        let r = c
+            .call("batch", "used-model", || async { Ok::<_, ()>(()) })
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        c.flush(Duration::from_secs(5)).await;
+    });
     let permit = rt.block_on(c.admit("chat", "used-model")).expect("admit");
+    // An unconfigured feature is known while it has keys (a held permit).
     let batch = rt.block_on(c.admit("batch", "used-model")).expect("admit");
     fb(&noise, &["force", "noise-model", "open"]).assert_ok();
 
@@ -539,6 +559,8 @@ fn status_lists_configured_and_known_targets_and_features() {
     assert_eq!(chat["limit"], 3, "{v}");
     assert_eq!(chat["rate"]["requests"], 10, "{v}");
     assert_eq!(v["features"][0]["configured"], false, "{v}");
+    // The other replica admitted calls: it is a live member; this command is not.
+    assert_eq!(v["live_replicas"], 1, "{v}");
 
     let run = fb(&file, &["status"]);
     run.assert_ok();
@@ -550,8 +572,13 @@ fn status_lists_configured_and_known_targets_and_features() {
         "1 of 3 in flight",
         "10 per 1m",
         "(not in this configuration)",
+        "live replicas: 1",
     ] {
-        assert!(run.stdout.contains(shown), "{shown:?} missing:\n{}", run.stdout);
+        assert!(
+            run.stdout.contains(shown),
+            "{shown:?} missing:\n{}",
+            run.stdout
+        );
     }
     assert!(!run.stdout.contains("noise-model"), "{run:#?}");
     drop((permit, batch));
@@ -567,7 +594,11 @@ fn wrong_password_fails_with_the_authentication_cause() {
     server.cli(&["CONFIG", "SET", "requirepass", "right-password"]);
     let url = format!("redis://:wrong-password@127.0.0.1:{}", server.port());
     let bad = url_toml(&url, "auth");
-    for args in [&["status", "m"][..], &["status"][..], &["force", "m", "reset"][..]] {
+    for args in [
+        &["status", "m"][..],
+        &["status"][..],
+        &["force", "m", "reset"][..],
+    ] {
         let run = fb(&bad, args);
         run.assert_exit(4);
         assert!(
@@ -610,10 +641,17 @@ fn closed_port_fails_with_connection_refused() {
     let mut server = RedisServer::start();
     let file = redis_toml(&server, "cli-test");
     server.kill();
-    for args in [&["status", "m"][..], &["status"][..], &["force", "m", "open"][..]] {
+    for args in [
+        &["status", "m"][..],
+        &["status"][..],
+        &["force", "m", "open"][..],
+    ] {
         let run = fb(&file, args);
         run.assert_exit(4);
-        assert!(run.stderr.contains("connection refused"), "{args:?}: {run:#?}");
+        assert!(
+            run.stderr.contains("connection refused"),
+            "{args:?}: {run:#?}"
+        );
         assert!(!run.stdout.contains("closed"), "{run:#?}");
         assert!(run.took < Duration::from_secs(10), "{run:#?}");
     }

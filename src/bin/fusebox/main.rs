@@ -129,9 +129,15 @@ fn load(cli: &Cli) -> Result<Config, Failure> {
             "cannot read {path}: {e} (choose a file with -c FILE or FUSEBOX_CONFIG)"
         ))
     })?;
-    let mut config = Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))?;
-    if let (Some(t), Some(redis)) = (cli.timeout, config.redis.as_mut()) {
-        redis.operator_timeout = Some(t);
+    let mut config =
+        Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))?;
+    if let Some(redis) = config.redis.as_mut() {
+        if let Some(t) = cli.timeout {
+            redis.operator_timeout = Some(t);
+        }
+        // This process has no hot path: every store call it makes is an operator's, with
+        // the operator's bound.
+        redis.timeout = redis.resolved_operator_timeout();
         config
             .validate()
             .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;

@@ -54,9 +54,7 @@ pub(crate) fn breaker_line(s: &BreakerSnapshot, now_ms: u64) -> String {
             s.half_open_successes
         ),
         CircuitState::ForcedOpen => "forced open by an operator (refuses every call)".to_owned(),
-        CircuitState::ForcedClosed => {
-            "forced closed by an operator (admits every call)".to_owned()
-        }
+        CircuitState::ForcedClosed => "forced closed by an operator (admits every call)".to_owned(),
         CircuitState::Disabled => "disabled by an operator (nothing is counted)".to_owned(),
         other => other.to_string(),
     };

@@ -52,14 +52,24 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
         }
     };
 
+    // Live replicas of the namespace (coordinators that admitted a call recently).
+    let replicas = if name.is_none() {
+        Some(
+            coordinator
+                .replicas()
+                .await
+                .map_err(|e| Failure::from_error(&format!("cannot list replicas on {store}"), e))?,
+        )
+    } else {
+        None
+    };
     let mut target_rows = Vec::new();
     let mut now = 0;
     let mut source = "shared";
     for t in &targets {
-        let r = coordinator
-            .read_breaker(t)
-            .await
-            .map_err(|e| Failure::from_error(&format!("cannot read target {t:?} from {store}"), e))?;
+        let r = coordinator.read_breaker(t).await.map_err(|e| {
+            Failure::from_error(&format!("cannot read target {t:?} from {store}"), e)
+        })?;
         now = r.now_ms;
         source = source_name(r.source);
         target_rows.push((t.clone(), config.targets.contains_key(t), r.value));
@@ -86,6 +96,11 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
             "redis": store,
             "namespace": namespace,
             "now_ms": now,
+            "live_replicas": replicas.as_ref().map(Vec::len),
+            "replicas": replicas.as_ref().map(|r| r.iter().map(|m| json!({
+                "id": m.id,
+                "expires_in_ms": m.expires_in.as_millis() as u64,
+            })).collect::<Vec<Value>>()),
             "targets": target_rows.iter().map(|(n, configured, s)| {
                 let mut v = breaker_json(s, now);
                 v["name"] = json!(n);
@@ -106,6 +121,12 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
         }));
     }
     let mut out = format!("store: {source} ({store}), namespace {namespace:?}\n");
+    if let Some(r) = &replicas {
+        out.push_str(&format!(
+            "live replicas: {} (coordinators that admitted a call recently)\n",
+            r.len()
+        ));
+    }
     if !target_rows.is_empty() {
         let rows: Vec<[String; 3]> = target_rows
             .iter()
