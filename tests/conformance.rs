@@ -837,6 +837,49 @@ mod scenarios {
 
     /// Admission is all or nothing: a call the bulkhead refuses takes no rate slot and no
     /// probe slot; a call the rate limit refuses takes no permit.
+    /// Issue 5 §2.2: a call refused by its breaker takes nothing of its feature, so it cannot
+    /// starve calls to a healthy target (on main, split admission took the feature's only
+    /// rate slot for the call to the open target and refused the healthy one `rate_limited`).
+    pub(super) async fn a_refused_breaker_takes_no_rate_slot<S: Store>(s: &S) {
+        let dead = target(params());
+        let alive = target(params());
+        let f = feature(
+            Some(BulkheadParams {
+                limit: 10,
+                lease_ms: 30_000,
+            }),
+            Some(RateParams {
+                emission_us: 3_600_000_000,
+                burst: 1,
+            }),
+        );
+        s.force(&dead, Force::Open).await.expect("force");
+        let (_, a) = admit(s, &dead, &f).await;
+        assert!(
+            matches!(
+                &a,
+                Admission::Rejected {
+                    rejection: Rejection::CircuitOpen { .. },
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+        let _ok = let_in(s, &alive, &f).await;
+        assert_eq!(in_flight(s, &f).await, 1);
+        let (_, a) = admit(s, &alive, &f).await;
+        assert!(
+            matches!(
+                &a,
+                Admission::Rejected {
+                    rejection: Rejection::RateLimited { .. },
+                    ..
+                }
+            ),
+            "{a:?}"
+        );
+    }
+
     pub(super) async fn admission_is_all_or_nothing<S: Store>(s: &S) {
         let t = target(params());
         let one_at_a_time = Some(BulkheadParams {
@@ -936,6 +979,7 @@ macro_rules! conformance {
                 bulkhead_limit_release_reclaim_heartbeat,
                 settle_releases_idempotently,
                 admission_is_all_or_nothing,
+                a_refused_breaker_takes_no_rate_slot,
             );
         }
     };
@@ -993,3 +1037,262 @@ conformance!(redis_single_split, {
     let (redis, store) = redis_single().await;
     (redis, store.with_split_admit(true))
 });
+
+// ---------------------------------------------------------------------------------------------
+// A sequential caller gets the same decisions on every store (issue 5, §1; §2.2)
+// ---------------------------------------------------------------------------------------------
+
+/// One coordinator, one caller, one call after the other: the decisions must not depend on
+/// the store. On Redis the outcome and release of a call are queued (the caller never waits
+/// for them); they must still take effect before the same replica's next admission.
+mod sequential {
+    use std::time::Duration;
+
+    use fusebox::{
+        BreakerConfig, Config, Coordinator, Error, FeatureConfig, RateConfig, RedisConfig,
+    };
+
+    use super::support;
+
+    /// Where the coordinator keeps its state.
+    pub(super) enum Backing {
+        Memory,
+        Single(support::TestRedis),
+        Cluster(support::RedisCluster),
+    }
+
+    impl Backing {
+        pub(super) async fn memory() -> Backing {
+            Backing::Memory
+        }
+
+        pub(super) async fn single() -> Backing {
+            Backing::Single(
+                tokio::task::spawn_blocking(support::redis)
+                    .await
+                    .expect("starting Redis"),
+            )
+        }
+
+        pub(super) async fn cluster() -> Backing {
+            Backing::Cluster(
+                tokio::task::spawn_blocking(|| support::RedisCluster::start(3))
+                    .await
+                    .expect("starting a Redis Cluster"),
+            )
+        }
+
+        fn redis(&self) -> Option<RedisConfig> {
+            let base = RedisConfig {
+                // Generous: these scenarios test decisions, not latency.
+                timeout: Duration::from_secs(2),
+                // Many failures in a row before local mode: a slow machine must not switch.
+                failure_threshold: 1000,
+                ..RedisConfig::default()
+            };
+            match self {
+                Backing::Memory => None,
+                Backing::Single(r) => Some(RedisConfig {
+                    url: Some(r.url()),
+                    ..base
+                }),
+                Backing::Cluster(c) => Some(RedisConfig {
+                    cluster: c.urls(),
+                    ..base
+                }),
+            }
+        }
+
+        async fn coordinator(&self, mut config: Config) -> Coordinator {
+            config.namespace = support::unique_name("seq");
+            config.redis = self.redis();
+            let c = Coordinator::new(config).await.expect("coordinator");
+            assert!(!c.is_degraded());
+            c
+        }
+    }
+
+    /// "ran", or the refusal's kind; a store error fails the test.
+    fn decision<T>(r: Result<Result<T, ()>, Error>) -> String {
+        match r {
+            Ok(_) => "ran".to_owned(),
+            Err(Error::Rejected(r)) => r.kind().to_owned(),
+            Err(e) => panic!("not a decision: {e}"),
+        }
+    }
+
+    fn one_at_a_time() -> FeatureConfig {
+        FeatureConfig {
+            max_concurrent: Some(1),
+            max_wait: Duration::ZERO,
+            ..FeatureConfig::default()
+        }
+    }
+
+    /// Issue 5 §1: `max_concurrent = 1`, no `max_wait`, 200 successful calls one after the
+    /// other. Every call runs: the previous call's permit is back before the next admission
+    /// (on main, RedisStore refused 167-188 of them with the default `settle_delay`).
+    pub(super) async fn limit_one_loop(b: Backing) {
+        let mut config = Config::default();
+        config.features.insert("chat".into(), one_at_a_time());
+        let c = b.coordinator(config).await;
+        let mut refused = Vec::new();
+        for i in 0..200 {
+            let d = decision(c.call("chat", "m", || async { Ok::<_, ()>(()) }).await);
+            if d != "ran" {
+                refused.push((i, d));
+            }
+        }
+        assert!(
+            refused.is_empty(),
+            "{} of 200 sequential calls refused (first: {:?})",
+            refused.len(),
+            refused.first()
+        );
+        assert!(!c.is_degraded());
+        c.flush(Duration::from_secs(5)).await;
+        assert_eq!(c.in_flight("chat").await.expect("in_flight"), 0);
+    }
+
+    /// Issue 5 §1: five failing calls trip a breaker of `consecutive_failures = 5`; none of
+    /// the next 20 calls runs (on main, RedisStore ran 11 of them).
+    pub(super) async fn failures_then_refusal(b: Backing) {
+        let mut config = Config {
+            breaker: BreakerConfig {
+                consecutive_failures: Some(5),
+                failure_rate: None,
+                open_duration: Duration::from_secs(60),
+                ..BreakerConfig::default()
+            },
+            ..Config::default()
+        };
+        config
+            .features
+            .insert("chat".into(), FeatureConfig::default());
+        let c = b.coordinator(config).await;
+        let mut log = Vec::new();
+        for _ in 0..5 {
+            log.push(decision(
+                c.call("chat", "m", || async { Err::<(), ()>(()) }).await,
+            ));
+        }
+        for _ in 0..20 {
+            log.push(decision(
+                c.call("chat", "m", || async { Ok::<(), ()>(()) }).await,
+            ));
+        }
+        let mut expected = vec!["ran"; 5];
+        expected.extend(["circuit_open"; 20]);
+        assert_eq!(log, expected);
+    }
+
+    /// A half-open probe's success closes the breaker before the next call: one failure
+    /// opens it, the open time passes, the probe succeeds, and the ten calls after it run
+    /// (on main, RedisStore refused the next call: the probe's slot was still held).
+    pub(super) async fn a_probe_success_closes_before_the_next_call(b: Backing) {
+        let mut config = Config {
+            breaker: BreakerConfig {
+                consecutive_failures: Some(1),
+                failure_rate: None,
+                open_duration: Duration::from_millis(300),
+                max_open_duration: Duration::from_millis(300),
+                half_open_probes: 1,
+                half_open_successes: 1,
+                ..BreakerConfig::default()
+            },
+            ..Config::default()
+        };
+        config.features.insert(
+            "chat".into(),
+            FeatureConfig {
+                max_concurrent: Some(4),
+                ..FeatureConfig::default()
+            },
+        );
+        let c = b.coordinator(config).await;
+        let mut log = vec![decision(
+            c.call("chat", "m", || async { Err::<(), ()>(()) }).await,
+        )];
+        log.push(decision(
+            c.call("chat", "m", || async { Ok::<(), ()>(()) }).await,
+        ));
+        // Past the open time (300 ms) with room to spare.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..11 {
+            log.push(decision(
+                c.call("chat", "m", || async { Ok::<(), ()>(()) }).await,
+            ));
+        }
+        let mut expected = vec!["ran", "circuit_open"];
+        expected.extend(["ran"; 11]);
+        assert_eq!(log, expected);
+        let s = c.snapshot("m").await.expect("snapshot");
+        assert_eq!(s.state, fusebox::CircuitState::Closed);
+    }
+
+    /// Issue 5 §2.2: a call to an open target must not take its feature's rate slot ahead of
+    /// a call to a healthy target. "dead" is forced open; the feature allows one call per
+    /// hour; the call to "dead" is refused by its breaker, and the call to "alive" after it
+    /// runs (on main, split admission on Cluster refused it `rate_limited`).
+    pub(super) async fn an_open_target_does_not_starve_a_healthy_one(b: Backing) {
+        let mut config = Config::default();
+        config.features.insert(
+            "chat".into(),
+            FeatureConfig {
+                max_concurrent: Some(10),
+                rate: Some(RateConfig {
+                    requests: 1,
+                    per: Duration::from_secs(3600),
+                    burst: Some(1),
+                }),
+                ..FeatureConfig::default()
+            },
+        );
+        let c = b.coordinator(config).await;
+        c.force("dead", fusebox::Force::Open).await.expect("force");
+        let log = vec![
+            decision(c.call("chat", "dead", || async { Ok::<(), ()>(()) }).await),
+            decision(c.call("chat", "alive", || async { Ok::<(), ()>(()) }).await),
+            decision(c.call("chat", "alive", || async { Ok::<(), ()>(()) }).await),
+        ];
+        assert_eq!(log, ["circuit_open", "ran", "rate_limited"]);
+        c.flush(Duration::from_secs(5)).await;
+        assert_eq!(c.in_flight("chat").await.expect("in_flight"), 0);
+    }
+
+    macro_rules! on_every_store {
+        ($($scenario:ident),* $(,)?) => {
+            mod memory {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $scenario() {
+                        super::$scenario(super::Backing::memory().await).await;
+                    }
+                )*
+            }
+            mod redis_single {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $scenario() {
+                        super::$scenario(super::Backing::single().await).await;
+                    }
+                )*
+            }
+            mod redis_cluster {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $scenario() {
+                        super::$scenario(super::Backing::cluster().await).await;
+                    }
+                )*
+            }
+        };
+    }
+
+    on_every_store!(
+        limit_one_loop,
+        failures_then_refusal,
+        a_probe_success_closes_before_the_next_call,
+        an_open_target_does_not_starve_a_healthy_one,
+    );
+}

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use rand::Rng;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use self::fleet::Fleet;
 use self::health::Health;
@@ -181,7 +181,6 @@ impl CoordinatorBuilder {
                 store.set_transition_sink(Arc::new(move |t| {
                     sink_reporter.emit(Event::Transition(t));
                 }));
-                let (tx, rx) = mpsc::channel(rc.settle_queue);
                 let sink = Sink {
                     store: store.clone(),
                     reporter: reporter.clone(),
@@ -189,17 +188,12 @@ impl CoordinatorBuilder {
                 };
                 flusher = Some((
                     sink.clone(),
-                    rx,
                     flusher::Batching {
                         max: rc.settle_batch,
                         delay: rc.settle_delay,
                     },
                 ));
-                Some(Remote {
-                    store,
-                    queue: tx,
-                    sink,
-                })
+                Some(Remote { store, sink })
             }
         };
         let replica: u64 = rand::rng().random();
@@ -218,8 +212,8 @@ impl CoordinatorBuilder {
             counter: AtomicU64::new(0),
             fleet,
         });
-        if let Some((sink, rx, batch)) = flusher {
-            tokio::spawn(flusher::run(sink, rx, batch));
+        if let Some((sink, batch)) = flusher {
+            tokio::spawn(flusher::run(sink, batch));
         }
         Ok(Coordinator { shared })
     }
@@ -568,13 +562,8 @@ impl Coordinator {
         let Some(remote) = &self.shared.tiered.remote else {
             return;
         };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let _ = tokio::time::timeout(timeout, async {
-            if remote.queue.send(flusher::Msg::Flush(tx)).await.is_ok() {
-                let _ = rx.await;
-            }
-        })
-        .await;
+        let done = remote.store.settles().flush();
+        let _ = tokio::time::timeout(timeout, done).await;
     }
 }
 

@@ -13,9 +13,7 @@
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::mpsc;
-
-use super::flusher::{self, Msg};
+use super::flusher;
 use super::health::{Change, Health, Route};
 use super::FeatureRt;
 use crate::observer::{trace, Event, Observer};
@@ -49,13 +47,18 @@ pub(crate) enum Tried<T> {
     Embedded,
 }
 
-/// The shared store plus the queue of settles waiting to be delivered to it.
+/// The shared store (which holds the queue of settles waiting to be delivered to it).
 pub(crate) struct Remote {
     pub(crate) store: RedisStore,
-    pub(crate) queue: mpsc::Sender<Msg>,
     /// What the background flusher needs; it holds no `Shared`, so dropping the last
     /// coordinator closes the queue and ends the task after it delivered what was queued.
     pub(crate) sink: Sink,
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        self.store.settles().close();
+    }
 }
 
 /// The flusher's view: the store, the reporter, and the features' release notifiers.
@@ -182,19 +185,17 @@ impl Tiered {
         }
     }
 
-    /// Queues a settle for the shared store without waiting. `urgent`: the flusher sends it
-    /// without waiting for more (someone on this replica waits for the permit it releases).
+    /// Queues a settle for the shared store without waiting: this replica's next admission
+    /// on its target or feature takes it along, or the flusher sends it. `urgent`: the
+    /// flusher sends it without waiting (someone on this replica waits for its permit).
     pub(crate) fn enqueue(&self, settle: Settle, urgent: bool) {
         let Some(remote) = &self.remote else { return };
-        match remote.queue.try_send(Msg::Settle { settle, urgent }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Msg::Settle { settle: s, .. })) => {
-                let sink = remote.sink.clone();
-                if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                    handle.spawn(async move { flusher::deliver(&sink, &[s]).await });
-                }
+        if let Err(s) = remote.store.settles().push(settle, urgent) {
+            // Full (or closed): sent on its own.
+            let sink = remote.sink.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { flusher::deliver(&sink, &[s]).await });
             }
-            Err(_) => {}
         }
     }
 }

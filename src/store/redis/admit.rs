@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join;
 use redis::Value;
 use tokio::sync::oneshot;
 
@@ -94,12 +93,18 @@ impl RedisStore {
         let core = &self.core;
         let one = [req.call_id];
         if self.splits_admit() {
-            let (b, f) = join(
-                core.admit_calls(AdmitMode::Breaker, req.target, req.feature, one, 1),
-                core.admit_calls(AdmitMode::Feature, req.target, req.feature, one, 1),
-            )
-            .await;
-            core.combine_split(req.target, req.feature, req.call_id, first(b), first(f))
+            // The feature part only for a call the breaker admitted (as the batcher does).
+            let b = first(
+                core.admit_calls(AdmitMode::Breaker, req.target, req.feature, one, 1)
+                    .await,
+            );
+            if !matches!(b, Ok((Part::Admitted { .. }, _))) {
+                return core.combine_breaker_refused(req.target, req.feature, req.call_id, b);
+            }
+            let f = core
+                .admit_calls(AdmitMode::Feature, req.target, req.feature, one, 1)
+                .await;
+            core.combine_split(req.target, req.feature, req.call_id, b, first(f))
         } else {
             let r = core
                 .admit_calls(AdmitMode::Both, req.target, req.feature, one, 1)
@@ -227,6 +232,46 @@ impl Core {
             (Ok((_, transition)), Err(e)) => (Err(e), transition),
         };
         let c = Compensation::give_back(took_b.and(took_f), lost);
+        if !c.is_empty() {
+            self.compensate(target, feature, call_id, c);
+        }
+        answer
+    }
+
+    /// The answer to a split admission whose breaker part did not admit the call (so its
+    /// feature part was never sent): the refusal, or the error, after giving back the probe
+    /// slot a script that may have run may have taken.
+    pub(super) fn combine_breaker_refused(
+        self: &Arc<Self>,
+        target: &TargetSpec,
+        feature: &FeatureSpec,
+        call_id: &str,
+        b: PartResult,
+    ) -> Result<Admission, StoreError> {
+        let (answer, taken, lost) = match b {
+            Ok((Part::Rejected(rejection), transition)) => {
+                return Ok(Admission::Rejected {
+                    rejection,
+                    transition,
+                })
+            }
+            // Not reached (the feature part is sent for admitted calls): give it back.
+            Ok((Part::Admitted { probe, .. }, transition)) => (
+                Err(StoreError::Reply(
+                    "admit.lua: no feature decision for an admitted call".to_owned(),
+                )),
+                Taken {
+                    probe: Took::when(probe),
+                    ..Taken::NOTHING
+                },
+                transition,
+            ),
+            Err(e) => {
+                let taken = Taken::failed(&e).breaker_part();
+                (Err(e), taken, None)
+            }
+        };
+        let c = Compensation::give_back(taken, lost);
         if !c.is_empty() {
             self.compensate(target, feature, call_id, c);
         }

@@ -36,6 +36,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use super::admit::{Part, PartResult};
+use super::ride::{self, Riding};
 use super::scripts::AdmitMode;
 use super::Core;
 use crate::breaker::Transition;
@@ -100,6 +101,9 @@ impl SpecCache {
     }
 }
 
+/// The decisions of one group's script call (member order) and its transition.
+type GroupResult = Result<(Vec<Part>, Option<Transition>), StoreError>;
+
 /// The calls of one script call: job indices, in queue order (their ids distinct).
 struct Group {
     mode: AdmitMode,
@@ -119,22 +123,73 @@ pub(super) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Job>) {
 }
 
 /// Groups, runs and answers one drained batch.
+///
+/// First the whole admissions (single node) and the breaker parts (split), concurrently;
+/// then the feature parts of the split calls whose breaker part admitted them, so that a
+/// call the breaker refuses never takes a rate slot or a permit of its feature ahead of
+/// calls to healthy targets (single node and Cluster decide alike; Cluster pays a second
+/// round trip for it).
 async fn admit_batch(core: &Arc<Core>, jobs: Vec<Job>) {
-    let groups = group(&jobs);
-    let results = join_all(groups.iter().map(|g| run_group(core, &jobs, g))).await;
-
+    let n = jobs.len();
     // Each call's whole answer, or its breaker / feature part (split).
     let mut whole: Vec<Option<PartResult>> = Vec::new();
     let mut breaker: Vec<Option<PartResult>> = Vec::new();
     let mut feature: Vec<Option<PartResult>> = Vec::new();
     for v in [&mut whole, &mut breaker, &mut feature] {
-        v.resize_with(jobs.len(), || None);
+        v.resize_with(n, || None);
     }
+
+    let first = group(&jobs, |_, mode| mode != AdmitMode::Feature);
+    let results = run_groups(core, &jobs, &first).await;
+    fill(&first, results, &mut whole, &mut breaker, &mut feature);
+
+    let passed: Vec<bool> = jobs
+        .iter()
+        .zip(&breaker)
+        .map(|(j, b)| j.split && matches!(b, Some(Ok((Part::Admitted { .. }, _)))))
+        .collect();
+    if passed.iter().any(|p| *p) {
+        let second = group(&jobs, |i, mode| {
+            mode == AdmitMode::Feature && passed.get(i).copied().unwrap_or(false)
+        });
+        let results = run_groups(core, &jobs, &second).await;
+        fill(&second, results, &mut whole, &mut breaker, &mut feature);
+    }
+
+    let parts = whole.into_iter().zip(breaker).zip(feature);
+    for (job, ((w, b), f)) in jobs.into_iter().zip(parts) {
+        let Specs { target, feature } = &*job.specs;
+        let answer = if job.split {
+            match (b, f) {
+                (Some(b), Some(f)) => core.combine_split(target, feature, &job.call_id, b, f),
+                (Some(b), None) => core.combine_breaker_refused(target, feature, &job.call_id, b),
+                _ => Err(missing()),
+            }
+        } else {
+            match w {
+                Some(r) => core.combine_whole(target, feature, &job.call_id, r),
+                None => Err(missing()),
+            }
+        };
+        if let Err(answer) = job.reply.send(answer) {
+            abandoned(core, &job.specs, &job.call_id, answer);
+        }
+    }
+}
+
+/// Spreads each group's decisions over its members' slots.
+fn fill(
+    groups: &[Group],
+    results: Vec<GroupResult>,
+    whole: &mut [Option<PartResult>],
+    breaker: &mut [Option<PartResult>],
+    feature: &mut [Option<PartResult>],
+) {
     for (g, result) in groups.iter().zip(results) {
         let slots = match g.mode {
-            AdmitMode::Both => &mut whole,
-            AdmitMode::Breaker => &mut breaker,
-            AdmitMode::Feature => &mut feature,
+            AdmitMode::Both => &mut *whole,
+            AdmitMode::Breaker => &mut *breaker,
+            AdmitMode::Feature => &mut *feature,
         };
         match result {
             Ok((parts, transition)) => {
@@ -155,30 +210,6 @@ async fn admit_batch(core: &Arc<Core>, jobs: Vec<Job>) {
             }
         }
     }
-
-    let parts = whole.into_iter().zip(breaker).zip(feature);
-    for (job, ((w, b), f)) in jobs.into_iter().zip(parts) {
-        let answer = if job.split {
-            match (b, f) {
-                (Some(b), Some(f)) => {
-                    let Specs { target, feature } = &*job.specs;
-                    core.combine_split(target, feature, &job.call_id, b, f)
-                }
-                _ => Err(missing()),
-            }
-        } else {
-            match w {
-                Some(r) => {
-                    let Specs { target, feature } = &*job.specs;
-                    core.combine_whole(target, feature, &job.call_id, r)
-                }
-                None => Err(missing()),
-            }
-        };
-        if let Err(answer) = job.reply.send(answer) {
-            abandoned(core, &job.specs, &job.call_id, answer);
-        }
-    }
 }
 
 /// A reply that did not cover every call of its group (cannot happen with a well-formed
@@ -187,13 +218,59 @@ fn missing() -> StoreError {
     StoreError::Reply("admit.lua: no decision for a call of the batch".to_owned())
 }
 
+/// The keys a group's call touches that settles can ride on: (breaker, permits).
+fn ride_keys<'a>(jobs: &'a [Job], g: &Group) -> (Option<&'a str>, Option<&'a str>) {
+    let Some(rep) = g.members.first().and_then(|&i| jobs.get(i)) else {
+        return (None, None);
+    };
+    let Specs { target, feature } = &*rep.specs;
+    let b = (g.mode != AdmitMode::Feature).then_some(target.keys.breaker.as_str());
+    let f = (g.mode != AdmitMode::Breaker).then_some(feature.keys.permits.as_str());
+    (b, f)
+}
+
+/// Runs the script calls of some groups concurrently, each carrying the queued settles of
+/// its keys (after any flusher call in flight on those keys has landed).
+async fn run_groups(core: &Arc<Core>, jobs: &[Job], groups: &[Group]) -> Vec<GroupResult> {
+    let keys: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| {
+            let (b, f) = ride_keys(jobs, g);
+            b.into_iter().chain(f)
+        })
+        .collect();
+    core.settles.wait_landed(&keys, core.timeout).await;
+    let riding: Vec<Riding> = groups
+        .iter()
+        .map(|g| {
+            let (b, f) = ride_keys(jobs, g);
+            Riding {
+                settles: core.settles.take_for(b, f, core.settle_batch),
+            }
+        })
+        .collect();
+    join_all(
+        groups
+            .iter()
+            .zip(riding)
+            .map(|(g, r)| run_group(core, jobs, g, r)),
+    )
+    .await
+}
+
 /// One script call for one group: its decisions in member order, and its transition.
 async fn run_group(
-    core: &Core,
+    core: &Arc<Core>,
     jobs: &[Job],
     g: &Group,
+    riding: Riding,
 ) -> Result<(Vec<Part>, Option<Transition>), StoreError> {
     let Some(rep) = g.members.first().and_then(|&i| jobs.get(i)) else {
+        core.settles.give_back(
+            riding.settles,
+            &StoreError::Reply("empty admission group".to_owned()),
+            false,
+        );
         return Ok((Vec::new(), None));
     };
     let ids = g
@@ -202,15 +279,39 @@ async fn run_group(
         .filter_map(|&i| jobs.get(i))
         .map(|j| j.call_id.as_str());
     let Specs { target, feature } = &*rep.specs;
-    core.admit_calls(g.mode, target, feature, ids, g.members.len())
-        .await
+    if riding.is_empty() {
+        return core
+            .admit_calls(g.mode, target, feature, ids, g.members.len())
+            .await;
+    }
+    let inv = ride::invocation(&ride::SETTLE_ADMIT, g.mode, target, feature, ids, &riding);
+    let parsed = match core.call(&inv).await {
+        Ok(v) => ride::parse(v, &target.name).map_err(|e| (e, true)),
+        Err(e) => {
+            let ran = super::compensate::may_have_run(&e);
+            Err((e, ran))
+        }
+    };
+    match parsed {
+        Err((e, ran)) => {
+            core.settles.give_back(riding.settles, &e, ran);
+            Err(e)
+        }
+        Ok((admission, transitions)) => {
+            core.settles.delivered(&riding.settles);
+            for t in &transitions {
+                core.report_transition(t);
+            }
+            super::admit::parse_admit(admission?, &target.name, feature, g.members.len())
+        }
+    }
 }
 
 /// Jobs that one `admit.lua` call can decide together: same mode and same specs (the keys
 /// and the parameters the script reads), in queue order, with distinct call ids. Jobs with
 /// the same keys but other parameters (a reconfigured target, say) get a group of their own;
 /// so does a call id seen twice (sent after the first, on the same connection).
-fn group(jobs: &[Job]) -> Vec<Group> {
+fn group(jobs: &[Job], wanted: impl Fn(usize, AdmitMode) -> bool) -> Vec<Group> {
     // Call ids are unique by contract: check once, cheaply, that this batch keeps it.
     let distinct = {
         let mut seen: HashSet<&str, BuildHasherDefault<Fnv>> =
@@ -229,6 +330,7 @@ fn group(jobs: &[Job]) -> Vec<Group> {
         };
         modes.iter().map(move |&mode| (mode, i, job))
     });
+    let parts = parts.filter(|&(mode, i, _)| wanted(i, mode));
     for (mode, i, job) in parts {
         let slot = mode as usize;
         let fits = |g: &Group| {
@@ -379,7 +481,7 @@ mod tests {
             job("c6", "a", "y", true, 10),
             job("c1", "b", "x", false, 10), // the same call id as job 1
         ];
-        let groups: Vec<(AdmitMode, Vec<usize>)> = group(&jobs)
+        let groups: Vec<(AdmitMode, Vec<usize>)> = group(&jobs, |_, _| true)
             .into_iter()
             .map(|g| (g.mode, g.members))
             .collect();

@@ -25,10 +25,14 @@ mod connect;
 #[cfg(test)]
 mod difftest;
 mod membership;
+mod pending;
 mod reply;
+mod ride;
 mod scripts;
 mod settle;
 mod takeback;
+
+pub(crate) use self::pending::SettleQueue;
 
 use std::fmt;
 use std::future::Future;
@@ -68,6 +72,9 @@ struct Core {
     runtime: tokio::runtime::Handle,
     /// The specs queued admissions share.
     specs: batch::SpecCache,
+    /// Settles not delivered yet: taken by this replica's next admission on their keys, or
+    /// sent by the flusher ((`pending.rs`)).
+    settles: pending::SettleQueue,
     /// Where transitions go that a store call made but could not return (its caller gave
     /// up, or another part of the same operation failed): the coordinator reports them.
     lost: std::sync::OnceLock<TransitionSink>,
@@ -139,6 +146,7 @@ impl RedisStore {
             settle_batch: config.settle_batch.max(1),
             runtime: runtime.clone(),
             specs: batch::SpecCache::default(),
+            settles: pending::SettleQueue::new(config.settle_queue),
             lost: std::sync::OnceLock::new(),
             takebacks: takeback::TakeBacks::default(),
             scripts_stale: Arc::new(AtomicBool::new(true)),
@@ -174,6 +182,11 @@ impl RedisStore {
     /// the first sink set is kept.
     pub fn set_transition_sink(&self, sink: TransitionSink) {
         let _ = self.core.lost.set(sink);
+    }
+
+    /// The queue of settles this replica has not delivered yet (see `pending.rs`).
+    pub(crate) fn settles(&self) -> &SettleQueue {
+        &self.core.settles
     }
 
     /// Whether this store talks to Redis Cluster.
@@ -274,6 +287,23 @@ impl Core {
             reason = t.reason.as_str(),
             "fusebox: breaker transition made by a store call whose result was lost"
         );
+        match self.lost.get() {
+            Some(sink) => sink(t.clone()),
+            None => tracing::warn!(
+                target_name = %t.target,
+                from = %t.from,
+                to = %t.to,
+                generation = t.generation,
+                "fusebox: breaker transition not reported (no transition sink)"
+            ),
+        }
+    }
+}
+
+impl Core {
+    /// A transition made by settles that rode with an admission: reported once, through the
+    /// transition sink.
+    fn report_transition(&self, t: &Transition) {
         match self.lost.get() {
             Some(sink) => sink(t.clone()),
             None => tracing::warn!(

@@ -101,6 +101,18 @@ pub(super) fn admit_with<S: AsRef<str>>(
     if mode != AdmitMode::Breaker {
         inv.key(&feature.keys.rate).key(&feature.keys.permits);
     }
+    push_admit_args(&mut inv, mode, p, feature, call_ids);
+    inv
+}
+
+/// `admit.lua`'s ARGV (also the tail of `settle_admit.lua`'s).
+pub(super) fn push_admit_args<S: AsRef<str>>(
+    inv: &mut ScriptInvocation<'static>,
+    mode: AdmitMode,
+    p: &BreakerParams,
+    feature: &FeatureSpec,
+    call_ids: impl IntoIterator<Item = S>,
+) {
     let (emission_us, burst) = feature.rate.map_or((0, 0), |r| (r.emission_us, r.burst));
     let (limit, lease_ms) = feature.bulkhead.map_or((0, 0), |b| (b.limit, b.lease_ms));
     inv.arg(mode.as_str())
@@ -114,7 +126,6 @@ pub(super) fn admit_with<S: AsRef<str>>(
     for id in call_ids {
         inv.arg(id.as_ref());
     }
-    inv
 }
 
 /// One entry for `settle.lua`: `count` identical outcomes in a row.
@@ -176,7 +187,18 @@ pub(super) fn settle_with<S: AsRef<str>>(
     if let Some(r) = &release {
         inv.key(&r.keys.rate).key(&r.keys.permits);
     }
-    push_params(&mut inv, p);
+    push_settle_args(&mut inv, p, outcomes, release);
+    inv
+}
+
+/// `settle.lua`'s ARGV (13 + 5 per entry, + 2 + ids with a release).
+pub(super) fn push_settle_args<S: AsRef<str>>(
+    inv: &mut ScriptInvocation<'static>,
+    p: &BreakerParams,
+    outcomes: &[Outcome],
+    release: Option<Release<'_, S>>,
+) {
+    push_params(inv, p);
     inv.arg(outcomes.len());
     for o in outcomes {
         inv.arg(o.generation)
@@ -191,7 +213,6 @@ pub(super) fn settle_with<S: AsRef<str>>(
             inv.arg(id.as_ref());
         }
     }
-    inv
 }
 
 /// `settle.lua` for one target's entries and one feature's releases (single node).
