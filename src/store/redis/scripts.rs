@@ -40,9 +40,10 @@ pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
 pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
 
 /// Every script, to load on connect and after a reconnect.
-pub(super) fn all() -> [&'static Script; 8] {
+pub(super) fn all() -> [&'static Script; 9] {
     [
         &ADMIT,
+        &super::ride::SETTLE_ADMIT,
         &SETTLE,
         &RELEASE,
         &HEARTBEAT,
