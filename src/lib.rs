@@ -10,7 +10,10 @@ pub mod ratelimit;
 pub mod store;
 
 pub use breaker::{CallOutcome, CircuitState, Force, Transition, TransitionReason};
-pub use config::{BreakerConfig, Config, FeatureConfig, RateConfig, RedisConfig, StorePolicy};
+pub use config::{
+    BreakerConfig, BreakerOverrides, Config, FeatureConfig, RateConfig, RedisConfig, StorePolicy,
+    TargetConfig,
+};
 pub use error::{Error, Rejection, StoreError};
 pub mod coordinator;
 pub mod observer;

@@ -185,7 +185,7 @@ namespace = "my-app"
 [breaker]
 consecutive_failures = 7
 
-[targets."claude-haiku-4-5"]
+[targets."claude-haiku-4-5".breaker]
 open_duration = "30s"
 
 [features.chat]
@@ -216,6 +216,29 @@ rate = { requests = 100, per = "1m", burst = 20 }
         );
     }
     assert_eq!(run.stderr, "");
+}
+
+/// README's commands use `fusebox.example.toml`: it is in the repository, valid, and
+/// embedded (so `status` says the state is not visible from here, and `force` refuses).
+#[test]
+fn the_example_file_works_with_every_command() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fusebox.example.toml");
+    let path = path.to_str().expect("utf-8 path");
+    let run = fusebox(&["-c", path, "check"]);
+    run.assert_ok();
+    assert!(
+        run.stdout.contains("[targets.claude-sonnet-4-5.breaker]"),
+        "{run:#?}"
+    );
+    let run = fusebox(&["-c", path, "status"]);
+    run.assert_ok();
+    assert!(run.stdout.contains("store: embedded"), "{run:#?}");
+    assert!(run.stdout.contains("claude-sonnet-4-5"), "{run:#?}");
+    let run = fusebox(&["-c", path, "--json", "status"]);
+    run.assert_ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(v["state_visible"], false, "{v}");
+    fusebox(&["-c", path, "force", "claude-sonnet-4-5", "open"]).assert_exit(5);
 }
 
 /// The configuration example of the README is valid as written.
@@ -513,7 +536,7 @@ fn status_lists_configured_and_known_targets_and_features() {
     let server = RedisServer::start();
     let file = TempToml::new(&format!(
         "namespace = \"list\"\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
-         [targets.configured-model]\nconsecutive_failures = 2\n\
+         [targets.configured-model.breaker]\nconsecutive_failures = 2\n\
          [features.chat]\nmax_concurrent = 3\nrate = {{ requests = 10, per = \"1m\" }}\n\
          [features.idle]\n",
         server.url()

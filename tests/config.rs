@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fusebox::{BreakerConfig, Config, Error, FeatureConfig, RateConfig, RedisConfig, StorePolicy};
+use fusebox::{
+    BreakerConfig, BreakerOverrides, Config, Error, FeatureConfig, RateConfig, RedisConfig,
+    StorePolicy, TargetConfig,
+};
 
 /// A valid config that uses every section, for the invalid cases to break one field of.
 fn full() -> Config {
@@ -17,7 +20,7 @@ fn full() -> Config {
         ..Config::default()
     };
     c.targets
-        .insert("gpt-4o".to_owned(), BreakerConfig::default());
+        .insert("gpt-4o".to_owned(), BreakerConfig::default().into());
     c.features.insert(
         "chat".to_owned(),
         FeatureConfig {
@@ -59,9 +62,12 @@ fn breaker(f: impl FnOnce(&mut BreakerConfig)) -> Config {
     c
 }
 
+/// `full()` with the target's breaker changed by `f` (every field set on the target).
 fn target(f: impl FnOnce(&mut BreakerConfig)) -> Config {
     let mut c = full();
-    f(c.targets.get_mut("gpt-4o").expect("target in full()"));
+    let mut b = c.breaker_for("gpt-4o");
+    f(&mut b);
+    c.targets.insert("gpt-4o".to_owned(), b.into());
     c
 }
 
@@ -294,15 +300,15 @@ fn zero_and_absurd_breaker_values_name_their_field() {
             }),
         ),
         (
-            "targets.gpt-4o.half_open_probes",
+            "targets.gpt-4o.breaker.half_open_probes",
             target(|b| b.half_open_probes = 0),
         ),
         (
-            "targets.gpt-4o.window",
+            "targets.gpt-4o.breaker.window",
             target(|b| b.window = Duration::ZERO),
         ),
         (
-            "targets.gpt-4o",
+            "targets.gpt-4o.breaker",
             target(|b| {
                 b.consecutive_failures = None;
                 b.failure_rate = None;
@@ -355,7 +361,8 @@ fn bad_feature_values_name_their_field() {
 fn bad_names_name_their_field() {
     let with_target = |name: &str| {
         let mut c = full();
-        c.targets.insert(name.to_owned(), BreakerConfig::default());
+        c.targets
+            .insert(name.to_owned(), BreakerConfig::default().into());
         c
     };
     let with_feature = |name: &str| {
@@ -487,7 +494,7 @@ half_open_probes = 3
 half_open_successes = 2
 probe_timeout = "45s"
 
-[targets."claude-sonnet-4-5"]
+[targets."claude-sonnet-4-5".breaker]
 consecutive_failures = 3
 open_duration = "15s"
 
@@ -508,11 +515,13 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
     let mut targets = BTreeMap::new();
     targets.insert(
         "claude-sonnet-4-5".to_owned(),
-        BreakerConfig {
-            consecutive_failures: Some(3),
-            open_duration: 15 * SEC,
-            // Everything else is BreakerConfig's default, not inherited from [breaker].
-            ..BreakerConfig::default()
+        TargetConfig {
+            breaker: BreakerOverrides {
+                consecutive_failures: Some(Some(3)),
+                open_duration: Some(15 * SEC),
+                // Everything else is inherited from [breaker].
+                ..BreakerOverrides::default()
+            },
         },
     );
     let mut features = BTreeMap::new();
@@ -629,13 +638,13 @@ fn a_wrong_type_is_rejected_with_a_clear_error_naming_the_field() {
         (
             "[breaker]\nminimum_calls = \"twenty\"\n",
             "breaker.minimum_calls",
-            "u32",
+            "whole number",
         ),
         ("[breaker]\nwindow = 5\n", "breaker.window", "duration"),
         (
             "[features.chat]\nmax_concurrent = -1\n",
             "features.chat.max_concurrent",
-            "u32",
+            "whole number",
         ),
         ("[redis]\nurl = 6379\n", "redis.url", "string"),
     ];
@@ -707,8 +716,8 @@ fn absurd_toml_values_name_the_field_when_they_parse() {
             "breaker.open_duration_multiplier",
         ),
         (
-            "[targets.m]\nprobe_timeout = \"2h\"\n",
-            "targets.m.probe_timeout",
+            "[targets.m.breaker]\nprobe_timeout = \"2h\"\n",
+            "targets.m.breaker.probe_timeout",
         ),
         (
             "[redis]\nurl = \"redis://x:6379\"\nsettle_queue = 9223372036854775807\n",
@@ -728,4 +737,170 @@ fn errors_print_field_and_reason() {
     assert!(text.contains("breaker.half_open_probes"), "{text}");
     assert!(text.contains('0'), "{text}");
     assert!(e.rejection().is_none() && e.retry_after().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 5 §4: inheritance, switch-off, error messages, the example file
+// ---------------------------------------------------------------------------------------------
+
+/// Regression: `[breaker] consecutive_failures = 3` plus a target that sets only
+/// `open_duration` gave the target 5 (BreakerConfig's default): fields now inherit one by one.
+#[test]
+fn target_breaker_fields_inherit_from_breaker_one_by_one() {
+    let c = Config::from_toml(
+        "[breaker]\nconsecutive_failures = 3\nwindow = \"2m\"\n\
+         [targets.x.breaker]\nopen_duration = \"30s\"\n",
+    )
+    .expect("valid");
+    let x = c.breaker_for("x");
+    assert_eq!(x.consecutive_failures, Some(3), "inherited from [breaker]");
+    assert_eq!(x.window, 120 * SEC, "inherited from [breaker]");
+    assert_eq!(x.open_duration, 30 * SEC, "the target's own");
+    assert_eq!(c.breaker_for("unlisted"), c.breaker);
+    // The resolved form spells every field out, and means the same.
+    let resolved = c.resolved();
+    assert_eq!(resolved.breaker_for("x"), x);
+    assert_eq!(
+        resolved.targets["x"].breaker.consecutive_failures,
+        Some(Some(3))
+    );
+}
+
+/// Regression: README said a rule is switched off by omitting it, but omitting gave the
+/// default and `false` was rejected. Every rule can be switched off from TOML.
+#[test]
+fn every_rule_can_be_switched_off_from_toml() {
+    let c = Config::from_toml(
+        r#"
+[breaker]
+consecutive_failures = false
+failure_rate = "off"
+slow_call_duration = "10s"
+
+[targets.a.breaker]
+consecutive_failures = 4
+slow_call_duration = false
+
+[targets.b.breaker]
+failure_rate = 25
+
+[features.chat]
+max_concurrent = false
+rate = false
+"#,
+    )
+    .expect("valid");
+    assert_eq!(c.breaker.consecutive_failures, None);
+    assert_eq!(c.breaker.failure_rate, None);
+    let a = c.breaker_for("a");
+    assert_eq!(a.consecutive_failures, Some(4));
+    assert_eq!(a.failure_rate, None, "inherits the switch-off");
+    assert_eq!(
+        a.slow_call_duration, None,
+        "switched off for this target only"
+    );
+    assert_eq!(c.breaker_for("b").failure_rate, Some(25.0));
+    assert_eq!(c.breaker_for("b").slow_call_duration, Some(10 * SEC));
+    assert_eq!(c.features["chat"].max_concurrent, None);
+    assert_eq!(c.features["chat"].rate, None);
+
+    // A target that switches off every rule of its own is refused, naming it.
+    let (field, reason) = from_toml_field(
+        "[breaker]\nfailure_rate = false\nconsecutive_failures = 5\n\
+         [targets.t.breaker]\nconsecutive_failures = false\n",
+    );
+    assert_eq!(field, "targets.t.breaker");
+    assert!(reason.contains("no rule can open"), "{reason}");
+
+    // `true` is not a value.
+    let (field, reason) = from_toml_field("[breaker]\nconsecutive_failures = true\n");
+    assert_eq!(field, "breaker.consecutive_failures");
+    assert!(reason.contains("false to switch"), "{reason}");
+}
+
+/// The resolved configuration, written as TOML (what `fusebox check` prints), parses back to
+/// the same configuration: switched-off rules are written `false`, durations as strings.
+#[test]
+fn the_resolved_configuration_round_trips_through_toml() {
+    for text in [
+        REALISTIC,
+        "[breaker]\nconsecutive_failures = false\nslow_call_duration = \"3s\"\n\
+         [targets.\"a.b/c:d@e\".breaker]\nfailure_rate = false\n[features.f]\nrate = false\n",
+    ] {
+        let c = Config::from_toml(text).expect("valid").resolved();
+        let written = toml::to_string(&c).expect("serializes");
+        let back = Config::from_toml(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+        assert_eq!(back, c, "{written}");
+    }
+}
+
+/// Regression: TOML syntax errors lost their line and column.
+#[test]
+fn syntax_errors_give_line_and_column() {
+    let (field, reason) = from_toml_field("namespace = \"app\"\n\n[breaker]\nwindow = \"1m\n");
+    assert_eq!(field, "(file)");
+    assert!(reason.contains("line 4"), "{reason}");
+    assert!(reason.contains("column"), "{reason}");
+    // Wrong values say where they are too.
+    let (field, reason) = from_toml_field("[features.chat]\n\nlease = \"soon\"\n");
+    assert_eq!(field, "features.chat.lease");
+    assert!(reason.contains("line 3"), "{reason}");
+}
+
+/// Regression: duration errors did not show the accepted form.
+#[test]
+fn duration_errors_show_the_accepted_form() {
+    for text in [
+        "[features.chat]\nlease = \"soon\"\n",
+        "[breaker]\nwindow = 5\n",
+        "[breaker]\nslow_call_duration = \"fast\"\n",
+        "[targets.m.breaker]\nopen_duration = \"a while\"\n",
+    ] {
+        let (_, reason) = from_toml_field(text);
+        assert!(reason.contains("\"30s\""), "{text:?}: {reason}");
+    }
+}
+
+/// Regression: messages carried Rust jargon (`expected u32`, `as i128`, `Duration`
+/// debug output) and the namespace hint listed `:` although it is refused.
+#[test]
+fn messages_speak_toml_not_rust() {
+    let mut reasons = Vec::new();
+    for text in [
+        "[breaker]\nminimum_calls = \"twenty\"\n",
+        "[breaker]\nminimum_calls = -1\n",
+        "[breaker]\nminimum_calls = 99999999999999\n",
+        "[features.chat]\nmax_concurrent = 1.5\n",
+        "[breaker]\nfailure_rate = \"high\"\n",
+        "[breaker]\nopen_duration = \"0s\"\n",
+        "[redis]\nurl = \"redis://h:1\"\ntimeout = \"1h\"\n",
+        "[features.chat]\nrate = { requests = 0, per = \"1s\" }\n",
+        "[targets.m.breaker]\nwindow_buckets = \"many\"\n",
+    ] {
+        let (_, reason) = from_toml_field(text);
+        reasons.push(format!("{text:?}: {reason}"));
+    }
+    for r in &reasons {
+        for jargon in [
+            "u32", "u64", "i64", "i128", "f64", "usize", "Duration", "Some(",
+        ] {
+            assert!(!r.contains(jargon), "{jargon:?} in {r}");
+        }
+    }
+    let (field, reason) = from_toml_field("namespace = \"a:b\"\n");
+    assert_eq!(field, "namespace");
+    assert!(reason.contains("':'"), "{reason}");
+    assert!(!reason.contains(":/@"), "the hint offers ':': {reason}");
+}
+
+/// README's commands use `fusebox.example.toml`: it parses, is embedded (no `[redis]`), and
+/// shows inheritance and a switch-off.
+#[test]
+fn the_example_file_parses() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fusebox.example.toml");
+    let text = std::fs::read_to_string(&path).expect("fusebox.example.toml is in the repository");
+    let c = Config::from_toml(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.redis.is_none(), "the example runs embedded by default");
+    assert!(text.contains("# [redis]"), "with a commented Redis section");
+    assert!(!c.targets.is_empty() && !c.features.is_empty());
 }

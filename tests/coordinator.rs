@@ -403,7 +403,8 @@ async fn targets_use_breaker_defaults_unless_overridden(env: Env) {
         BreakerConfig {
             consecutive_failures: Some(2),
             ..BreakerConfig::default()
-        },
+        }
+        .into(),
     );
     let (c, rec) = env.start(config).await;
 
@@ -587,9 +588,10 @@ async fn invalid_configuration_is_refused_at_build_naming_the_field() {
             BreakerConfig {
                 failure_rate: Some(0.0),
                 ..BreakerConfig::default()
-            },
+            }
+            .into(),
         );
-        assert_eq!(build_error(c).await.0, "targets.m.failure_rate");
+        assert_eq!(build_error(c).await.0, "targets.m.breaker.failure_rate");
 
         let mut c = base();
         c.features.insert("a b".into(), FeatureConfig::default());

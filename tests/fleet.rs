@@ -467,7 +467,7 @@ const PLAIN: &str = "plain";
 fn breaker_config(tag: &str, url: String, target: &str, b: BreakerConfig) -> Config {
     let mut c = config(tag, single(url));
     c.features.insert(PLAIN.into(), FeatureConfig::default());
-    c.targets.insert(target.into(), b);
+    c.targets.insert(target.into(), b.into());
     c
 }
 

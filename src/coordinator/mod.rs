@@ -144,13 +144,13 @@ impl CoordinatorBuilder {
         let ns = config.namespace.clone();
 
         let mut targets = HashMap::new();
-        for (name, b) in &config.targets {
+        for name in config.targets.keys() {
             targets.insert(
                 name.clone(),
                 Arc::new(TargetSpec {
                     name: name.clone(),
                     keys: target_keys(&ns, name),
-                    params: BreakerParams::from_config(b, idle_ttl_ms),
+                    params: BreakerParams::from_config(&config.breaker_for(name), idle_ttl_ms),
                 }),
             );
         }

@@ -1,0 +1,178 @@
+//! Configuration: plain serde structs (TOML-friendly), defaults on every field, validated
+//! when the coordinator is built. Durations are written as `"60s"`, `"50ms"`, `"5m"`; a rule
+//! is switched off with `false`. One file per section: [`redis`](RedisConfig),
+//! [`breaker`](BreakerConfig), [`targets`](TargetConfig), [`features`](FeatureConfig); the
+//! checks they share are in `validate`, the switch-off syntax in `switch`.
+
+mod breaker;
+mod feature;
+mod redis;
+mod switch;
+mod target;
+mod validate;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::breaker::BreakerConfig;
+pub use self::feature::{FeatureConfig, RateConfig, StorePolicy};
+pub use self::redis::{redact_url, RedisConfig};
+pub use self::target::{BreakerOverrides, TargetConfig};
+pub use self::validate::check_name;
+use crate::Error;
+
+/// The whole fusebox configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Prefix that separates applications sharing one Redis: every key is
+    /// `fusebox:{<namespace>:...}`. Letters, digits and `._-/@` only (no `:`, which ends the
+    /// namespace inside a key). Default: `"default"`.
+    pub namespace: String,
+    /// The shared store. `None` (no `[redis]` table): the embedded in-process store, for a
+    /// single replica. Default: `None`.
+    pub redis: Option<RedisConfig>,
+    /// Breaker settings of every target; a target's own `breaker` table changes single
+    /// fields of it. Default: see [`BreakerConfig`].
+    pub breaker: BreakerConfig,
+    /// Targets (models or endpoints) with settings of their own: `[targets."<name>".breaker]`
+    /// sets breaker fields that differ from `[breaker]`, field by field. Default: empty.
+    pub targets: BTreeMap<String, TargetConfig>,
+    /// Features (call sites such as `chat` or `batch-summaries`) with their bulkhead, rate
+    /// limit and store-down policy. A call must name a configured feature. Default: empty.
+    pub features: BTreeMap<String, FeatureConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            namespace: "default".to_owned(),
+            redis: None,
+            breaker: BreakerConfig::default(),
+            targets: BTreeMap::new(),
+            features: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    /// A copy with passwords in Redis URLs replaced by `***` (for printing).
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if let Some(r) = c.redis.as_mut() {
+            r.url = r.url.as_deref().map(redact_url);
+            r.cluster = r.cluster.iter().map(|u| redact_url(u)).collect();
+        }
+        c
+    }
+
+    /// The configuration as it takes effect: every default filled in, every target's
+    /// breaker spelled out field by field (inherited fields included).
+    pub fn resolved(&self) -> Config {
+        let mut c = self.clone();
+        if let Some(r) = c.redis.as_mut() {
+            r.operator_timeout = Some(r.resolved_operator_timeout());
+        }
+        for t in c.targets.values_mut() {
+            t.breaker = BreakerOverrides::all(&t.breaker(&self.breaker));
+        }
+        c
+    }
+
+    /// The breaker settings `target` runs with: its own fields over `[breaker]`.
+    pub fn breaker_for(&self, target: &str) -> BreakerConfig {
+        match self.targets.get(target) {
+            Some(t) => t.breaker(&self.breaker),
+            None => self.breaker.clone(),
+        }
+    }
+
+    /// Parses TOML and validates it. Syntax errors give line and column; unknown fields and
+    /// wrong types name the field by its dotted path (`features.chat.max_concurrent`).
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            let place = at(text, e.span()).map_or(String::new(), |p| format!("{p}: "));
+            Error::config("(file)", format!("{place}TOML syntax: {}", e.message()))
+        })?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut message = inner.message().to_owned();
+            if message.is_empty() {
+                message = inner.to_string();
+            }
+            let field = if path == "." {
+                "(file)".to_owned()
+            } else {
+                path
+            };
+            let mut reason = plain_words(&message);
+            if let Some(place) = at(text, inner.span()) {
+                reason = format!("{place}: {reason}");
+            }
+            Error::config(field, reason)
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate::check_namespace("namespace", &self.namespace)?;
+        if let Some(r) = &self.redis {
+            r.validate()?;
+        }
+        self.breaker.validate("breaker")?;
+        for (name, t) in &self.targets {
+            check_name(&format!("targets.{name}"), name)?;
+            t.breaker(&self.breaker)
+                .validate(&format!("targets.{name}.breaker"))?;
+        }
+        for (name, f) in &self.features {
+            check_name(&format!("features.{name}"), name)?;
+            f.validate(&format!("features.{name}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// `line L, column C` of a byte span in `text`.
+fn at(text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+    let start = span?.start.min(text.len());
+    let before = text.get(..start)?;
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Some(format!("line {line}, column {column}"))
+}
+
+/// serde's messages without Rust type names, and with the accepted form of durations.
+fn plain_words(message: &str) -> String {
+    let mut m = message.to_owned();
+    for (rust, plain) in [
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+    ] {
+        m = m.replace(rust, plain);
+    }
+    if m.starts_with("invalid value: integer") && m.ends_with("expected a whole number") {
+        m.push_str(" from 0 to 4294967295");
+    }
+    let lower = m.to_ascii_lowercase();
+    if (lower.contains("expected a duration")
+        || lower.contains("time unit")
+        || lower.contains("expected number"))
+        && !m.contains(switch::DURATION_FORM)
+    {
+        m = format!("{m}; {}", switch::DURATION_FORM);
+    }
+    if m.starts_with("unknown field") && m.ends_with("expected `breaker`") {
+        m.push_str(
+            "; a target's breaker settings go in its own table: [targets.\"<name>\".breaker]",
+        );
+    }
+    m
+}

@@ -1,0 +1,157 @@
+//! `[targets."<name>"]`: one target (a model or endpoint). Today it holds breaker settings,
+//! in a `breaker` table of its own (`[targets."claude-sonnet-4-5".breaker]`), so that the
+//! target can grow (model, upstream, timeout, max_tokens) without moving them.
+//!
+//! Breaker fields inherit from `[breaker]` one by one: a field set here replaces
+//! `[breaker]`'s, a field left out keeps it, and `false` switches a rule off for this target
+//! only.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::breaker::BreakerConfig;
+use super::switch;
+
+/// One target's settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Breaker settings that differ from `[breaker]`. Default: none (all inherited).
+    pub breaker: BreakerOverrides,
+}
+
+impl From<BreakerConfig> for TargetConfig {
+    /// A target whose every breaker field is set (nothing inherited).
+    fn from(b: BreakerConfig) -> Self {
+        TargetConfig {
+            breaker: BreakerOverrides::all(&b),
+        }
+    }
+}
+
+impl TargetConfig {
+    /// This target's breaker: `[breaker]` with this target's fields over it.
+    pub fn breaker(&self, base: &BreakerConfig) -> BreakerConfig {
+        self.breaker.apply(base)
+    }
+}
+
+/// Breaker fields a target sets; `None` inherits `[breaker]`'s. See [`BreakerConfig`] for
+/// what each means and its range.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct BreakerOverrides {
+    /// `Some(None)`: switched off for this target (`false` in TOML).
+    #[serde(
+        with = "switch::inherit_count_or_off",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub consecutive_failures: Option<Option<u32>>,
+    /// `Some(None)`: switched off for this target (`false` in TOML).
+    #[serde(
+        with = "switch::inherit_percent_or_off",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub failure_rate: Option<Option<f64>>,
+    #[serde(
+        deserialize_with = "switch::inherit_count::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub minimum_calls: Option<u32>,
+    #[serde(
+        with = "switch::inherit_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window: Option<Duration>,
+    #[serde(
+        deserialize_with = "switch::inherit_count::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window_buckets: Option<u32>,
+    /// `Some(None)`: slow calls not tracked for this target (`false` in TOML).
+    #[serde(
+        with = "switch::inherit_duration_or_off",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub slow_call_duration: Option<Option<Duration>>,
+    #[serde(
+        deserialize_with = "switch::inherit_percent::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub slow_call_rate: Option<f64>,
+    #[serde(
+        with = "switch::inherit_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub open_duration: Option<Duration>,
+    #[serde(
+        deserialize_with = "switch::inherit_percent::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub open_duration_multiplier: Option<f64>,
+    #[serde(
+        with = "switch::inherit_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_open_duration: Option<Duration>,
+    #[serde(
+        deserialize_with = "switch::inherit_count::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub half_open_probes: Option<u32>,
+    #[serde(
+        deserialize_with = "switch::inherit_count::deserialize",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub half_open_successes: Option<u32>,
+    #[serde(
+        with = "switch::inherit_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub probe_timeout: Option<Duration>,
+}
+
+impl BreakerOverrides {
+    /// Every field set from `b`.
+    pub fn all(b: &BreakerConfig) -> Self {
+        BreakerOverrides {
+            consecutive_failures: Some(b.consecutive_failures),
+            failure_rate: Some(b.failure_rate),
+            minimum_calls: Some(b.minimum_calls),
+            window: Some(b.window),
+            window_buckets: Some(b.window_buckets),
+            slow_call_duration: Some(b.slow_call_duration),
+            slow_call_rate: Some(b.slow_call_rate),
+            open_duration: Some(b.open_duration),
+            open_duration_multiplier: Some(b.open_duration_multiplier),
+            max_open_duration: Some(b.max_open_duration),
+            half_open_probes: Some(b.half_open_probes),
+            half_open_successes: Some(b.half_open_successes),
+            probe_timeout: Some(b.probe_timeout),
+        }
+    }
+
+    /// `base` with the fields set here over it.
+    pub fn apply(&self, base: &BreakerConfig) -> BreakerConfig {
+        let b = base.clone();
+        BreakerConfig {
+            consecutive_failures: self.consecutive_failures.unwrap_or(b.consecutive_failures),
+            failure_rate: self.failure_rate.unwrap_or(b.failure_rate),
+            minimum_calls: self.minimum_calls.unwrap_or(b.minimum_calls),
+            window: self.window.unwrap_or(b.window),
+            window_buckets: self.window_buckets.unwrap_or(b.window_buckets),
+            slow_call_duration: self.slow_call_duration.unwrap_or(b.slow_call_duration),
+            slow_call_rate: self.slow_call_rate.unwrap_or(b.slow_call_rate),
+            open_duration: self.open_duration.unwrap_or(b.open_duration),
+            open_duration_multiplier: self
+                .open_duration_multiplier
+                .unwrap_or(b.open_duration_multiplier),
+            max_open_duration: self.max_open_duration.unwrap_or(b.max_open_duration),
+            half_open_probes: self.half_open_probes.unwrap_or(b.half_open_probes),
+            half_open_successes: self.half_open_successes.unwrap_or(b.half_open_successes),
+            probe_timeout: self.probe_timeout.unwrap_or(b.probe_timeout),
+        }
+    }
+}
