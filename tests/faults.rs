@@ -23,7 +23,7 @@ use fusebox::{
     Permit, RateConfig, RedisConfig, Rejection, StorePolicy, Transition, TransitionReason,
 };
 use rand::Rng;
-use support::{unique_name, RedisServer};
+use support::{unique_name, RedisCluster, RedisServer};
 
 /// Store timeout of the tests where Redis goes away: short, as in production.
 const FAULT_TIMEOUT: Duration = Duration::from_millis(50);
@@ -93,6 +93,8 @@ struct Recorder {
     degraded: AtomicUsize,
     recovered: AtomicUsize,
     settle_dropped: AtomicUsize,
+    /// Items the `SettleDropped` events counted.
+    settle_dropped_items: AtomicUsize,
     transitions: Mutex<Vec<Transition>>,
     /// Kinds of every event except rejections, in order.
     log: Mutex<Vec<&'static str>>,
@@ -109,8 +111,9 @@ impl Observer for Recorder {
                 self.recovered.fetch_add(1, SeqCst);
                 "recovered"
             }
-            Event::SettleDropped { .. } => {
+            Event::SettleDropped { count, .. } => {
                 self.settle_dropped.fetch_add(1, SeqCst);
+                self.settle_dropped_items.fetch_add(*count, SeqCst);
                 "settle_dropped"
             }
             Event::Transition(t) => {
@@ -976,5 +979,82 @@ async fn a_short_stall_does_not_block_the_bulkhead_for_a_lease() {
     assert!(
         ok >= 200,
         "after the stall calls should be admitted again: {ok} admitted, {full} refused"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A settle batch with one slow call (issue 5, §2.8)
+// ---------------------------------------------------------------------------------------------
+
+/// One settle batch carries a failure of target A (it trips A's breaker) and a success of
+/// target B, whose keys live on another Cluster master; that master is SIGSTOPped while the
+/// batch is sent. A's call completes, B's times out: A's trip must be reported, and
+/// `SettleDropped` must count B's item only (not the whole batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_batch_that_times_out_keeps_what_completed() {
+    let _serial = SERIAL.lock().await;
+    let cluster = tokio::task::block_in_place(|| RedisCluster::start(3));
+    let ns = namespace("settle-timeout");
+    // The master that owns a key answers EXISTS; the others answer MOVED.
+    let owner = |key: &str| {
+        cluster
+            .nodes()
+            .iter()
+            .position(|n| n.try_cli(&["EXISTS", key]).is_ok())
+            .expect("a master owns every slot")
+    };
+    let mut names = (0..64).map(|i| format!("model-{i}"));
+    let a = names.next().expect("a name");
+    let a_node = tokio::task::block_in_place(|| owner(&target_keys(&ns, &a).breaker));
+    let b = names
+        .find(|n| tokio::task::block_in_place(|| owner(&target_keys(&ns, n).breaker)) != a_node)
+        .expect("a target on another master");
+    let b_node = tokio::task::block_in_place(|| owner(&target_keys(&ns, &b).breaker));
+
+    let mut cfg = Config {
+        namespace: ns,
+        redis: Some(RedisConfig {
+            cluster: cluster.urls(),
+            timeout: ms(300),
+            connect_timeout: ms(2000),
+            // Long enough that both settles go out in one batch.
+            settle_delay: ms(50),
+            ..RedisConfig::default()
+        }),
+        ..Config::default()
+    };
+    cfg.breaker = BreakerConfig {
+        consecutive_failures: Some(1),
+        failure_rate: None,
+        ..BreakerConfig::default()
+    };
+    cfg.features.insert(OPEN.into(), FeatureConfig::default());
+    let (c, rec) = coordinator(cfg).await;
+    let pa = within("admit a", c.admit(OPEN, &a)).await.expect("admit a");
+    let pb = within("admit b", c.admit(OPEN, &b)).await.expect("admit b");
+    assert!(!pa.is_local() && !pb.is_local());
+
+    cluster.nodes()[b_node].pause();
+    pa.failure();
+    pb.success();
+    within("flush", c.flush(Duration::from_secs(2))).await;
+    cluster.nodes()[b_node].resume();
+
+    let reported = lock(&rec.transitions).clone();
+    eprintln!(
+        "events: {:?}; dropped items {}",
+        lock(&rec.log),
+        rec.settle_dropped_items.load(SeqCst)
+    );
+    assert!(
+        reported
+            .iter()
+            .any(|t| t.target == a && t.to == CircuitState::Open && t.generation == 1),
+        "the trip of {a} (its settle call completed) was not reported: {reported:?}"
+    );
+    assert_eq!(
+        rec.settle_dropped_items.load(SeqCst),
+        1,
+        "only the settle of {b} (on the stopped master) was not delivered"
     );
 }

@@ -927,6 +927,68 @@ async fn split_admit_releases_permit_and_refunds_rate_when_the_breaker_refuses()
     assert!(a.permit, "rate slot refunded and permit free");
 }
 
+/// Issue 5 §2.8: a caller dropped after its answer arrived but before it read it. The answer
+/// was a refusal that carries a transition (open -> half-open: the breaker part moved the
+/// breaker, the feature part refused): nobody else will report that transition, so the store
+/// gives it to the transition sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_with_a_transition_is_reported_when_its_caller_was_dropped() {
+    let server = RedisServer::start();
+    let store = connect(&server).await.with_split_admit(true);
+    let lost = Arc::new(std::sync::Mutex::new(Vec::<Transition>::new()));
+    let sink = Arc::clone(&lost);
+    store.set_transition_sink(Arc::new(move |t| {
+        sink.lock().unwrap_or_else(|p| p.into_inner()).push(t)
+    }));
+    let cfg = BreakerConfig {
+        half_open_probes: 1,
+        half_open_successes: 1,
+        ..fast_breaker()
+    };
+    let t = target("m", &cfg);
+    let healthy = target("h", &cfg);
+    let f = feature(
+        "chat",
+        Some(BulkheadParams {
+            limit: 1,
+            lease_ms: 30_000,
+        }),
+        None,
+    );
+    trip(&store, &t, &plain_feature("plain")).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let _holder = admitted(&store, &healthy, &f, "holder").await;
+
+    let mut admission = Box::pin(store.admit(AdmitRequest {
+        target: &t,
+        feature: &f,
+        call_id: "dropped",
+    }));
+    let first =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(Future::poll(admission.as_mut(), cx)))
+            .await;
+    assert!(
+        first.is_pending(),
+        "answered without a round trip: {first:?}"
+    );
+    // The admission ran (the breaker is half-open) and its answer is on its way back.
+    eventually(Duration::from_secs(5), "the breaker part ran", || async {
+        store.snapshot(&t).await.expect("snapshot").state == CircuitState::HalfOpen
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(admission);
+
+    let reported = lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert!(
+        reported
+            .iter()
+            .any(|tr| tr.target == "m" && tr.to == CircuitState::HalfOpen),
+        "open -> half-open made by the dropped caller's admission was never reported: \
+         {reported:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_admit_frees_the_probe_when_the_feature_refuses() {
     let server = RedisServer::start();

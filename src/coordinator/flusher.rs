@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use super::Sink;
 use crate::store::Settle;
-use crate::store::Store;
 
 /// How the flusher batches.
 #[derive(Debug, Clone, Copy)]
@@ -50,26 +49,28 @@ pub(crate) async fn run(sink: Sink, batching: Batching) {
     }
 }
 
-/// Sends one batch to the shared store and reports what it caused.
+/// Sends one batch to the shared store and reports what it caused: the transitions of the
+/// calls that completed (even when others failed), and the items not delivered.
 pub(crate) async fn deliver(sink: &Sink, batch: &[Settle]) {
-    match sink.store.settle(batch).await {
-        Ok(transitions) => {
-            sink.reporter.store_ok();
-            for t in transitions {
-                sink.reporter.emit(crate::Event::Transition(t));
-            }
-            for s in batch.iter().filter(|s| s.permit) {
-                if let Some(f) = sink.features.get(&s.feature.name) {
-                    f.released.notify_one();
-                }
+    let report = sink.store.settle_report(batch).await;
+    match &report.error {
+        None => sink.reporter.store_ok(),
+        Some(error) => sink.reporter.store_failed(error),
+    }
+    for t in report.transitions {
+        sink.reporter.emit(crate::Event::Transition(t));
+    }
+    if report.dropped < batch.len() {
+        for s in batch.iter().filter(|s| s.permit) {
+            if let Some(f) = sink.features.get(&s.feature.name) {
+                f.released.notify_one();
             }
         }
-        Err(error) => {
-            sink.reporter.store_failed(&error);
-            sink.reporter.emit(crate::Event::SettleDropped {
-                count: batch.len(),
-                error,
-            });
-        }
+    }
+    if let (Some(error), true) = (report.error, report.dropped > 0) {
+        sink.reporter.emit(crate::Event::SettleDropped {
+            count: report.dropped,
+            error,
+        });
     }
 }

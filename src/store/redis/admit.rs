@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::batch;
 use super::compensate::{Compensation, Taken, Took};
@@ -34,7 +34,9 @@ pub(super) enum Part {
 pub(super) type PartResult = Result<(Part, Option<Transition>), StoreError>;
 
 impl RedisStore {
-    /// Admission through the batcher; a direct script call when its queue is full (or gone).
+    /// Admission through the batcher; when its queue is full (or gone), by a task of its own
+    /// that makes the script call(s) directly. Either way the caller waits for the answer in
+    /// the same way, so a caller that stops waiting is compensated the same way.
     pub(super) async fn admit_batched(
         &self,
         req: AdmitRequest<'_>,
@@ -46,8 +48,15 @@ impl RedisStore {
             call_id: req.call_id.to_owned(),
             reply,
         };
-        if self.admissions.try_send(job).is_err() {
-            return self.admit_direct(req).await;
+        if let Err(e) = self.admissions.try_send(job) {
+            let job = match e {
+                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
+                    job
+                }
+            };
+            self.core
+                .runtime
+                .spawn(admit_direct(Arc::clone(&self.core), job));
         }
         let t = self.core.timeout;
         // If this future is dropped while waiting (the caller was cancelled), the guard
@@ -67,8 +76,8 @@ impl RedisStore {
         match waited {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => {
-                // The batcher went away with the job (its runtime is shutting down): the
-                // script may have run.
+                // The batcher (or the direct task) went away with the job (its runtime is
+                // shutting down): the script may have run.
                 let e = StoreError::Connection("fusebox: the admission batcher stopped".to_owned());
                 let c = Compensation::give_back(Taken::failed(&e), None);
                 self.core
@@ -84,33 +93,44 @@ impl RedisStore {
             }
         }
     }
+}
 
-    /// Admission by this caller's own script call(s), without the batcher.
-    pub(super) async fn admit_direct(
-        &self,
-        req: AdmitRequest<'_>,
-    ) -> Result<Admission, StoreError> {
-        let core = &self.core;
-        let one = [req.call_id];
-        if self.splits_admit() {
-            // The feature part only for a call the breaker admitted (as the batcher does).
-            let b = first(
-                core.admit_calls(AdmitMode::Breaker, req.target, req.feature, one, 1)
-                    .await,
-            );
-            if !matches!(b, Ok((Part::Admitted { .. }, _))) {
-                return core.combine_breaker_refused(req.target, req.feature, req.call_id, b);
-            }
+/// One admission by its own script call(s), without the batcher (its queue was full): answers
+/// `job` as the batcher would, and gives back what it was granted when its caller is gone.
+async fn admit_direct(core: Arc<Core>, job: batch::Job) {
+    let batch::Job {
+        split,
+        specs,
+        call_id,
+        reply,
+    } = job;
+    if reply.is_closed() {
+        return; // the caller already gave up: no admission (and none to give back)
+    }
+    let (target, feature) = (&specs.target, &specs.feature);
+    let one = [call_id.as_str()];
+    let answer = if split {
+        // The feature part only for a call the breaker admitted (as the batcher does).
+        let b = first(
+            core.admit_calls(AdmitMode::Breaker, target, feature, one, 1)
+                .await,
+        );
+        if matches!(b, Ok((Part::Admitted { .. }, _))) {
             let f = core
-                .admit_calls(AdmitMode::Feature, req.target, req.feature, one, 1)
+                .admit_calls(AdmitMode::Feature, target, feature, one, 1)
                 .await;
-            core.combine_split(req.target, req.feature, req.call_id, b, first(f))
+            core.combine_split(target, feature, &call_id, b, first(f))
         } else {
-            let r = core
-                .admit_calls(AdmitMode::Both, req.target, req.feature, one, 1)
-                .await;
-            core.combine_whole(req.target, req.feature, req.call_id, first(r))
+            core.combine_breaker_refused(target, feature, &call_id, b)
         }
+    } else {
+        let r = core
+            .admit_calls(AdmitMode::Both, target, feature, one, 1)
+            .await;
+        core.combine_whole(target, feature, &call_id, first(r))
+    };
+    if let Err(answer) = reply.send(answer) {
+        core.unused_answer(target, feature, &call_id, &answer);
     }
 }
 

@@ -31,6 +31,8 @@ mod ride;
 mod scripts;
 mod settle;
 mod takeback;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use self::pending::SettleQueue;
 
@@ -334,7 +336,7 @@ impl Store for RedisStore {
     }
 
     /// One `settle.lua` call per target (chunks of `settle_batch`, in order) and one
-    /// `release.lua` call per feature, all sent concurrently, bounded together by the timeout;
+    /// `release.lua` call per feature, all sent concurrently, each bounded by the timeout;
     /// on a single node a target's first call also carries a feature's first release.
     ///
     /// When every outcome was recorded but a release was refused by Redis (a key of the wrong

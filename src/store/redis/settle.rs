@@ -6,7 +6,6 @@ use std::collections::HashMap;
 
 use futures_util::future::{join, join_all};
 
-use super::conn::map_err;
 use super::reply;
 use super::scripts::{self, Outcome, Release};
 use super::RedisStore;
@@ -15,56 +14,72 @@ use crate::store::{FeatureSpec, Settle, TargetSpec};
 use crate::StoreError;
 
 impl RedisStore {
-    /// One target's settle calls (chunks of `settle_batch`, in order, one after the other),
-    /// the first carrying `ride` (a feature's release) if any: the transitions of the calls
-    /// that succeeded, the error that stopped them, the failure of the release.
+    /// One target's settle calls (chunks of `settle_batch`, in order, one after the other,
+    /// each bounded by the timeout), the first carrying `ride` (a feature's first release)
+    /// if any.
     async fn settle_target(
         &self,
         target: &TargetSpec,
         outcomes: &[Outcome],
         mut ride: Option<Release<'_, &str>>,
-    ) -> (Vec<Transition>, Option<StoreError>, Option<StoreError>) {
-        let (conn, t) = (&self.core.conn, self.core.timeout);
-        let mut out = Vec::new();
-        let mut release_error = None;
-        for chunk in outcomes.chunks(self.core.settle_batch) {
-            let inv = match ride.take() {
+    ) -> TargetResult {
+        let mut out = TargetResult {
+            transitions: Vec::new(),
+            entries_done: 0,
+            error: None,
+            ride: None,
+        };
+        for chunk in outcomes.chunks(self.core.settle_batch.max(1)) {
+            let riding = ride.take();
+            let carried = riding.is_some();
+            let inv = match riding {
                 Some(r) => scripts::settle_and_release(&target.keys, &target.params, chunk, r),
                 None => scripts::settle(&target.keys, &target.params, chunk),
             };
-            let r = conn.invoke(&inv).await.map_err(|e| map_err(e, t));
-            self.core.note(&r);
-            let r = match r {
+            let r = match self.core.call(&inv).await {
                 Ok(v) => {
                     let (v, e) = reply::split_release_error(v);
-                    release_error = release_error.or(e);
+                    if carried {
+                        out.ride = Some(e.map_or(Ok(()), Err));
+                    }
                     reply::transitions(v, &target.name, "settle.lua")
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    if carried {
+                        out.ride = Some(Err(e.clone()));
+                    }
+                    Err(e)
+                }
             };
             match r {
-                Ok(trs) => out.extend(trs),
-                Err(e) => return (out, Some(e), release_error),
+                Ok(trs) => {
+                    out.transitions.extend(trs);
+                    out.entries_done += chunk.len();
+                }
+                Err(e) => {
+                    out.error = Some(e);
+                    return out;
+                }
             }
         }
-        (out, None, release_error)
+        out
     }
 
-    /// Runs every script call of one settle batch concurrently.
+    /// Runs every script call of one settle batch concurrently, each bounded by the timeout
+    /// on its own (so a slow call does not lose what the others did), and counts the items
+    /// that were not delivered.
     ///
     /// On a single node, the first release call of the i-th feature rides along with the
     /// first settle call of the i-th target (one script call: `settle.lua` with a release),
     /// so that a batch of one target and one feature takes one round trip. A release part
     /// that fails does not stop its outcomes from being recorded (as with separate calls).
     pub(super) async fn settle_all(&self, items: &[Settle]) -> SettleResult {
-        let batch = self.core.settle_batch;
-        let (targets, features) = group(items);
-        let conn = &self.core.conn;
-        let t = self.core.timeout;
+        let batch = self.core.settle_batch.max(1);
+        let (targets, features, places) = group_placed(items);
 
         // Each feature's release calls (id chunks; the first carries the refunds).
         let mut riding: Vec<Option<Release<'_, &str>>> = vec![None; targets.len()];
-        let mut alone: Vec<Release<'_, &str>> = Vec::new();
+        let mut alone: Vec<(usize, usize, Release<'_, &str>)> = Vec::new();
         for (i, g) in features.iter().enumerate() {
             let emission_us = g.feature.rate.map_or(0, |r| r.emission_us);
             let mut calls = g.ids.chunks(batch).enumerate().map(|(c, ids)| Release {
@@ -81,56 +96,141 @@ impl RedisStore {
             });
             match riding.get_mut(i).filter(|_| !self.is_cluster()) {
                 Some(slot) => *slot = Some(first),
-                None => alone.push(first),
+                None => alone.push((i, 0, first)),
             }
-            alone.extend(calls);
+            alone.extend(calls.enumerate().map(|(c, r)| (i, c + 1, r)));
         }
 
         let target_calls = targets
             .iter()
             .zip(riding)
             .map(|((target, outcomes), ride)| self.settle_target(target, outcomes, ride));
-        let feature_calls = alone.into_iter().map(|r| {
+        let feature_calls = alone.iter().map(|(_, _, r)| {
             let inv = scripts::release(r.keys, r.emission_us, r.refunds, r.permit_ids);
             async move {
-                let r = conn.invoke(&inv).await.map_err(|e| map_err(e, t));
-                self.core.note(&r);
-                match r {
-                    Ok(v) => reply::int(&v, "release.lua").err(),
-                    Err(e) => Some(e),
+                match self.core.call(&inv).await {
+                    Ok(v) => reply::int(&v, "release.lua").map(drop),
+                    Err(e) => Err(e),
                 }
             }
         });
-        let work = join(join_all(target_calls), join_all(feature_calls));
+        let (target_results, feature_results) =
+            join(join_all(target_calls), join_all(feature_calls)).await;
+
         let mut result = SettleResult {
             transitions: Vec::new(),
             outcome_error: None,
             release_error: None,
+            dropped: 0,
         };
-        match tokio::time::timeout(t, work).await {
-            Err(_) => result.outcome_error = Some(StoreError::Timeout(t)),
-            Ok((target_results, feature_errors)) => {
-                for (trs, outcome_error, release_error) in target_results {
-                    result.transitions.extend(trs);
-                    result.outcome_error = result.outcome_error.or(outcome_error);
-                    result.release_error = result.release_error.or(release_error);
+        // Which release chunks of each feature were delivered.
+        let mut released: Vec<Vec<bool>> = features
+            .iter()
+            .map(|g| vec![false; g.ids.len().div_ceil(batch).max(1)])
+            .collect();
+        let mut entries_done = Vec::with_capacity(target_results.len());
+        for (i, r) in target_results.into_iter().enumerate() {
+            result.transitions.extend(r.transitions);
+            result.outcome_error = result.outcome_error.take().or(r.error);
+            entries_done.push(r.entries_done);
+            match r.ride {
+                Some(Ok(())) => {
+                    if let Some(done) = released.get_mut(i).and_then(|c| c.get_mut(0)) {
+                        *done = true;
+                    }
                 }
-                let more = feature_errors.into_iter().flatten().next();
-                result.release_error = result.release_error.or(more);
+                Some(Err(e)) => result.release_error = result.release_error.take().or(Some(e)),
+                None => {}
             }
         }
+        for ((f, c, _), r) in alone.iter().zip(feature_results) {
+            match r {
+                Ok(()) => {
+                    if let Some(done) = released.get_mut(*f).and_then(|cs| cs.get_mut(*c)) {
+                        *done = true;
+                    }
+                }
+                Err(e) => result.release_error = result.release_error.take().or(Some(e)),
+            }
+        }
+        let chunk_ok = |f: usize, c: usize| {
+            released
+                .get(f)
+                .and_then(|cs| cs.get(c))
+                .copied()
+                .unwrap_or(false)
+        };
+        result.dropped = places
+            .iter()
+            .filter(|p| {
+                let outcome_ok = p
+                    .outcome
+                    .is_none_or(|(t, entry)| entries_done.get(t).is_some_and(|done| entry < *done));
+                let release_ok = p.release.is_none_or(|(f, id, refund)| {
+                    id.is_none_or(|id| chunk_ok(f, id / batch)) && (!refund || chunk_ok(f, 0))
+                });
+                !(outcome_ok && release_ok)
+            })
+            .count();
         result
     }
+}
+
+/// What one target's settle calls did.
+struct TargetResult {
+    /// Transitions of the calls that succeeded.
+    transitions: Vec<Transition>,
+    /// Entries recorded (the calls run in order and stop at the first failure).
+    entries_done: usize,
+    /// The failure that stopped them.
+    error: Option<StoreError>,
+    /// How the release riding with the first call went, if one did.
+    ride: Option<Result<(), StoreError>>,
 }
 
 /// What one settle batch did.
 pub(super) struct SettleResult {
     /// Transitions made by the outcome calls that succeeded, in order per target.
     pub(super) transitions: Vec<Transition>,
-    /// The first failure of an outcome call (or of the batch: a timeout).
+    /// The first failure of an outcome call.
     pub(super) outcome_error: Option<StoreError>,
     /// The first failure of a release.
     pub(super) release_error: Option<StoreError>,
+    /// Items not delivered (or not certainly: a call that timed out may still apply).
+    pub(super) dropped: usize,
+}
+
+/// What [`RedisStore::settle_report`] tells the flusher about one batch.
+#[derive(Debug)]
+pub(crate) struct SettleReport {
+    /// Transitions made by the calls that completed (each exactly once).
+    pub(crate) transitions: Vec<Transition>,
+    /// Items not delivered.
+    pub(crate) dropped: usize,
+    /// The first failure, if any call failed.
+    pub(crate) error: Option<StoreError>,
+}
+
+impl RedisStore {
+    /// Settles `items` (as [`Store::settle`](crate::store::Store::settle)) and reports what
+    /// completed: the transitions made by the calls that completed even when others failed,
+    /// and how many items were not delivered.
+    pub(crate) async fn settle_report(&self, items: &[Settle]) -> SettleReport {
+        let r = self.settle_all(items).await;
+        SettleReport {
+            transitions: r.transitions,
+            dropped: r.dropped,
+            error: r.outcome_error.or(r.release_error),
+        }
+    }
+}
+
+/// Where one item of a settle batch went: its outcome (target group, entry) and its release
+/// (feature group, position among the permit ids, whether it refunds a rate slot).
+#[derive(Debug, Clone, Copy, Default)]
+struct Place {
+    outcome: Option<(usize, usize)>,
+    release: Option<(usize, Option<usize>, bool)>,
 }
 
 /// One target's outcomes of a settle batch, in order.
@@ -144,6 +244,13 @@ pub(super) struct FeatureGroup<'a> {
 }
 
 pub(super) fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup<'_>>) {
+    let (targets, features, _) = group_placed(items);
+    (targets, features)
+}
+
+/// [`group`], and where each item went.
+fn group_placed(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup<'_>>, Vec<Place>) {
+    let mut places = Vec::with_capacity(items.len());
     let mut targets: Vec<TargetGroup<'_>> = Vec::new();
     let mut target_at: HashMap<&str, usize> = HashMap::new();
     let mut features: Vec<FeatureGroup<'_>> = Vec::new();
@@ -151,6 +258,7 @@ pub(super) fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup
     // The groups of the previous item: consecutive items mostly share them.
     let (mut last_target, mut last_feature) = (usize::MAX, usize::MAX);
     for s in items {
+        let mut place = Place::default();
         // An ignored outcome of a call without a probe slot changes nothing: not sent.
         if s.outcome != CallOutcome::Ignored || s.probe {
             let same = targets.get(last_target).is_some_and(|(t, _)| {
@@ -169,6 +277,7 @@ pub(super) fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup
             last_target = i;
             if let Some((target, outcomes)) = targets.get_mut(i) {
                 push_outcome(outcomes, target, s);
+                place.outcome = Some((i, outcomes.len().saturating_sub(1)));
             }
         }
         let refund = s.refund_rate && s.feature.rate.is_some();
@@ -193,14 +302,18 @@ pub(super) fn group(items: &[Settle]) -> (Vec<TargetGroup<'_>>, Vec<FeatureGroup
             };
             last_feature = i;
             if let Some(g) = features.get_mut(i) {
+                let mut at = None;
                 if s.permit {
+                    at = Some(g.ids.len());
                     g.ids.push(s.call_id.as_str());
                 }
                 g.refunds += usize::from(refund);
+                place.release = Some((i, at, refund));
             }
         }
+        places.push(place);
     }
-    (targets, features)
+    (targets, features, places)
 }
 
 /// Appends one settled call to its target's entries, merged into the last entry when it is
