@@ -697,6 +697,16 @@ fn cluster_config_pointed_at_a_single_node_fails_naming_cluster_mode() {
     }
 }
 
+/// TLS spoken to a plain Redis port fails naming TLS (it used to say "timed out after 50ms").
+#[test]
+fn tls_to_a_plain_port_fails_naming_tls() {
+    let server = RedisServer::start();
+    let file = url_toml(&format!("rediss://127.0.0.1:{}", server.port()), "tls");
+    let run = fb(&file, &["--timeout", "2s", "status", "m"]);
+    run.assert_exit(4);
+    assert!(run.stderr.contains("TLS"), "{run:#?}");
+}
+
 #[test]
 fn unknown_host_fails_naming_dns() {
     let file = url_toml("redis://no-such-host.invalid:6379", "dns");

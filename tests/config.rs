@@ -904,3 +904,68 @@ fn the_example_file_parses() {
     assert!(text.contains("# [redis]"), "with a commented Redis section");
     assert!(!c.targets.is_empty() && !c.features.is_empty());
 }
+
+/// Issue 5 §2.9: `requests = 1, per = "24h", burst = 1000000` pushed the limiter's stored
+/// time past 2^53 µs, where Redis (Lua doubles) and the in-memory store (i128) disagree. The
+/// time a full burst takes to refill is bounded (365 days), well inside exact doubles.
+#[test]
+fn a_burst_that_takes_over_a_year_to_refill_is_refused() {
+    let (field, reason) =
+        from_toml_field("[features.f]\nrate = { requests = 1, per = \"24h\", burst = 1000000 }\n");
+    assert_eq!(field, "features.f.rate.burst");
+    assert!(reason.contains("refill"), "{reason}");
+    // The edge: exactly 365 days is accepted, one more request's worth is not.
+    Config::from_toml("[features.f]\nrate = { requests = 1, per = \"24h\", burst = 365 }\n")
+        .expect("365 days to refill is accepted");
+    let (field, _) =
+        from_toml_field("[features.f]\nrate = { requests = 1, per = \"24h\", burst = 366 }\n");
+    assert_eq!(field, "features.f.rate.burst");
+    // The largest accepted stored time stays far below 2^53 µs even a century from now.
+    let max_us = 365u64 * 86_400 * 1_000_000;
+    let year_2126_us = 4_923_000_000u64 * 1_000_000;
+    assert!(max_us + year_2126_us < 1 << 53);
+    // Ordinary rates are untouched.
+    Config::from_toml(
+        "[features.f]\nrate = { requests = 1000000000, per = \"24h\", burst = 1000000000 }\n",
+    )
+    .expect("a high rate with a large burst refills in a day");
+}
+
+/// Issue 5 §2.6: with `idle_ttl` shorter than an open period plus a probe, the breaker's hash
+/// expired while open or half-open and the breaker silently closed. Such a configuration is
+/// refused, naming `redis.idle_ttl` and the breaker that needs more.
+#[test]
+fn idle_ttl_must_outlive_an_open_period_and_a_probe() {
+    let base = "[redis]\nurl = \"redis://127.0.0.1:6379\"\nidle_ttl = \"1m\"\n";
+    let (field, reason) = from_toml_field(&format!(
+        "{base}[breaker]\nopen_duration = \"30s\"\nmax_open_duration = \"30s\"\nprobe_timeout = \"1m\"\n"
+    ));
+    assert_eq!(field, "redis.idle_ttl");
+    assert!(
+        reason.contains("breaker's longest open period + probe_timeout"),
+        "{reason}"
+    );
+    // A target's own (inherited-over) settings count too.
+    let (field, reason) = from_toml_field(&format!(
+        "{base}[breaker]\nopen_duration = \"10s\"\nmax_open_duration = \"10s\"\nprobe_timeout = \"10s\"\n\
+         [targets.slow.breaker]\nprobe_timeout = \"55s\"\n"
+    ));
+    assert_eq!(field, "redis.idle_ttl");
+    assert!(reason.contains("targets.slow.breaker"), "{reason}");
+    Config::from_toml(&format!(
+        "{base}[breaker]\nopen_duration = \"10s\"\nmax_open_duration = \"10s\"\nprobe_timeout = \"10s\"\n"
+    ))
+    .expect("20 s of open + probe fit in a 1 min idle_ttl");
+    // Without growth the open period is open_duration: max_open_duration does not count.
+    Config::from_toml(&format!(
+        "{base}[breaker]\nopen_duration = \"30s\"\nprobe_timeout = \"20s\"\n"
+    ))
+    .expect("50 s fit; the default max_open_duration (5 min) applies only with growth");
+    let (field, _) = from_toml_field(&format!(
+        "{base}[breaker]\nopen_duration = \"30s\"\nprobe_timeout = \"20s\"\n\
+         open_duration_multiplier = 2.0\n"
+    ));
+    assert_eq!(field, "redis.idle_ttl");
+    // The defaults fit the default idle_ttl.
+    Config::from_toml("[redis]\nurl = \"redis://127.0.0.1:6379\"\n").expect("defaults");
+}

@@ -8,6 +8,9 @@ use crate::Error;
 
 use super::validate::{check_count, check_range, DAY, MS};
 
+/// Longest time a full rate-limit burst may take to refill (`burst` x `per` / `requests`).
+pub(crate) const MAX_BURST_REFILL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// What a feature does when the shared store cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -98,6 +101,24 @@ impl FeatureConfig {
             }
             if let Some(b) = r.burst {
                 check_count(&format!("{at}.rate.burst"), b.into(), 1, 1_000_000_000)?;
+            }
+            // The limiter stores its "theoretical arrival time" in µs; Lua reads numbers as
+            // doubles, exact to 2^53 µs (about 285 years since 1970). Bounding the time a full
+            // burst takes to refill keeps every stored value far below that, so Redis and the
+            // in-memory store (i128) agree (issue 5 §2.9).
+            let emission_us = (r.per.as_micros() / u128::from(r.requests.max(1))).max(1);
+            let refill_us = emission_us * u128::from(r.burst.unwrap_or(r.requests));
+            if refill_us > MAX_BURST_REFILL.as_micros() {
+                return Err(Error::config(
+                    format!("{at}.rate.burst"),
+                    format!(
+                        "a full burst of {} would take {} days to refill (burst x per / \
+                         requests); at most {} days: lower burst or raise the rate",
+                        r.burst.unwrap_or(r.requests),
+                        refill_us / 86_400_000_000,
+                        MAX_BURST_REFILL.as_secs() / 86_400,
+                    ),
+                ));
             }
         }
         Ok(())

@@ -133,6 +133,41 @@ impl Config {
             check_name(&format!("features.{name}"), name)?;
             f.validate(&format!("features.{name}"))?;
         }
+        if let Some(r) = &self.redis {
+            self.check_idle_ttl(r.idle_ttl)?;
+        }
+        Ok(())
+    }
+
+    /// A breaker's hash must outlive an open period plus a probe that runs its whole
+    /// timeout: otherwise it expires while open or half-open, and the breaker silently
+    /// starts over closed (issue 5 §2.6).
+    fn check_idle_ttl(&self, idle_ttl: std::time::Duration) -> Result<(), Error> {
+        let breakers = std::iter::once(("breaker".to_owned(), self.breaker.clone())).chain(
+            self.targets
+                .keys()
+                .map(|t| (format!("targets.{t}.breaker"), self.breaker_for(t))),
+        );
+        for (at, b) in breakers {
+            // Without growth the open period is `open_duration`; with it, up to the cap.
+            let longest_open = if b.open_duration_multiplier == 1.0 {
+                b.open_duration
+            } else {
+                b.max_open_duration.max(b.open_duration)
+            };
+            let needed = longest_open + b.probe_timeout;
+            if idle_ttl <= needed {
+                return Err(Error::config(
+                    "redis.idle_ttl",
+                    format!(
+                        "{} must be longer than {at}'s longest open period + probe_timeout \
+                         ({}), or its state would expire while open or half-open",
+                        validate::shown(idle_ttl),
+                        validate::shown(needed),
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
