@@ -170,14 +170,16 @@ fn refund_never_creates_credit_from_the_past() {
     assert_eq!(p.refund(0, NOW_US), NOW_US);
 }
 
-/// `features.x.rate = { requests = 1, per = "24h", burst = 1_000_000_000 }` validates, and the
-/// coordinator turns it into `emission_us = 86_400_000_000, burst = 1_000_000_000`. The GCRA
+/// `features.x.rate = { requests = 1, per = "24h", burst = 1_000_000_000 }` is refused by the
+/// configuration since issue 5 §2.9 (a full burst must refill within 365 days, so that Redis's
+/// Lua doubles and the in-memory store agree); the in-memory arithmetic must still not
+/// overflow on such parameters (`emission_us = 86_400_000_000, burst = 1_000_000_000`). The GCRA
 /// tolerance `emission_us * burst` is 8.64e19 µs, past `u64::MAX` (1.8e19): plain arithmetic
 /// panics in a debug build ("attempt to multiply with overflow"); saturating arithmetic clamps
 /// the tolerance, so the burst shrinks to about 213 million and `remaining` comes out as
 /// `now_us / emission_us` (about 19,675) instead of the 999,999,999 requests still allowed.
 #[test]
-fn a_valid_slow_rate_with_a_huge_burst_does_not_overflow() {
+fn a_slow_rate_with_a_huge_burst_is_refused_and_does_not_overflow() {
     let mut config = Config::default();
     config.features.insert(
         "nightly".to_owned(),
@@ -190,7 +192,12 @@ fn a_valid_slow_rate_with_a_huge_burst_does_not_overflow() {
             ..FeatureConfig::default()
         },
     );
-    config.validate().expect("the config is valid");
+    match config.validate() {
+        Err(fusebox::Error::Config { field, .. }) => {
+            assert_eq!(field, "features.nightly.rate.burst")
+        }
+        other => panic!("expected the burst to be refused, got {other:?}"),
+    }
     let p = RateParams {
         emission_us: 86_400_000_000,
         burst: 1_000_000_000,
