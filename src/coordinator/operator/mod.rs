@@ -21,6 +21,7 @@ use crate::Error;
 
 /// An operator read and the store that answered it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Reading<T> {
     /// What was read.
     pub value: T,
@@ -33,6 +34,7 @@ pub struct Reading<T> {
 
 /// Targets and features that have state in the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KnownNames {
     /// Targets with breaker state.
     pub targets: BTreeSet<String>,
