@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fusebox::{CircuitState, Config, Coordinator};
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 
 /// Longest any one run of the binary may take.
 const RUN_BUDGET: Duration = Duration::from_secs(30);
@@ -605,6 +605,48 @@ fn status_lists_configured_and_known_targets_and_features() {
     }
     assert!(!run.stdout.contains("noise-model"), "{run:#?}");
     drop((permit, batch));
+}
+
+/// On Redis Cluster, known names are found on every master (targets hash to different
+/// slots, hence different nodes), and `force` / `status` work through the cluster client.
+#[test]
+fn status_lists_known_targets_from_every_master_of_a_cluster() {
+    let cluster = RedisCluster::start(3);
+    let seeds = cluster
+        .urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let file = TempToml::new(&format!(
+        "namespace = \"cl\"\n[redis]\ncluster = [{seeds}]\ntimeout = \"2s\"\n[features.chat]\n"
+    ));
+    // Enough targets that every master holds some (16384 slots over 3 masters).
+    let targets: Vec<String> = (0..24).map(|i| format!("model-{i:02}")).collect();
+    for t in &targets {
+        fb(&file, &["force", t, "open"]).assert_ok();
+    }
+    // Every master holds at least one of them.
+    for (i, node) in cluster.nodes().iter().enumerate() {
+        let keys = node.cli(&["DBSIZE"]);
+        assert_ne!(keys.trim(), "0", "master {i} holds none of the targets");
+    }
+    let (run, v) = fb_json(&file, &["status"]);
+    let listed: Vec<String> = v["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .map(|t| t["name"].as_str().expect("name").to_owned())
+        .collect();
+    assert_eq!(listed, targets, "{run:#?}");
+    assert!(
+        v["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .all(|t| t["state"] == "forced_open"),
+        "{v}"
+    );
 }
 
 /// Regression (issue 5 §3): with a wrong password, `status` printed `state: Closed`, exit 0,
