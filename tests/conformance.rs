@@ -878,6 +878,40 @@ mod scenarios {
             ),
             "{a:?}"
         );
+
+        // The same at once: calls to the open target queued in the same batch as the call to
+        // the healthy one, ahead of it.
+        let (dead, alive) = (target(params()), target(params()));
+        let f = feature(
+            None,
+            Some(RateParams {
+                emission_us: 3_600_000_000,
+                burst: 1,
+            }),
+        );
+        s.force(&dead, Force::Open).await.expect("force");
+        let calls = (0..8)
+            .map(|_| &dead)
+            .chain([&alive])
+            .map(|t| admit(s, t, &f));
+        let answers = futures_util::future::join_all(calls).await;
+        for (_, a) in answers.iter().take(8) {
+            assert!(
+                matches!(
+                    a,
+                    Admission::Rejected {
+                        rejection: Rejection::CircuitOpen { .. },
+                        ..
+                    }
+                ),
+                "{a:?}"
+            );
+        }
+        assert!(
+            matches!(answers.last(), Some((_, Admission::Admitted(_)))),
+            "the healthy call was starved: {:?}",
+            answers.last()
+        );
     }
 
     pub(super) async fn admission_is_all_or_nothing<S: Store>(s: &S) {

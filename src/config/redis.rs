@@ -18,8 +18,12 @@ pub struct RedisConfig {
     pub url: Option<String>,
     /// Redis Cluster seed nodes (`redis://host:port` each). Default: empty.
     pub cluster: Vec<String>,
-    /// Longest wait for one store operation before it counts as failed and the call goes on
-    /// per the feature's policy. 1 ms to 10 s. Default: `50ms`.
+    /// Longest round trip of one script call (from sending it to its reply) before it counts
+    /// as failed and the call goes on per the feature's policy. Time an admission spends
+    /// queued behind the admission batch in flight is bounded separately, by the same
+    /// amount: an admission not sent within `timeout` fails unsent. So an admission answers
+    /// within about 2 x `timeout` (3 x on Cluster, whose admission takes two round trips).
+    /// 1 ms to 10 s. Default: `50ms`.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Longest wait to establish a connection. 1 ms to 60 s. Default: `1s`.
@@ -45,12 +49,13 @@ pub struct RedisConfig {
     pub settle_queue: usize,
     /// Most outcomes/releases sent in one script call. 1 to 4096. Default: `256`.
     pub settle_batch: usize,
-    /// How long the background flusher waits for more outcomes/releases before it sends a
-    /// small batch (fewer than 16), so that a lone caller's settles are batched too (fewer
-    /// script calls: measured, a third less Redis CPU per guarded call for a lone caller). A
-    /// release reaches the fleet at most this much later; releases of a feature that has
-    /// callers waiting on this replica are sent at once, and `flush`/`shutdown` do not wait
-    /// for it. 0 (send at once) to 100 ms. Default: `2ms`.
+    /// How long a queued outcome/release waits for this replica's next admission on its
+    /// target or feature to take it along (in the same script call, ahead of the decision)
+    /// before the background flusher sends it (at once when 16 or more are queued). This
+    /// replica always sees its own settles at its next admission; other replicas see them at
+    /// most this much later. Releases of a feature that has callers waiting on this replica
+    /// are sent at once, and `flush` does not wait for it. 0 (send at once) to 100 ms.
+    /// Default: `2ms`.
     #[serde(with = "humantime_serde")]
     pub settle_delay: Duration,
     /// Bound on operator reads and commands (`Coordinator::snapshot`, `in_flight`, `force`,

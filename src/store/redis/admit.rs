@@ -47,6 +47,7 @@ impl RedisStore {
             specs: self.core.specs.get(req.target, req.feature),
             call_id: req.call_id.to_owned(),
             reply,
+            queued: tokio::time::Instant::now(),
         };
         if let Err(e) = self.admissions.try_send(job) {
             let job = match e {
@@ -69,7 +70,10 @@ impl RedisStore {
         let Some(answer) = pending.answer.as_mut() else {
             return Err(StoreError::Timeout(t));
         };
-        let waited = tokio::time::timeout(t, &mut *answer).await;
+        // The batcher bounds the queue wait (a timeout) and each script call (a timeout
+        // each: two on Cluster); this only guards against a stuck batcher.
+        let parts = if self.splits_admit() { 2 } else { 1 };
+        let waited = tokio::time::timeout(t * (2 + parts), &mut *answer).await;
         let Some(mut answer) = pending.answer.take() else {
             return Err(StoreError::Timeout(t));
         };

@@ -58,6 +58,9 @@ pub(super) struct Job {
     pub(super) specs: Arc<Specs>,
     pub(super) call_id: String,
     pub(super) reply: oneshot::Sender<Answer>,
+    /// When it was queued: a job that waited longer than the store's timeout before its
+    /// script call could be sent is answered `Timeout`, unsent.
+    pub(super) queued: tokio::time::Instant,
 }
 
 /// The target and feature an admission names (shared by the admissions that name the same).
@@ -116,8 +119,30 @@ pub(super) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Job>) {
     while rx.recv_many(&mut jobs, BATCH_MAX).await > 0 {
         // A caller that already gave up needs no admission (and must not get one).
         jobs.retain(|j| !j.reply.is_closed());
-        if !jobs.is_empty() {
-            admit_batch(&core, std::mem::take(&mut jobs)).await;
+        if jobs.is_empty() {
+            continue;
+        }
+        // Settles of these keys that the flusher has in flight land first.
+        let keys: Vec<&str> = jobs
+            .iter()
+            .flat_map(|j| {
+                let Specs { target, feature } = &*j.specs;
+                [target.keys.breaker.as_str(), feature.keys.permits.as_str()]
+            })
+            .collect();
+        core.settles.wait_landed(&keys, core.timeout).await;
+        // The queue wait is bounded on its own (by the timeout): a job that could not be
+        // sent in time is answered unsent; one that is sent gets a whole timeout for its
+        // script call(s).
+        let now = tokio::time::Instant::now();
+        let (late, ready): (Vec<Job>, Vec<Job>) = std::mem::take(&mut jobs)
+            .into_iter()
+            .partition(|j| now.saturating_duration_since(j.queued) > core.timeout);
+        for j in late {
+            let _ = j.reply.send(Err(StoreError::Timeout(core.timeout)));
+        }
+        if !ready.is_empty() {
+            admit_batch(&core, ready).await;
         }
     }
 }
@@ -439,6 +464,7 @@ mod tests {
             }),
             call_id: id.to_owned(),
             reply: oneshot::channel().0,
+            queued: tokio::time::Instant::now(),
         }
     }
 
