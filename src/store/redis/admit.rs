@@ -107,6 +107,7 @@ async fn admit_direct(core: Arc<Core>, job: batch::Job) {
         specs,
         call_id,
         reply,
+        queued: _,
     } = job;
     if reply.is_closed() {
         return; // the caller already gave up: no admission (and none to give back)

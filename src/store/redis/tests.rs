@@ -69,6 +69,7 @@ async fn a_direct_admission_cancelled_after_its_script_ran_holds_nothing() {
             specs: connected.core.specs.get(&t, &f),
             call_id: "filler".to_owned(),
             reply: oneshot::channel().0,
+            queued: tokio::time::Instant::now(),
         })
         .expect("fill the queue");
         let store = RedisStore {
