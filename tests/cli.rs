@@ -696,6 +696,14 @@ fn snapshot_with_a_wrong_password_is_an_error_not_local_state() {
             Err(fusebox::Error::Store(e)) => assert_eq!(e.kind(), "auth", "{e}"),
             other => panic!("expected an authentication error, got {other:?}"),
         }
+        // `check_store` gives the cause even when the hot path could only say "timed out".
+        match c.check_store().await {
+            Err(fusebox::Error::Store(e)) => {
+                assert_eq!(e.kind(), "auth", "{e}");
+                assert!(e.to_string().contains("authentication failed"), "{e}");
+            }
+            other => panic!("expected an authentication error, got {other:?}"),
+        }
     });
 }
 

@@ -134,6 +134,22 @@ impl Coordinator {
         }
     }
 
+    /// Reaches the shared store over the operator's connection (bounded by
+    /// `redis.operator_timeout`) and fails with the cause: refused, authentication, DNS, TLS,
+    /// timeout, protocol. For health checks, and for the reason behind a
+    /// [`Event::StoreDegraded`] that says only `Timeout` (the hot path's short timeout often
+    /// ends before a failing connect can tell why). `Source::Embedded` without Redis.
+    pub async fn check_store(&self) -> Result<Reading<()>, Error> {
+        match self.shared.operator.get().await? {
+            Some(link) => Ok(Reading {
+                value: (),
+                source: Source::Shared,
+                now_ms: link.time_ms().await?,
+            }),
+            None => Ok(self.embedded(())),
+        }
+    }
+
     /// An operator command on `target`'s breaker, applied fleet-wide in Redis when it is
     /// configured (failing with the cause when Redis cannot be reached), to the embedded
     /// store otherwise. `None`: the breaker was already in the commanded state.
