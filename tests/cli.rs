@@ -781,6 +781,32 @@ fn timeout_flag_bounds_a_stalled_store() {
     assert!(run.stderr.contains("operator_timeout"), "{run:#?}");
 }
 
+/// Regression (issue 5 §3): the CLI used the hot path's 50 ms timeout, so over a 70 ms link
+/// `force` failed and `status` showed local state. Its store calls now have the operator's
+/// bound (default: `connect_timeout`): over a real 70 ms round trip both work while
+/// `redis.timeout` stays 50 ms.
+#[test]
+fn force_and_status_work_over_a_link_slower_than_the_hot_path_timeout() {
+    let server = RedisServer::start();
+    let upstream = format!("127.0.0.1:{}", server.port())
+        .parse()
+        .expect("address");
+    let proxy = support::delay_proxy::start(upstream, Duration::from_millis(35));
+    let file = TempToml::new(&format!(
+        "namespace = \"slow\"\n[redis]\nurl = \"redis://{proxy}\"\ntimeout = \"50ms\"\n\
+         connect_timeout = \"5s\"\n[features.chat]\n"
+    ));
+    let run = fb(&file, &["force", "m", "open"]);
+    run.assert_ok();
+    assert!(run.stdout.contains("closed -> forced_open"), "{run:#?}");
+    assert_eq!(state_of(&file, "m"), "forced_open");
+    // What the CLI did is in Redis (read directly, not through the proxy).
+    let text = std::fs::read_to_string(&file.path).expect("read");
+    let direct = text.replace(&proxy.to_string(), &format!("127.0.0.1:{}", server.port()));
+    let direct = TempToml::new(&direct);
+    assert_eq!(state_of(&direct, "m"), "forced_open");
+}
+
 #[test]
 fn status_of_an_invalid_target_is_an_error() {
     let server = RedisServer::start();

@@ -26,6 +26,7 @@
 pub mod cluster;
 #[cfg(feature = "testcontainers")]
 pub mod container;
+pub mod delay_proxy;
 pub mod redis_server;
 
 pub use cluster::RedisCluster;
