@@ -1,8 +1,8 @@
 //! The coordinator: admits calls against shared state, runs them, settles their outcomes.
 //!
 //! It owns the store (Redis, or the embedded in-memory store), a local in-memory store for
-//! Redis-down mode, a breaker around Redis itself ([`health`]) and the background settle
-//! queue ([`flusher`]).
+//! Redis-down mode, a breaker around Redis itself (`health`) and the background settle
+//! queue (`flusher`).
 
 mod fleet;
 mod flusher;
