@@ -52,7 +52,8 @@
 --   * expiries: permits zset lease + 1 s after an acquire (every permit of a feature has the
 --     same lease, and heartbeat.lua extends the zset's own expiry, so this only ever moves it
 --     later); probes zset probe_timeout + 1 s; rate string (TAT - now) + 1 s; breaker hash
---     as lib.lua's expire_breaker on the open -> half-open write.
+--     as lib.lua's expire_breaker on the open -> half-open write, and at least
+--     probe_timeout + idle after a probe slot is taken (PEXPIRE GT: only moved later).
 
 local A = ARGV
 local mode = A[1]
@@ -307,6 +308,9 @@ if m > 0 then
     redis.call('ZREMRANGEBYSCORE', probes_key, '-inf', now)
     redis.call('ZADD', probes_key, unpack(args))
     redis.call('PEXPIRE', probes_key, fmt('%d', probe_timeout + 1000))
+    -- The half-open breaker outlives its probes by the idle time: a probe slower than the
+    -- idle TTL must still find its generation when it settles (only ever moved later).
+    redis.call('PEXPIRE', breaker_key, fmt('%d', probe_timeout + idle), 'GT')
   end
 end
 

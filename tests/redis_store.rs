@@ -1320,8 +1320,12 @@ async fn every_key_gets_a_ttl() {
         rate_ttl > 0 && rate_ttl <= 1_001 + 5,
         "rate: TAT passed + 1 s: {rate_ttl}"
     );
+    // Half-open with a probe out: the hash outlives the probe by the idle time.
     let breaker_ttl = pttl(&server, &t.keys.breaker);
-    assert!(breaker_ttl > 0 && breaker_ttl <= IDLE_TTL_MS as i64);
+    assert!(
+        breaker_ttl > IDLE_TTL_MS as i64 && breaker_ttl <= (IDLE_TTL_MS + 30_000) as i64,
+        "breaker: probe_timeout + idle: {breaker_ttl}"
+    );
 
     // Every key the store wrote has an expiry.
     let keys = server.cli(&["KEYS", "fusebox:*"]);
@@ -1871,4 +1875,59 @@ async fn cluster_runs_admit_and_settle_split() {
         rejected(&store, &t, &f, "nb").await,
         Rejection::NotBefore { .. }
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A half-open breaker under a probe slower than the idle TTL (issue 5, §2.6)
+// ---------------------------------------------------------------------------------------------
+
+/// The breaker hash expires when idle. A probe admitted half-open may take longer than the
+/// idle TTL (here 300 ms, probe_timeout 10 s): the hash must outlive it, so that the probe's
+/// late failure still finds its generation and re-opens the breaker (instead of the breaker
+/// silently reading as closed at generation 0 and ignoring it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_breaker_outlives_a_probe_slower_than_the_idle_ttl() {
+    const IDLE_MS: u64 = 300;
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let cfg = BreakerConfig {
+        half_open_probes: 1,
+        half_open_successes: 1,
+        probe_timeout: Duration::from_secs(10),
+        ..fast_breaker()
+    };
+    let t = Arc::new(TargetSpec {
+        name: "slow-probe".to_owned(),
+        keys: target_keys("test", "slow-probe"),
+        params: BreakerParams::from_config(&cfg, IDLE_MS),
+    });
+    let f = plain_feature("plain");
+    trip(&store, &t, &f).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let probe = admitted(&store, &t, &f, "probe").await;
+    assert!(probe.probe, "{probe:?}");
+    let generation = probe.generation;
+    let ttl: i64 = server
+        .cli(&["PTTL", &t.keys.breaker])
+        .parse()
+        .expect("PTTL");
+    assert!(
+        ttl > 5_000,
+        "breaker hash expires in {ttl} ms while its probe may run 10 s"
+    );
+
+    // The probe outlasts the idle TTL, then fails.
+    tokio::time::sleep(Duration::from_millis(3 * IDLE_MS)).await;
+    let trs = store
+        .settle(&[settle_of(&t, &f, "probe", &probe, CallOutcome::Failure)])
+        .await
+        .expect("settle");
+    assert!(
+        trs.iter().any(|tr| tr.from == CircuitState::HalfOpen
+            && tr.to == CircuitState::Open
+            && tr.generation == generation + 1),
+        "the slow probe's failure must re-open the breaker: {trs:?}"
+    );
+    let snap = store.snapshot(&t).await.expect("snapshot");
+    assert_eq!(snap.state, CircuitState::Open, "{snap:?}");
 }
