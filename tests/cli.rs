@@ -707,6 +707,41 @@ fn snapshot_with_a_wrong_password_is_an_error_not_local_state() {
     });
 }
 
+/// A long-lived coordinator's operator connection survives a Redis restart: reads fail with
+/// the cause while Redis is down, then work again without a new coordinator.
+#[test]
+fn operator_reads_recover_after_a_redis_restart() {
+    let mut server = RedisServer::start();
+    let file = redis_toml(&server, "restart");
+    let text = std::fs::read_to_string(&file.path).expect("read");
+    let rt = runtime();
+    rt.block_on(async {
+        let c = Coordinator::new(Config::from_toml(&text).expect("valid"))
+            .await
+            .expect("build");
+        c.force("m", fusebox::Force::Open).await.expect("force");
+        server.kill();
+        assert!(c.read_breaker("m").await.is_err(), "Redis is down");
+        server.restart();
+        // Redis restarted empty (no persistence): the breaker reads closed again. Bounded
+        // attempts, not a time box: each failed attempt triggers a reconnect.
+        let mut last = None;
+        for _ in 0..50 {
+            match c.read_breaker("m").await {
+                Ok(r) => {
+                    last = Some(Ok(r.value.state));
+                    break;
+                }
+                Err(e) => last = Some(Err(e.to_string())),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(last, Some(Ok(CircuitState::Closed)), "no recovery");
+        assert!(c.check_store().await.is_ok());
+        assert!(c.known_names().await.is_ok());
+    });
+}
+
 /// With Redis down (closed port), `status` and `force` fail with the cause: no hang, no
 /// panic, no local state shown as the fleet's.
 #[test]

@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
-use redis::{AsyncConnectionConfig, Cmd, Value};
+use redis::{Cmd, Value};
 
 use super::KnownNames;
 use crate::config::RedisConfig;
@@ -56,8 +56,10 @@ pub(super) struct Link {
     timeout: Duration,
 }
 
+/// Both reconnect by themselves after Redis restarts (a coordinator lives longer than one
+/// connection).
 enum Raw {
-    Single(MultiplexedConnection),
+    Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
@@ -157,12 +159,12 @@ async fn connect_raw(config: &RedisConfig) -> Result<Raw, redis::RedisError> {
     match &config.url {
         Some(url) => {
             let client = redis::Client::open(url.as_str())?;
-            let cfg = AsyncConnectionConfig::new()
+            // Connects now, once (no retries), so the first failure comes back with its cause.
+            let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(t))
-                .set_response_timeout(Some(t));
-            let mut con = client
-                .get_multiplexed_async_connection_with_config(&cfg)
-                .await?;
+                .set_response_timeout(Some(t))
+                .set_number_of_retries(0);
+            let mut con = client.get_connection_manager_with_config(cfg).await?;
             redis::cmd("PING").query_async::<Value>(&mut con).await?;
             Ok(Raw::Single(con))
         }
