@@ -673,6 +673,12 @@ fn wrong_password_fails_with_the_authentication_cause() {
         assert!(!run.stdout.contains("closed"), "{args:?}: {run:#?}");
         assert!(!run.stderr.contains("wrong-password"), "{run:#?}");
     }
+    // With --json the error is an object on stdout too, with the cause's stable name.
+    let run = fb(&bad, &["--json", "status", "m"]);
+    run.assert_exit(4);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON error");
+    assert_eq!(v["error"]["cause"], "auth", "{v}");
+    assert_eq!(v["error"]["exit_code"], 4, "{v}");
 }
 
 /// The library's operator reads are honest too: no fallback to local state.

@@ -17,6 +17,8 @@ pub(crate) const HELP: &str = "Exit codes:
 pub(crate) struct Failure {
     code: u8,
     message: String,
+    /// The store error's stable name (`auth`, `refused`, `timeout`, ...), for `--json`.
+    cause: Option<&'static str>,
 }
 
 impl Failure {
@@ -24,6 +26,7 @@ impl Failure {
         Failure {
             code: 1,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -31,6 +34,7 @@ impl Failure {
         Failure {
             code: 2,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -38,6 +42,7 @@ impl Failure {
         Failure {
             code: 3,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -45,6 +50,7 @@ impl Failure {
         Failure {
             code: 4,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -52,6 +58,7 @@ impl Failure {
         Failure {
             code: 5,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -59,7 +66,10 @@ impl Failure {
     pub(crate) fn from_error(context: &str, e: fusebox::Error) -> Self {
         let message = format!("{context}: {e}");
         match e {
-            fusebox::Error::Store(_) => Failure::store(message),
+            fusebox::Error::Store(e) => Failure {
+                cause: Some(e.kind()),
+                ..Failure::store(message)
+            },
             fusebox::Error::Config { .. } | fusebox::Error::UnknownFeature(_) => {
                 Failure::config(message)
             }
@@ -67,8 +77,20 @@ impl Failure {
         }
     }
 
-    pub(crate) fn report(self) -> ExitCode {
+    /// Prints the message to stderr (and, with `--json`, an error object to stdout) and
+    /// returns the exit code.
+    pub(crate) fn report(self, json: bool) -> ExitCode {
         eprintln!("fusebox: {}", self.message);
+        if json {
+            let v = serde_json::json!({
+                "error": {
+                    "exit_code": self.code,
+                    "cause": self.cause,
+                    "message": self.message,
+                }
+            });
+            println!("{v}");
+        }
         ExitCode::from(self.code)
     }
 }

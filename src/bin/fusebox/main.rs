@@ -104,11 +104,13 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return Failure::internal(format!("cannot start the runtime: {e}")).report(),
+        Err(e) => {
+            return Failure::internal(format!("cannot start the runtime: {e}")).report(cli.json)
+        }
     };
     match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => failure.report(),
+        Err(failure) => failure.report(cli.json),
     }
 }
 
