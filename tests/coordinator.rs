@@ -1030,6 +1030,165 @@ async fn a_long_call_keeps_its_permit(env: Env) {
 on_both!(a_long_call_keeps_its_permit);
 
 // ---------------------------------------------------------------------------------------------
+// Local mode reconciled with Redis (issue 5, §2.4)
+// ---------------------------------------------------------------------------------------------
+
+/// A Redis configuration that goes local quickly: 100 ms per operation, local after one
+/// failure, one probe per second.
+fn quick_local(env: &Env) -> Config {
+    let mut config = env.config();
+    if let Some(r) = config.redis.as_mut() {
+        r.timeout = Duration::from_millis(100);
+        r.failure_threshold = 1;
+        r.retry_interval = Duration::from_secs(1);
+    }
+    config.features.insert(
+        "two".into(),
+        FeatureConfig {
+            max_concurrent: Some(2),
+            lease: Duration::from_secs(30),
+            ..FeatureConfig::default()
+        },
+    );
+    config
+}
+
+/// Regression (§2.4): going local ignored this replica's shared permits still running, so
+/// with a limit of 2 held in Redis, a SIGSTOP let 2 more in locally: 4 in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_counts_the_shared_permits_still_running() {
+    bounded(async {
+        let env = Env::redis();
+        let (c, _) = env.start(quick_local(&env)).await;
+        let held: Vec<_> = vec![
+            c.admit("two", "m").await.expect("first"),
+            c.admit("two", "m").await.expect("second"),
+        ];
+        assert!(held.iter().all(|p| !p.is_local()));
+        env.server().pause();
+        let mut admitted = 0;
+        for _ in 0..4 {
+            if c.admit("two", "m").await.is_ok() {
+                admitted += 1;
+            }
+        }
+        let degraded = c.is_degraded();
+        env.server().resume();
+        assert!(degraded, "the replica went local");
+        assert_eq!(
+            admitted, 0,
+            "2 shared permits still run: the local share (2) has no room"
+        );
+        drop(held);
+    })
+    .await;
+}
+
+/// Regression (§2.4): after recovery Redis did not count the permits granted locally and
+/// still running, so the same replica (and every other) admitted the full limit again: 4 in
+/// flight with a limit of 2. Now the first operation on Redis after local permits were
+/// granted registers them there first, and their release goes there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_recovery_redis_counts_the_local_permits_still_running() {
+    bounded(async {
+        let env = Env::redis();
+        let (a, _) = env.start(quick_local(&env)).await;
+        env.server().pause();
+        let local: Vec<_> = vec![
+            a.admit("two", "m").await.expect("first, local"),
+            a.admit("two", "m").await.expect("second, local"),
+        ];
+        assert!(local.iter().all(|p| p.is_local()));
+        env.server().resume();
+        // Keep calling until the replica is back on Redis (one probe per second).
+        let mut admitted = 0;
+        let started = Instant::now();
+        while a.is_degraded() {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "never recovered"
+            );
+            if a.admit("two", "m").await.is_ok() {
+                admitted += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for _ in 0..3 {
+            if a.admit("two", "m").await.is_ok() {
+                admitted += 1;
+            }
+        }
+        let (b, _) = env.start(quick_local(&env)).await;
+        for _ in 0..3 {
+            if b.admit("two", "m").await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(
+            admitted, 0,
+            "the 2 local permits still run: nobody may take more of a limit of 2"
+        );
+        // Their release frees the shared slots.
+        drop(local);
+        flush(&a).await;
+        let again = (b.admit("two", "m").await, b.admit("two", "m").await);
+        assert!(
+            again.0.is_ok() && again.1.is_ok(),
+            "released local permits free their shared slots"
+        );
+    })
+    .await;
+}
+
+/// Regression (§2.4): local breakers started empty, so a replica that degraded during an
+/// outage tried the dead target again although it was open fleet-wide. Now the local breaker
+/// is seeded from what the shared store said: an open transition this replica made, or a
+/// refusal it received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_replica_keeps_an_open_breaker_open() {
+    bounded(async {
+        let env = Env::redis();
+        let mut config = quick_local(&env);
+        config.breaker = BreakerConfig {
+            consecutive_failures: Some(2),
+            open_duration: Duration::from_secs(60),
+            ..BreakerConfig::default()
+        };
+        let (a, _) = env.start(config.clone()).await;
+        let (b, _) = env.start(config).await;
+        fail(&a, "chat", "dead").await;
+        fail(&a, "chat", "dead").await;
+        flush(&a).await;
+        // B learns of it by a refusal; A made the transition.
+        let refused = rejection(
+            b.call("chat", "dead", || async { Ok::<(), String>(()) })
+                .await,
+        );
+        assert!(
+            matches!(refused, Rejection::CircuitOpen { .. }),
+            "{refused:?}"
+        );
+
+        env.server().pause();
+        let reached = Arc::new(AtomicUsize::new(0));
+        for c in [&a, &b] {
+            for _ in 0..5 {
+                let _ = counted_call(c, "chat", "dead", &reached).await;
+            }
+        }
+        let degraded = a.is_degraded() && b.is_degraded();
+        env.server().resume();
+        assert!(degraded, "both replicas went local");
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            0,
+            "no call reached the target that is open fleet-wide"
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Rate limit
 // ---------------------------------------------------------------------------------------------
 

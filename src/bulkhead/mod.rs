@@ -68,6 +68,29 @@ impl Permits {
         self.held.values().filter(|e| **e > now_ms).count() as u32
     }
 
+    /// Whether `id` is in the table (live or expired).
+    pub fn contains(&self, id: &str) -> bool {
+        self.held.contains_key(id)
+    }
+
+    /// Adds a permit with `lease_left_ms` of lease from `now_ms`, without checking the limit
+    /// (a call already running being counted); an id already present is left as it is.
+    pub fn adopt(&mut self, id: &str, lease_left_ms: u64, now_ms: u64) -> bool {
+        if lease_left_ms == 0 || self.held.contains_key(id) {
+            return false;
+        }
+        self.held.insert(id.to_owned(), now_ms + lease_left_ms);
+        true
+    }
+
+    /// The live permits: (id, ms of lease left), in no particular order.
+    pub fn live(&self, now_ms: u64) -> impl Iterator<Item = (&str, u64)> {
+        self.held
+            .iter()
+            .filter(move |(_, e)| **e > now_ms)
+            .map(move |(id, e)| (id.as_str(), *e - now_ms))
+    }
+
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()

@@ -18,7 +18,7 @@ pub use tiered::Source;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -77,6 +77,9 @@ pub(crate) struct FeatureRt {
     /// Callers of this feature waiting on this replica (for a permit or a rate slot): while
     /// there are any, this replica's releases of the feature are sent without delay.
     pub(crate) waiting: AtomicUsize,
+    /// Shared permits of this feature held by this replica's running calls: local mode
+    /// counts them against its share.
+    pub(crate) held_shared: AtomicU32,
 }
 
 pub(crate) struct Shared {
@@ -170,7 +173,7 @@ impl CoordinatorBuilder {
         let reporter = Reporter {
             observer: self.observer,
             health,
-            on_recovered: Arc::default(),
+            on_open: Arc::default(),
         };
         let mut flusher = None;
         let remote = match &config.redis {
@@ -202,16 +205,22 @@ impl CoordinatorBuilder {
             default_breaker: BreakerParams::from_config(&config.breaker, idle_ttl_ms),
             targets: RwLock::new(targets),
             features,
-            tiered: Tiered {
-                remote,
-                local,
-                reporter,
-            },
+            tiered: Tiered::new(remote, local, reporter),
             operator: operator::OperatorLink::new(config.redis.as_ref()),
             replica: format!("{replica:016x}"),
             counter: AtomicU64::new(0),
             fleet,
         });
+        let weak = Arc::downgrade(&shared);
+        let _ = shared
+            .tiered
+            .reporter
+            .on_open
+            .set(Arc::new(move |t: &crate::Transition| {
+                if let Some(s) = weak.upgrade() {
+                    s.seed_open(&t.target, None);
+                }
+            }));
         if let Some((sink, batch)) = flusher {
             tokio::spawn(flusher::run(sink, batch));
         }
@@ -246,6 +255,7 @@ fn feature_rt(ns: &str, name: &str, f: &FeatureConfig, replicas: u32) -> Feature
         lease: f.lease,
         released: Notify::new(),
         waiting: AtomicUsize::new(0),
+        held_shared: AtomicU32::new(0),
     }
 }
 
@@ -279,6 +289,19 @@ impl Shared {
         for f in self.features.values() {
             let local = Arc::new(local_share(&f.spec, r));
             *f.local.write().unwrap_or_else(|p| p.into_inner()) = local;
+        }
+    }
+
+    /// Seeds the local breaker of `target` with an open state the shared store reported
+    /// (`open_ms`: how long it stays open; `None`: the target's base open duration), so that
+    /// a replica that degrades during an outage does not try a dead target again.
+    fn seed_open(&self, target: &str, open_ms: Option<u64>) {
+        if self.tiered.remote.is_none() {
+            return;
+        }
+        if let Ok(t) = self.target(target) {
+            let ms = open_ms.unwrap_or(t.params.open_ms);
+            self.tiered.local.seed_open(&t, ms);
         }
     }
 
@@ -420,6 +443,16 @@ impl Coordinator {
         // (whatever the script may have taken under this call id, never reused).
         match tiered.remote(|store| store.admit(req)).await {
             Tried::Done(admission) => {
+                if let Admission::Rejected {
+                    rejection: Rejection::CircuitOpen { retry_after, .. },
+                    ..
+                } = &admission
+                {
+                    // Forced open (no retry-after): the base open duration, re-seeded by
+                    // every refusal while it lasts.
+                    let ms = retry_after.map(|d| d.as_millis() as u64);
+                    self.shared.seed_open(&t.name, ms);
+                }
                 return self.finish(admission, f, t, call_id, Location::Shared);
             }
             Tried::Embedded => {
@@ -439,7 +472,13 @@ impl Coordinator {
             feature: &local,
             call_id: &call_id,
         };
-        let admission = tiered.local.admit_now(req);
+        // This replica's shared permits still running count against its local share.
+        let admission = tiered
+            .local
+            .admit_holding(req, f.held_shared.load(Ordering::Acquire));
+        if matches!(&admission, Admission::Admitted(a) if a.permit) {
+            tiered.reconcile_pending.store(true, Ordering::Release);
+        }
         self.finish(admission, f, t, call_id, Location::Local)
     }
 

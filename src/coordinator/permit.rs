@@ -50,6 +50,9 @@ impl Permit {
         admitted: Admitted,
         location: Location,
     ) -> Self {
+        if admitted.permit && location == Location::Shared && shared.tiered.remote.is_some() {
+            feature.held_shared.fetch_add(1, Ordering::AcqRel);
+        }
         Permit {
             shared,
             feature,
@@ -129,7 +132,13 @@ impl Permit {
             if settle.permit {
                 self.feature.released.notify_one();
             }
+            if self.location == Location::Local {
+                tiered.release_adopted(&settle, &self.feature.spec);
+            }
         } else {
+            if settle.permit {
+                self.feature.held_shared.fetch_sub(1, Ordering::AcqRel);
+            }
             let urgent = settle.permit && self.feature.waiting.load(Ordering::Relaxed) > 0;
             tiered.enqueue(settle, urgent);
         }

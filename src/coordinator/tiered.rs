@@ -10,8 +10,10 @@
 //! on local state instead stays with the caller, since it differs per operation (admission
 //! has a store policy, an operator read must not pass local state off as the fleet's).
 
+use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::flusher;
 use super::health::{Change, Health, Route};
@@ -69,20 +71,27 @@ pub(crate) struct Sink {
     pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
 }
 
-/// Called once each time the replica returns from local mode to the shared store.
-pub(crate) type OnRecovered = Arc<dyn Fn() + Send + Sync>;
+/// Sees every breaker transition to open (seeds local state with it).
+pub(crate) type OnOpen = Arc<dyn Fn(&crate::Transition) + Send + Sync>;
 
 /// Reports events and store health; shared by the coordinator and the flusher.
 #[derive(Clone)]
 pub(crate) struct Reporter {
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) health: Option<Arc<Health>>,
-    /// Set once the coordinator exists (reconciliation of local permits on recovery).
-    pub(crate) on_recovered: Arc<OnceLock<OnRecovered>>,
+    /// Set once the coordinator exists: local breakers learn of shared opens.
+    pub(crate) on_open: Arc<OnceLock<OnOpen>>,
 }
 
 impl Reporter {
     pub(crate) fn emit(&self, event: Event) {
+        if let Event::Transition(t) = &event {
+            if t.to == crate::CircuitState::Open {
+                if let Some(f) = self.on_open.get() {
+                    f(t);
+                }
+            }
+        }
         trace(&event);
         self.observer.on_event(&event);
     }
@@ -91,9 +100,6 @@ impl Reporter {
         if let Some(h) = &self.health {
             if h.success() == Change::Recovered {
                 self.emit(Event::StoreRecovered);
-                if let Some(f) = self.on_recovered.get() {
-                    f();
-                }
             }
         }
     }
@@ -123,9 +129,83 @@ pub(crate) struct Tiered {
     /// The embedded store (no Redis configured), or local state for Redis-down mode.
     pub(crate) local: MemoryStore,
     pub(crate) reporter: Reporter,
+    /// Reconciliation: set when a permit was granted on local state while a shared store is
+    /// configured; the next operation on the shared store first counts the live local
+    /// permits there ([`Self::reconcile`]).
+    pub(crate) reconcile_pending: AtomicBool,
+    /// Local permits counted in the shared store: their release goes there too.
+    adopted: Mutex<HashSet<String>>,
+    any_adopted: AtomicBool,
 }
 
 impl Tiered {
+    pub(crate) fn new(remote: Option<Remote>, local: MemoryStore, reporter: Reporter) -> Self {
+        Tiered {
+            remote,
+            local,
+            reporter,
+            reconcile_pending: AtomicBool::new(false),
+            adopted: Mutex::default(),
+            any_adopted: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts this replica's live local permits in the shared store, before it decides
+    /// anything there again (they were granted while it was unreachable and still run).
+    async fn reconcile(&self, r: &Remote) -> Result<(), StoreError> {
+        if !self.reconcile_pending.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for f in r.sink.features.values() {
+            if f.spec.bulkhead.is_none() {
+                continue;
+            }
+            let live = self.local.live_permits(&f.local());
+            if live.is_empty() {
+                continue;
+            }
+            if let Err(e) = r.store.adopt(&f.spec, &live).await {
+                self.reconcile_pending.store(true, Ordering::Release);
+                return Err(e);
+            }
+            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            adopted.extend(live.into_iter().map(|(id, _)| id));
+            self.any_adopted.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// A local permit ended: if the shared store counts it, release it there too.
+    pub(crate) fn release_adopted(
+        &self,
+        settle: &Settle,
+        shared_spec: &Arc<crate::store::FeatureSpec>,
+    ) {
+        if !settle.permit || !self.any_adopted.load(Ordering::Acquire) {
+            return;
+        }
+        let was_adopted = {
+            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            let hit = adopted.remove(&settle.call_id);
+            if adopted.is_empty() {
+                self.any_adopted.store(false, Ordering::Release);
+            }
+            hit
+        };
+        if was_adopted {
+            self.enqueue(
+                Settle {
+                    feature: Arc::clone(shared_spec),
+                    // The outcome was counted locally; the shared store only frees the slot.
+                    outcome: crate::CallOutcome::Ignored,
+                    probe: false,
+                    ..settle.clone()
+                },
+                false,
+            );
+        }
+    }
+
     pub(crate) fn health(&self) -> Option<&Arc<Health>> {
         self.reporter.health.as_ref()
     }
@@ -149,6 +229,12 @@ impl Tiered {
         };
         if self.health().map_or(Route::Remote, |h| h.route()) == Route::Local {
             return Tried::Skipped;
+        }
+        if self.reconcile_pending.load(Ordering::Acquire) {
+            if let Err(e) = self.reconcile(r).await {
+                self.reporter.store_failed(&e);
+                return Tried::Failed(e);
+            }
         }
         self.ask(&r.store, op).await
     }

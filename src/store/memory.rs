@@ -72,6 +72,13 @@ impl MemoryStore {
 
     /// Synchronous admit (the trait method wraps it).
     pub fn admit_now(&self, req: AdmitRequest<'_>) -> Admission {
+        self.admit_holding(req, 0)
+    }
+
+    /// [`Self::admit_now`] with `held` more permits of the feature counted as in flight
+    /// (held elsewhere: a replica's shared permits still running while it decides on local
+    /// state). A refusal still names the feature's whole limit.
+    pub fn admit_holding(&self, req: AdmitRequest<'_>, held: u32) -> Admission {
         let now = self.clock.now_ms();
         let mut inner = self.lock();
         inner.sweep(now, self.idle_ttl_ms);
@@ -127,7 +134,11 @@ impl MemoryStore {
         }
         if let Some(b) = &f.bulkhead {
             fs.permits.reclaim(now);
-            if let Err(wait_ms) = fs.permits.check(b, now) {
+            let free = crate::bulkhead::BulkheadParams {
+                limit: b.limit.saturating_sub(held),
+                ..*b
+            };
+            if let Err(wait_ms) = fs.permits.check(&free, now) {
                 return Admission::Rejected {
                     rejection: Rejection::BulkheadFull {
                         feature: f.name.clone(),
@@ -234,6 +245,68 @@ impl MemoryStore {
             .unwrap_or_default();
         out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         out
+    }
+
+    /// Counts permits granted elsewhere and still running: (id, ms of lease left), without
+    /// checking the limit; ids already present are left alone. Returns how many were added.
+    /// The model of `lua/adopt.lua`.
+    pub fn adopt_now(&self, feature: &FeatureSpec, permits: &[(String, u64)]) -> u32 {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        let fs = inner
+            .features
+            .entry(feature.keys.permits.clone())
+            .or_default();
+        permits
+            .iter()
+            .filter(|(id, left)| fs.permits.adopt(id, *left, now))
+            .count() as u32
+    }
+
+    /// Releases one permit of the feature (idempotent).
+    pub fn release_now(&self, feature: &FeatureSpec, call_id: &str) {
+        if let Some(fs) = self.lock().features.get_mut(&feature.keys.permits) {
+            fs.permits.release(call_id);
+        }
+    }
+
+    /// The feature's live permits: (id, ms of lease left), soonest expiry first.
+    pub fn live_permits(&self, feature: &FeatureSpec) -> Vec<(String, u64)> {
+        let now = self.clock.now_ms();
+        let inner = self.lock();
+        let mut out: Vec<(String, u64)> = inner
+            .features
+            .get(&feature.keys.permits)
+            .map(|fs| {
+                fs.permits
+                    .live(now)
+                    .map(|(id, left)| (id.to_owned(), left))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        out
+    }
+
+    /// Opens the target's local breaker for at least `open_ms` from now: local state seeded
+    /// from what the shared store said (an open breaker), so that a replica that degrades
+    /// during an outage does not try the dead target again on an empty local breaker. An
+    /// operator state, or a local breaker already open for longer, is left as it is.
+    pub fn seed_open(&self, target: &TargetSpec, open_ms: u64) {
+        self.with_breaker(target, |b, now| {
+            let until = now.saturating_add(open_ms);
+            if b.state.is_operator_state()
+                || (b.state == crate::breaker::CircuitState::Open && b.open_until >= until)
+            {
+                return;
+            }
+            b.state = crate::breaker::CircuitState::Open;
+            b.open_until = until;
+            b.generation += 1;
+            b.probes.clear();
+            b.half_open_successes = 0;
+            b.consecutive_failures = 0;
+        });
     }
 
     fn with_breaker<R>(

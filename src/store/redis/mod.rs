@@ -26,6 +26,7 @@ mod connect;
 mod difftest;
 mod membership;
 mod pending;
+mod reconcile;
 mod reply;
 mod ride;
 mod scripts;
