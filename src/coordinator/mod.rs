@@ -477,7 +477,7 @@ impl Coordinator {
             .local
             .admit_holding(req, f.held_shared.load(Ordering::Acquire));
         if matches!(&admission, Admission::Admitted(a) if a.permit) {
-            tiered.reconcile_pending.store(true, Ordering::Release);
+            tiered.local_granted(&call_id, t, &f.spec);
         }
         self.finish(admission, f, t, call_id, Location::Local)
     }

@@ -132,8 +132,8 @@ impl Permit {
             if settle.permit {
                 self.feature.released.notify_one();
             }
-            if self.location == Location::Local {
-                tiered.release_adopted(&settle, &self.feature.spec);
+            if self.location == Location::Local && settle.permit {
+                tiered.local_ended(&settle.call_id);
             }
         } else {
             if settle.permit {

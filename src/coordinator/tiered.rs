@@ -10,7 +10,7 @@
 //! on local state instead stays with the caller, since it differs per operation (admission
 //! has a store policy, an operator read must not pass local state off as the fleet's).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,9 +19,8 @@ use super::flusher;
 use super::health::{Change, Health, Route};
 use super::FeatureRt;
 use crate::observer::{trace, Event, Observer};
-use crate::store::{MemoryStore, RedisStore, Settle};
+use crate::store::{FeatureSpec, MemoryStore, RedisStore, Settle, TargetSpec};
 use crate::StoreError;
-use std::collections::HashMap;
 
 /// Which store answered an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -133,9 +132,41 @@ pub(crate) struct Tiered {
     /// configured; the next operation on the shared store first counts the live local
     /// permits there ([`Self::reconcile`]).
     pub(crate) reconcile_pending: AtomicBool,
-    /// Local permits counted in the shared store: their release goes there too.
-    adopted: Mutex<HashSet<String>>,
-    any_adopted: AtomicBool,
+    /// Permits granted on local state (shared store configured), by call id.
+    grants: Mutex<Grants>,
+}
+
+/// A permit granted on local state: what its release in the shared store needs.
+#[derive(Clone)]
+struct Grant {
+    target: Arc<TargetSpec>,
+    /// The feature's shared spec.
+    feature: Arc<FeatureSpec>,
+}
+
+#[derive(Default)]
+struct Grants {
+    /// Local permits still running.
+    live: HashMap<String, Grant>,
+    /// Being registered in the shared store right now.
+    adopting: HashMap<String, Grant>,
+    /// Registered in the shared store: their release goes there too.
+    adopted: HashMap<String, Grant>,
+}
+
+fn release_of(call_id: String, g: Grant) -> Settle {
+    Settle {
+        target: g.target,
+        feature: g.feature,
+        call_id,
+        generation: 0,
+        probe: false,
+        permit: true,
+        refund_rate: false,
+        // The outcome was counted locally; the shared store only frees the slot.
+        outcome: crate::CallOutcome::Ignored,
+        elapsed_ms: 0,
+    }
 }
 
 impl Tiered {
@@ -145,65 +176,109 @@ impl Tiered {
             local,
             reporter,
             reconcile_pending: AtomicBool::new(false),
-            adopted: Mutex::default(),
-            any_adopted: AtomicBool::new(false),
+            grants: Mutex::default(),
         }
     }
 
-    /// Counts this replica's live local permits in the shared store, before it decides
+    fn grants(&self) -> std::sync::MutexGuard<'_, Grants> {
+        self.grants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A permit was granted on local state while a shared store is configured: remember it,
+    /// and have the next shared operation register it there first.
+    pub(crate) fn local_granted(
+        &self,
+        call_id: &str,
+        target: &Arc<TargetSpec>,
+        feature: &Arc<FeatureSpec>,
+    ) {
+        if self.remote.is_none() {
+            return;
+        }
+        self.grants().live.insert(
+            call_id.to_owned(),
+            Grant {
+                target: Arc::clone(target),
+                feature: Arc::clone(feature),
+            },
+        );
+        self.reconcile_pending.store(true, Ordering::Release);
+    }
+
+    /// A local permit ended: if the shared store counts it (or is being told to), release it
+    /// there too. Releasing twice is harmless.
+    pub(crate) fn local_ended(&self, call_id: &str) {
+        if self.remote.is_none() {
+            return;
+        }
+        let release = {
+            let mut g = self.grants();
+            let grant = g.live.remove(call_id);
+            match (g.adopted.remove(call_id), g.adopting.contains_key(call_id)) {
+                (Some(a), _) => Some(a),
+                (None, true) => grant,
+                (None, false) => None,
+            }
+        };
+        if let Some(grant) = release {
+            self.enqueue(release_of(call_id.to_owned(), grant), false);
+        }
+    }
+
+    /// Registers this replica's live local permits in the shared store, before it decides
     /// anything there again (they were granted while it was unreachable and still run).
     async fn reconcile(&self, r: &Remote) -> Result<(), StoreError> {
         if !self.reconcile_pending.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        for f in r.sink.features.values() {
-            if f.spec.bulkhead.is_none() {
-                continue;
-            }
-            let live = self.local.live_permits(&f.local());
-            if live.is_empty() {
-                continue;
-            }
-            if let Err(e) = r.store.adopt(&f.spec, &live).await {
+        let snapshot: Vec<(String, Grant)> = {
+            let mut g = self.grants();
+            let live: Vec<(String, Grant)> =
+                g.live.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            g.adopting.extend(live.iter().cloned());
+            live
+        };
+        let mut features: HashMap<&str, &Arc<FeatureSpec>> = HashMap::new();
+        for (_, grant) in &snapshot {
+            features.insert(grant.feature.name.as_str(), &grant.feature);
+        }
+        for feature in features.values() {
+            // Lease left per permit, from the local store (same keys as the shared spec).
+            let ids: HashSet<&str> = snapshot
+                .iter()
+                .filter(|(_, g)| g.feature.name == feature.name)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            let live: Vec<(String, u64)> = self
+                .local
+                .live_permits(feature)
+                .into_iter()
+                .filter(|(id, _)| ids.contains(id.as_str()))
+                .collect();
+            if let Err(e) = r.store.adopt(feature, &live).await {
+                self.grants().adopting.clear();
                 self.reconcile_pending.store(true, Ordering::Release);
                 return Err(e);
             }
-            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
-            adopted.extend(live.into_iter().map(|(id, _)| id));
-            self.any_adopted.store(true, Ordering::Release);
+        }
+        let ended: Vec<(String, Grant)> = {
+            let mut g = self.grants();
+            let adopting = std::mem::take(&mut g.adopting);
+            let mut ended = Vec::new();
+            for (id, grant) in adopting {
+                if g.live.contains_key(&id) {
+                    g.adopted.insert(id, grant);
+                } else {
+                    ended.push((id, grant));
+                }
+            }
+            ended
+        };
+        // Ended while being registered: their release may have reached Redis first.
+        for (id, grant) in ended {
+            self.enqueue(release_of(id, grant), false);
         }
         Ok(())
-    }
-
-    /// A local permit ended: if the shared store counts it, release it there too.
-    pub(crate) fn release_adopted(
-        &self,
-        settle: &Settle,
-        shared_spec: &Arc<crate::store::FeatureSpec>,
-    ) {
-        if !settle.permit || !self.any_adopted.load(Ordering::Acquire) {
-            return;
-        }
-        let was_adopted = {
-            let mut adopted = self.adopted.lock().unwrap_or_else(|p| p.into_inner());
-            let hit = adopted.remove(&settle.call_id);
-            if adopted.is_empty() {
-                self.any_adopted.store(false, Ordering::Release);
-            }
-            hit
-        };
-        if was_adopted {
-            self.enqueue(
-                Settle {
-                    feature: Arc::clone(shared_spec),
-                    // The outcome was counted locally; the shared store only frees the slot.
-                    outcome: crate::CallOutcome::Ignored,
-                    probe: false,
-                    ..settle.clone()
-                },
-                false,
-            );
-        }
     }
 
     pub(crate) fn health(&self) -> Option<&Arc<Health>> {
