@@ -26,6 +26,9 @@ pub(crate) struct Health {
     degraded: AtomicBool,
     /// While degraded: the next instant (µs since `epoch`) at which one call may probe.
     next_probe_us: AtomicU64,
+    /// How many times the store was marked down: a success proves recovery only for an
+    /// operation that started after the latest of them ([`Health::token`]).
+    downs: AtomicU64,
 }
 
 /// What a report changed.
@@ -45,6 +48,7 @@ impl Health {
             failures: AtomicU32::new(0),
             degraded: AtomicBool::new(false),
             next_probe_us: AtomicU64::new(0),
+            downs: AtomicU64::new(0),
         }
     }
 
@@ -81,6 +85,21 @@ impl Health {
         }
     }
 
+    /// Taken when an operation starts, for [`Self::success_since`].
+    pub(crate) fn token(&self) -> u64 {
+        self.downs.load(Ordering::Acquire)
+    }
+
+    /// A success of an operation that started at `token` (`None`: unknown). While degraded,
+    /// only an operation that started after the store was marked down proves it is back:
+    /// an answer to a request sent before the outage began says nothing about now.
+    pub(crate) fn success_since(&self, token: Option<u64>) -> Change {
+        if self.is_degraded() && token != Some(self.token()) {
+            return Change::None;
+        }
+        self.success()
+    }
+
     pub(crate) fn success(&self) -> Change {
         self.failures.store(0, Ordering::Release);
         if self.degraded.swap(false, Ordering::AcqRel) {
@@ -99,6 +118,7 @@ impl Health {
             self.next_probe_us
                 .store(self.now_us() + self.retry_interval_us, Ordering::Release);
             if !self.degraded.swap(true, Ordering::AcqRel) {
+                self.downs.fetch_add(1, Ordering::AcqRel);
                 return Change::Degraded;
             }
         }
@@ -121,6 +141,27 @@ mod tests {
         assert_eq!(h.failure(), Change::None, "degraded is reported once");
         assert_eq!(h.success(), Change::Recovered);
         assert_eq!(h.route(), Route::Remote);
+    }
+
+    #[test]
+    fn a_late_answer_to_a_request_sent_before_the_outage_does_not_recover() {
+        let h = Health::new(1, Duration::from_secs(3600));
+        let before = h.token();
+        assert_eq!(h.failure(), Change::Degraded);
+        assert_eq!(
+            h.success_since(Some(before)),
+            Change::None,
+            "sent before the outage"
+        );
+        assert_eq!(h.success_since(None), Change::None, "unknown start");
+        assert!(h.is_degraded());
+        let after = h.token();
+        assert_eq!(h.success_since(Some(after)), Change::Recovered);
+        assert_eq!(
+            h.success_since(None),
+            Change::None,
+            "healthy: nothing to change"
+        );
     }
 
     #[test]

@@ -95,9 +95,15 @@ impl Reporter {
         self.observer.on_event(&event);
     }
 
+    /// A success of an operation whose start is unknown (see [`Self::store_ok_since`]).
     pub(crate) fn store_ok(&self) {
+        self.store_ok_since(None);
+    }
+
+    /// A success of an operation that started at `token` ([`Self::token`]).
+    pub(crate) fn store_ok_since(&self, token: Option<u64>) {
         if let Some(h) = &self.health {
-            if h.success() == Change::Recovered {
+            if h.success_since(token) == Change::Recovered {
                 self.emit(Event::StoreRecovered);
             }
         }
@@ -114,11 +120,10 @@ impl Reporter {
         }
     }
 
-    pub(crate) fn observe<T>(&self, res: &Result<T, StoreError>) {
-        match res {
-            Ok(_) => self.store_ok(),
-            Err(e) => self.store_failed(e),
-        }
+    /// Taken when an operation starts: its success then proves recovery only if it started
+    /// after the store was marked down.
+    pub(crate) fn token(&self) -> Option<u64> {
+        self.health.as_ref().map(|h| h.token())
     }
 }
 
@@ -338,8 +343,12 @@ impl Tiered {
     where
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        let token = self.reporter.token();
         let res = op(store).await;
-        self.reporter.observe(&res);
+        match &res {
+            Ok(_) => self.reporter.store_ok_since(token),
+            Err(e) => self.reporter.store_failed(e),
+        }
         match res {
             Ok(v) => Tried::Done(v),
             Err(e) => Tried::Failed(e),
