@@ -1931,3 +1931,85 @@ async fn a_half_open_breaker_outlives_a_probe_slower_than_the_idle_ttl() {
     let snap = store.snapshot(&t).await.expect("snapshot");
     assert_eq!(snap.state, CircuitState::Open, "{snap:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The slowest rate the configuration allows (issue 5, §2.9)
+// ---------------------------------------------------------------------------------------------
+
+/// A full burst may take at most 365 days to refill (the configuration refuses more), which
+/// keeps the limiter's stored instant (µs) far below 2^53, where Lua's doubles stop being
+/// exact. At that bound (1 request per 24 h, burst 365) Redis and the in-memory store make the
+/// same decisions over many admissions: the whole burst, then refusals whose retry_after
+/// agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_slowest_rate_allowed_both_stores_agree() {
+    const DAY_US: u64 = 86_400_000_000;
+    let rate = |burst: u32| fusebox::RateConfig {
+        requests: 1,
+        per: Duration::from_secs(24 * 3600),
+        burst: Some(burst),
+    };
+    let with = |burst: u32| {
+        let mut c = fusebox::Config::default();
+        c.features.insert(
+            "slow".to_owned(),
+            fusebox::FeatureConfig {
+                rate: Some(rate(burst)),
+                ..fusebox::FeatureConfig::default()
+            },
+        );
+        c.validate()
+    };
+    with(365).expect("a burst refilling in 365 days is allowed");
+    assert!(with(366).is_err(), "one more day is refused");
+
+    let server = RedisServer::start();
+    let redis = connect(&server).await;
+    let memory = MemoryStore::default();
+    let t = target("m", &fast_breaker());
+    let f = feature(
+        "slow",
+        None,
+        Some(RateParams {
+            emission_us: DAY_US,
+            burst: 365,
+        }),
+    );
+    let (mut admitted_redis, mut admitted_memory) = (0, 0);
+    for i in 0..600 {
+        let id = format!("c{i}");
+        let r = admit(&redis, &t, &f, &id).await;
+        let m = admit(&memory, &t, &f, &id).await;
+        match (&r, &m) {
+            (Admission::Admitted(_), Admission::Admitted(_)) => {
+                admitted_redis += 1;
+                admitted_memory += 1;
+            }
+            (
+                Admission::Rejected {
+                    rejection: Rejection::RateLimited { retry_after: a, .. },
+                    ..
+                },
+                Admission::Rejected {
+                    rejection: Rejection::RateLimited { retry_after: b, .. },
+                    ..
+                },
+            ) => {
+                let gap = a.abs_diff(*b);
+                assert!(
+                    gap < Duration::from_secs(60),
+                    "call {i}: retry_after {a:?} (Redis) vs {b:?} (memory)"
+                );
+                assert!(*a > Duration::from_secs(23 * 3600), "call {i}: {a:?}");
+            }
+            _ => panic!("call {i}: Redis {r:?}, memory {m:?}"),
+        }
+    }
+    assert_eq!((admitted_redis, admitted_memory), (365, 365));
+    // The stored instant is exact: now + 365 days, in µs, well below 2^53.
+    let tat: u64 = server
+        .cli(&["GET", &f.keys.rate])
+        .parse()
+        .expect("a stored TAT");
+    assert!(tat < (1u64 << 53) / 4, "TAT {tat} µs");
+}
