@@ -17,6 +17,8 @@
 //!     pool checkout would cost on the hot path; (e) `admit.lua` alone, one `EVALSHA` per
 //!     admission through the same client (no fusebox client code, no batching, no release):
 //!     what the admission script itself costs over the trivial one.
+//! Then (f): one caller, `max_concurrent = 1`, 200 calls one after the other, on each store,
+//! printing how many were refused (must be 0: a replica sees its own releases).
 //!
 //! Each row also shows the Redis server's CPU time per operation (from `INFO cpu`, taken
 //! before and after the row, after the row's queued settles were flushed), a figure that
@@ -328,5 +330,38 @@ fn main() {
             );
         }
         redis_fusebox.flush(Duration::from_secs(5)).await;
+
+        // (f) Issue 5 §1: one caller, `max_concurrent = 1`, no `max_wait`, 200 successful
+        // calls one after the other. Every store must run all of them (each call's permit is
+        // back before the next admission); main before the fix refused 167-188 on Redis.
+        for (name, redis) in [("RedisStore", Some(url.clone())), ("MemoryStore", None)] {
+            let mut cfg = config(redis);
+            cfg.namespace = format!("bench-seq-{}-{name}", std::process::id());
+            cfg.features.insert(
+                "one".into(),
+                FeatureConfig {
+                    max_concurrent: Some(1),
+                    ..FeatureConfig::default()
+                },
+            );
+            let fb = Coordinator::new(cfg).await.expect("coordinator");
+            let start = Instant::now();
+            let mut refused = 0;
+            for _ in 0..200 {
+                if fb
+                    .call("one", "model", || async { Ok::<(), ()>(()) })
+                    .await
+                    .is_err()
+                {
+                    refused += 1;
+                }
+            }
+            let per_call = start.elapsed().as_secs_f64() * 1e6 / 200.0;
+            fb.flush(Duration::from_secs(5)).await;
+            println!(
+                "(f) sequential, max_concurrent 1, 200 calls, {name:<11}  refused {refused:>3} of 200  \
+                 {per_call:>7.1} µs per call"
+            );
+        }
     });
 }

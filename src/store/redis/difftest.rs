@@ -58,6 +58,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     // release.lua reads the clock only for a refund.
     Script::new(&on_test_clock(include_str!("../../../lua/release.lua")))
 });
+static SETTLE_ADMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&on_test_clock(super::ride::TEXT)));
 static FORCE: LazyLock<Script> = LazyLock::new(|| with_lib(include_str!("../../../lua/force.lua")));
 static SNAPSHOT: LazyLock<Script> =
     LazyLock::new(|| with_lib(include_str!("../../../lua/snapshot.lua")));
@@ -172,6 +174,70 @@ impl World {
             })
             .collect();
         (redis, memory, ids)
+    }
+
+    /// `settles` (outcomes of target t, releases of feature f) then k calls of (t, f), by one
+    /// settle_admit.lua call; and by `settle_now` then k `admit_now` calls in a row.
+    #[allow(clippy::type_complexity)]
+    fn settle_admit(
+        &mut self,
+        settles: Vec<Settle>,
+        t: usize,
+        f: usize,
+        k: usize,
+    ) -> (
+        (Vec<Admission>, Vec<Transition>),
+        (Vec<Admission>, Vec<Transition>),
+        Vec<String>,
+    ) {
+        let (t, f) = (Arc::clone(&self.targets[t]), Arc::clone(&self.features[f]));
+        let ids: Vec<String> = (0..k)
+            .map(|_| {
+                self.next_id += 1;
+                format!("c{}", self.next_id)
+            })
+            .collect();
+        let riding = super::ride::Riding { settles };
+        let inv = super::ride::invocation(&SETTLE_ADMIT, AdmitMode::Both, &t, &f, &ids, &riding);
+        let v = self.run(&inv);
+        let (admission, redis_transitions) = super::ride::parse(v, &t.name).expect("reply");
+        let (parts, mut transition) =
+            parse_admit(admission.expect("admission part"), &t.name, &f, k).expect("admit reply");
+        let redis = parts
+            .into_iter()
+            .map(|p| match p {
+                Part::Admitted {
+                    generation,
+                    probe,
+                    permit,
+                } => Admission::Admitted(Admitted {
+                    generation,
+                    probe,
+                    permit,
+                    transition: transition.take(),
+                }),
+                Part::Rejected(rejection) => Admission::Rejected {
+                    rejection,
+                    transition: transition.take(),
+                },
+            })
+            .collect();
+        let memory_transitions = self.memory.settle_now(&riding.settles);
+        let memory = ids
+            .iter()
+            .map(|id| {
+                self.memory.admit_now(crate::store::AdmitRequest {
+                    target: &t,
+                    feature: &f,
+                    call_id: id,
+                })
+            })
+            .collect();
+        (
+            (redis, redis_transitions),
+            (memory, memory_transitions),
+            ids,
+        )
     }
 
     fn settle(&mut self, items: &[Settle]) -> (Vec<Transition>, Vec<Transition>) {
@@ -409,6 +475,136 @@ fn scripts_decide_as_the_memory_store_does() {
         world.check_views(500);
     }
     assert!(batched > 1000, "only {batched} batched admissions");
+}
+
+/// settle_admit.lua (queued settles riding with an admission) against `MemoryStore::settle_now`
+/// then `admit_now`, at the same instants: every admission takes along the held calls'
+/// outcomes of its target and releases of its feature (as the settle queue hands them over),
+/// with runs of identical outcomes, slow calls, refunds, probes, and a breaker forced now and
+/// then. Transitions, decisions, snapshots and permits in flight must be equal.
+#[test]
+fn settles_riding_with_admissions_decide_as_the_memory_store_does() {
+    let (_server, con, _) = start_redis();
+    let mut world = World {
+        con,
+        clock: ManualClock::new(1_700_000_000_000),
+        memory: MemoryStore::default(),
+        targets: Vec::new(),
+        features: Vec::new(),
+        next_id: 0,
+    };
+    let mut rode = 0usize;
+    for round in 0..8u64 {
+        let mut rng = StdRng::seed_from_u64(0x5E77 + round);
+        let ns = format!("r{round}");
+        world.memory = MemoryStore::new(Arc::new(world.clock.clone()));
+        world.targets = (0..2)
+            .map(|i| random_target(&mut rng, &ns, &format!("t{i}")))
+            .collect();
+        world.features = (0..2)
+            .map(|i| random_feature(&mut rng, &ns, &format!("f{i}")))
+            .collect();
+        world.tick(1);
+        let mut held: Vec<Settle> = Vec::new();
+        for step in 0..300 {
+            world.tick([0, 0, 1, 5, 20, 60][rng.random_range(0..6)]);
+            let roll = rng.random_range(0..100);
+            if roll < 94 {
+                let (t, f) = (rng.random_range(0..2), rng.random_range(0..2));
+                let k = [1, 1, 1, 2, 3][rng.random_range(0..5)];
+                // What the settle queue hands this admission: outcomes of t, releases of f
+                // (a settle of (t, other f) gives its outcome only, and keeps its release).
+                let (tk, fk) = (
+                    world.targets[t].keys.breaker.clone(),
+                    world.features[f].keys.permits.clone(),
+                );
+                let mut riding = Vec::new();
+                let mut kept = Vec::new();
+                let mut outcome = CallOutcome::Success;
+                for mut s in held.drain(..) {
+                    let o = s.target.keys.breaker == tk && s.outcome != CallOutcome::Ignored;
+                    let r = s.feature.keys.permits == fk && (s.permit || s.refund_rate);
+                    if !o && !r {
+                        kept.push(s);
+                        continue;
+                    }
+                    if rng.random_bool(0.35) {
+                        outcome = [
+                            CallOutcome::Success,
+                            CallOutcome::Success,
+                            CallOutcome::Failure,
+                            CallOutcome::Failure,
+                            CallOutcome::Ignored,
+                        ][rng.random_range(0..5)];
+                    }
+                    let mut piece = s.clone();
+                    if o {
+                        piece.outcome = outcome;
+                        piece.elapsed_ms = [0, 10, 40][rng.random_range(0..3)];
+                        s.outcome = CallOutcome::Ignored;
+                        s.probe = false;
+                    } else {
+                        piece.outcome = CallOutcome::Ignored;
+                        piece.probe = false;
+                    }
+                    if r {
+                        piece.refund_rate = outcome == CallOutcome::Ignored && rng.random_bool(0.5);
+                        s.permit = false;
+                        s.refund_rate = false;
+                    } else {
+                        piece.permit = false;
+                        piece.refund_rate = false;
+                    }
+                    riding.push(piece);
+                    if s.outcome != CallOutcome::Ignored || s.permit || s.refund_rate {
+                        kept.push(s);
+                    }
+                }
+                held = kept;
+                rode += usize::from(!riding.is_empty());
+                let what = format!("{riding:?}");
+                let ((redis, mut redis_trs), (memory, mut memory_trs), ids) =
+                    world.settle_admit(riding, t, f, k);
+                redis_trs.sort_by(|a, b| a.target.cmp(&b.target));
+                memory_trs.sort_by(|a, b| a.target.cmp(&b.target));
+                assert_eq!(
+                    redis_trs, memory_trs,
+                    "round {round} step {step}: transitions of the settles {what}"
+                );
+                assert_eq!(
+                    strip(&redis),
+                    strip(&memory),
+                    "round {round} step {step}: admit {k} after settling {what}"
+                );
+                for (a, id) in redis.iter().zip(ids) {
+                    if let Admission::Admitted(a) = a {
+                        held.push(Settle {
+                            target: Arc::clone(&world.targets[t]),
+                            feature: Arc::clone(&world.features[f]),
+                            call_id: id,
+                            generation: a.generation,
+                            probe: a.probe,
+                            permit: a.permit,
+                            refund_rate: true,
+                            // A placeholder: the outcome is drawn when it rides.
+                            outcome: CallOutcome::Success,
+                            elapsed_ms: 0,
+                        });
+                    }
+                }
+            } else if roll < 97 {
+                let t = rng.random_range(0..2);
+                let cmd = [Force::Reset, Force::Open, Force::Reset][rng.random_range(0..3)];
+                let (redis, memory) = world.force(t, cmd);
+                assert_eq!(redis, memory, "round {round} step {step}: force {cmd:?}");
+            } else {
+                world.check_views(step);
+            }
+            world.persist();
+        }
+        world.check_views(300);
+    }
+    assert!(rode > 1000, "only {rode} admissions carried settles");
 }
 
 /// Callers that stop waiting (their futures dropped at once, before or while their batch is

@@ -362,3 +362,161 @@ impl SettleQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::breaker::BreakerParams;
+    use crate::bulkhead::BulkheadParams;
+    use crate::keys::{feature_keys, target_keys};
+    use crate::ratelimit::RateParams;
+    use crate::store::{FeatureSpec, TargetSpec};
+
+    fn settle(target: &str, feature: &str, id: &str, outcome: CallOutcome) -> Settle {
+        Settle {
+            target: Arc::new(TargetSpec {
+                name: target.to_owned(),
+                keys: target_keys("q", target),
+                params: BreakerParams::from_config(&crate::BreakerConfig::default(), 1000),
+            }),
+            feature: Arc::new(FeatureSpec {
+                name: feature.to_owned(),
+                keys: feature_keys("q", feature),
+                bulkhead: Some(BulkheadParams {
+                    limit: 1,
+                    lease_ms: 1000,
+                }),
+                rate: Some(RateParams {
+                    emission_us: 1000,
+                    burst: 1,
+                }),
+            }),
+            call_id: id.to_owned(),
+            generation: 0,
+            probe: false,
+            permit: true,
+            refund_rate: false,
+            outcome,
+            elapsed_ms: 0,
+        }
+    }
+
+    fn keys(s: &Settle) -> (String, String) {
+        (
+            s.target.keys.breaker.clone(),
+            s.feature.keys.permits.clone(),
+        )
+    }
+
+    #[test]
+    fn an_admission_takes_its_targets_outcomes_and_its_features_releases() {
+        let q = SettleQueue::new(16);
+        let tf = settle("t", "f", "a", CallOutcome::Failure);
+        let tg = settle("t", "g", "b", CallOutcome::Success);
+        let uf = settle("u", "f", "c", CallOutcome::Failure);
+        let (t, f) = keys(&tf);
+        for s in [tf, tg, uf] {
+            q.push(s, false).expect("room");
+        }
+        let taken = q.take_for(Some(&t), Some(&f), 100);
+        let got: Vec<_> = taken
+            .iter()
+            .map(|s| (s.call_id.as_str(), s.outcome, s.permit))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", CallOutcome::Failure, true),
+                ("b", CallOutcome::Success, false), // g's release stays queued
+                ("c", CallOutcome::Ignored, true),  // u's outcome stays queued
+            ]
+        );
+        // What is left: b's release, c's outcome; taken again by nobody else.
+        assert!(q.take_for(Some(&t), Some(&f), 100).is_empty());
+        let st = q.lock();
+        let left: Vec<_> = st
+            .items
+            .iter()
+            .map(|i| (i.settle.call_id.as_str(), i.outcome, i.release))
+            .collect();
+        assert_eq!(left, [("b", false, true), ("c", true, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_admission_gives_its_settles_back_or_reports_them() {
+        let q = SettleQueue::new(16);
+        let mut s = settle("t", "f", "a", CallOutcome::Failure);
+        s.refund_rate = true;
+        let (t, f) = keys(&s);
+        q.push(s, false).expect("room");
+
+        // Redis refused the script: nothing ran, everything goes back as it was.
+        let taken = q.take_for(Some(&t), Some(&f), 100);
+        q.give_back(taken, &StoreError::Command("ERR".into()), false);
+        let again = q.take_for(Some(&t), Some(&f), 100);
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            (again[0].outcome, again[0].permit, again[0].refund_rate),
+            (CallOutcome::Failure, true, true)
+        );
+
+        // A timeout: it may have run. The release goes back; the failure and the refund are
+        // not repeated but reported dropped.
+        q.give_back(again, &StoreError::Timeout(Duration::from_millis(5)), true);
+        let batch = q
+            .next_batch(100, Duration::from_secs(3600))
+            .await
+            .expect("a batch");
+        assert_eq!(batch.dropped.len(), 1);
+        assert_eq!(batch.dropped[0].0, 1);
+        assert_eq!(batch.settles.len(), 1);
+        let s = &batch.settles[0];
+        assert_eq!(
+            (s.outcome, s.permit, s.refund_rate),
+            (CallOutcome::Ignored, true, false)
+        );
+        q.finish(batch);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flusher_waits_for_an_admission_then_sends_what_none_took() {
+        let q = Arc::new(SettleQueue::new(16));
+        let delay = Duration::from_millis(2);
+        q.push(settle("t", "f", "a", CallOutcome::Success), false)
+            .expect("room");
+        let started = Instant::now();
+        let batch = q.next_batch(100, delay).await.expect("a batch");
+        assert!(started.elapsed() >= delay);
+        assert_eq!(batch.settles.len(), 1);
+        // Its keys are in flight until finished: an admission on them waits.
+        let (t, _) = keys(&batch.settles[0]);
+        let waiter = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move {
+                q.wait_landed(&[t.as_str()], Duration::from_secs(10)).await;
+                Instant::now()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let finished = Instant::now();
+        q.finish(batch);
+        assert!(waiter.await.expect("task") >= finished);
+
+        // A flush is answered once the queue is empty.
+        q.push(settle("t", "f", "b", CallOutcome::Success), false)
+            .expect("room");
+        let done = q.flush();
+        let batch = q
+            .next_batch(100, Duration::from_secs(3600))
+            .await
+            .expect("a batch");
+        assert_eq!(batch.settles.len(), 1);
+        q.finish(batch);
+        done.await.expect("flush answered");
+
+        q.close();
+        assert!(q.next_batch(100, delay).await.is_none());
+    }
+}
