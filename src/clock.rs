@@ -26,6 +26,39 @@ impl Clock for SystemClock {
     }
 }
 
+/// Tokio's clock, as milliseconds since the Unix epoch: the wall clock when it was made, plus
+/// the Tokio time elapsed since. It follows `tokio::time::pause` / `advance` in tests, so that
+/// the in-memory store, the coordinator's waits and its sleeps all see one time; in
+/// production it is monotonic (no jumps when the wall clock is set). The coordinator's
+/// default.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    anchor_ms: u64,
+    anchor: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading the wall clock now and Tokio's time from now on.
+    pub fn new() -> Self {
+        TokioClock {
+            anchor_ms: SystemClock.now_ms(),
+            anchor: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        self.anchor_ms + self.anchor.elapsed().as_millis() as u64
+    }
+}
+
 /// A clock that only moves when told to: for tests of time-based logic without sleeping.
 #[derive(Debug, Clone)]
 pub struct ManualClock(Arc<AtomicU64>);

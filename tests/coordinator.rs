@@ -2046,3 +2046,160 @@ async fn keep_alive_without_a_bulkhead_reports_no_lost_lease() {
     })
     .await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Starting without the shared store (issue 5, §3)
+// ---------------------------------------------------------------------------------------------
+
+/// A configuration for a Redis on `port` that goes local at the first failure.
+fn unreachable_config(url: String) -> Config {
+    let mut config = Env::memory().config();
+    config.redis = Some(RedisConfig {
+        url: Some(url),
+        timeout: Duration::from_millis(100),
+        connect_timeout: Duration::from_millis(500),
+        ..RedisConfig::default()
+    });
+    config
+}
+
+/// With `require_store`, a service does not start without Redis: `build` fails with the
+/// cause (connection refused; a wrong password, at once, as authentication).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_store_refuses_to_start_without_redis() {
+    bounded(async {
+        let mut server = RedisServer::start();
+        let port = server.port();
+        server.kill();
+        let err = Coordinator::builder(unreachable_config(format!("redis://127.0.0.1:{port}/")))
+            .require_store(true)
+            .build()
+            .await
+            .expect_err("no Redis: no coordinator");
+        assert!(
+            matches!(&err, Error::Store(e) if e.is_unavailable()),
+            "the store's error: {err}"
+        );
+        assert!(
+            err.to_string().contains("refused"),
+            "names the cause: {err}"
+        );
+
+        let (_server, url) = server_with_password();
+        let wrong = url.replace(SECRET, "not-the-password");
+        let started = Instant::now();
+        let err = Coordinator::builder(unreachable_config(wrong))
+            .require_store(true)
+            .build()
+            .await
+            .expect_err("wrong password: no coordinator");
+        let text = err.to_string().to_lowercase();
+        assert!(
+            text.contains("auth") || text.contains("password"),
+            "names authentication: {err}"
+        );
+        assert!(!text.contains("not-the-password"), "no secret in: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        // With Redis up, it starts on shared state.
+        let server = RedisServer::start();
+        let c = Coordinator::builder(unreachable_config(server.url()))
+            .require_store(true)
+            .build()
+            .await
+            .expect("Redis answers: it starts");
+        assert!(!c.is_degraded());
+    })
+    .await;
+}
+
+/// Without `require_store` a start without Redis succeeds, and says so: the coordinator is
+/// degraded from the start and a `StoreDegraded` event was observed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_start_is_visible() {
+    bounded(async {
+        let mut server = RedisServer::start();
+        let port = server.port();
+        server.kill();
+        let recorder = Arc::new(Recorder::default());
+        let c = Coordinator::builder(unreachable_config(format!("redis://127.0.0.1:{port}/")))
+            .observer(recorder.clone())
+            .build()
+            .await
+            .expect("starts anyway");
+        assert!(
+            c.is_degraded(),
+            "the returned coordinator says it is degraded"
+        );
+        assert!(
+            recorder.degraded(),
+            "and a StoreDegraded event was observed"
+        );
+        let p = c.admit("chat", "m").await.expect("fail_open: local permit");
+        assert!(p.is_local());
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time through one seam (issue 5, §5)
+// ---------------------------------------------------------------------------------------------
+
+/// Regression (§5): the wait loop mixed `std::time::Instant` with Tokio sleeps (and the
+/// embedded store read the wall clock), so it could not run under `tokio::time::pause`. Now
+/// the coordinator's deadlines, sleeps and the embedded store's clock are all Tokio's: a
+/// 10 s rate wait and a 20 s bulkhead wait run in paused time, in no real time.
+#[tokio::test(start_paused = true)]
+async fn waits_run_under_paused_time() {
+    let real = Instant::now();
+    let mut config = Env::memory().config();
+    config.features.insert(
+        "slow".into(),
+        FeatureConfig {
+            rate: Some(RateConfig {
+                requests: 1,
+                per: Duration::from_secs(10),
+                burst: Some(1),
+            }),
+            max_wait: Duration::from_secs(30),
+            ..FeatureConfig::default()
+        },
+    );
+    config.features.insert(
+        "one".into(),
+        FeatureConfig {
+            max_concurrent: Some(1),
+            max_wait: Duration::from_secs(60),
+            ..FeatureConfig::default()
+        },
+    );
+    let c = Coordinator::new(config).await.expect("valid");
+    let t0 = tokio::time::Instant::now();
+    c.admit("slow", "m").await.expect("the burst").success();
+    c.admit("slow", "m")
+        .await
+        .expect("waits for the next slot")
+        .success();
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited <= Duration::from_secs(11),
+        "waited {waited:?} of paused time for a 10 s slot"
+    );
+
+    let held = c.admit("one", "m").await.expect("the permit");
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move { c.admit("one", "m").await.map(|p| p.success()) })
+    };
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    held.success();
+    waiter
+        .await
+        .expect("the waiter's task")
+        .expect("admitted when the permit came back");
+    assert!(
+        real.elapsed() < Duration::from_secs(5),
+        "30 s of waits took {:?} of real time",
+        real.elapsed()
+    );
+}

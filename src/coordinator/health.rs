@@ -109,6 +109,19 @@ impl Health {
         }
     }
 
+    /// Marks the store down whatever the threshold (it did not answer at start).
+    pub(crate) fn down(&self) -> Change {
+        self.failures.store(self.threshold, Ordering::Release);
+        self.next_probe_us
+            .store(self.now_us() + self.retry_interval_us, Ordering::Release);
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            self.downs.fetch_add(1, Ordering::AcqRel);
+            Change::Degraded
+        } else {
+            Change::None
+        }
+    }
+
     pub(crate) fn failure(&self) -> Change {
         let n = self
             .failures

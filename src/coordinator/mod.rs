@@ -32,7 +32,7 @@ use self::health::Health;
 use self::tiered::{Remote, Reporter, Sink, Tiered, Tried};
 use crate::breaker::{BreakerParams, CallOutcome};
 use crate::bulkhead::BulkheadParams;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, TokioClock};
 use crate::config::{check_name, Config, FeatureConfig, StorePolicy};
 use crate::keys::{feature_keys, target_keys};
 use crate::observer::{Event, Observer};
@@ -40,7 +40,7 @@ use crate::ratelimit::RateParams;
 use crate::store::{
     Admission, AdmitRequest, FeatureSpec, MemoryStore, RedisStore, Store, TargetSpec,
 };
-use crate::{Error, Rejection};
+use crate::{Error, Rejection, StoreError};
 
 /// Most target names remembered (unconfigured targets get the default breaker settings;
 /// past this many distinct names, specs are built per call instead of cached).
@@ -102,6 +102,7 @@ pub struct CoordinatorBuilder {
     config: Config,
     observer: Arc<dyn Observer>,
     clock: Arc<dyn Clock>,
+    require_store: bool,
 }
 
 impl std::fmt::Debug for CoordinatorBuilder {
@@ -125,8 +126,20 @@ impl CoordinatorBuilder {
         self
     }
 
-    /// Validates the configuration and connects. Fails on invalid configuration (naming the
-    /// field), never because Redis is unreachable: then it starts in local mode.
+    /// For services that must not start without the shared store: [`Self::build`] then
+    /// fails with the store's error (refused, authentication, DNS, TLS, timeout...) when
+    /// Redis does not answer within `redis.connect_timeout`. Default: off (a degraded start,
+    /// visible in [`Coordinator::is_degraded`] and an [`Event::StoreDegraded`]). Without
+    /// `[redis]` there is nothing to require.
+    pub fn require_store(mut self, required: bool) -> Self {
+        self.require_store = required;
+        self
+    }
+
+    /// Validates the configuration and connects, waiting up to `redis.connect_timeout` for
+    /// Redis to answer. Fails on invalid configuration (naming the field); when Redis does
+    /// not answer, fails only with [`Self::require_store`], and otherwise starts in local
+    /// mode: [`Coordinator::is_degraded`] is true and [`Event::StoreDegraded`] was observed.
     pub async fn build(self) -> Result<Coordinator, Error> {
         let config = self.config;
         config.validate()?;
@@ -221,10 +234,52 @@ impl CoordinatorBuilder {
                     s.seed_open(&t.target, None);
                 }
             }));
+        if let (Some(r), Some(rc)) = (&shared.tiered.remote, &config.redis) {
+            if startup_probe(&r.store, rc.connect_timeout).await.is_err() {
+                // The hot path's short timeout often ends before a failing connect can tell
+                // why: ask over the operator's connection, which names the cause.
+                let why = Coordinator {
+                    shared: Arc::clone(&shared),
+                }
+                .check_store()
+                .await;
+                match why {
+                    Ok(_) => {}
+                    Err(e) if self.require_store => return Err(e),
+                    Err(e) => {
+                        let cause = match e {
+                            Error::Store(s) => s,
+                            other => StoreError::Connection(other.to_string()),
+                        };
+                        shared.tiered.reporter.store_down(&cause);
+                    }
+                }
+            }
+        }
         if let Some((sink, batch)) = flusher {
             tokio::spawn(flusher::run(sink, batch));
         }
         Ok(Coordinator { shared })
+    }
+}
+
+/// Pings Redis until it answers or `within` has passed; errors that waiting cannot cure
+/// (authentication, DNS, TLS, a protocol or script error) end it at once.
+async fn startup_probe(store: &RedisStore, within: Duration) -> Result<(), StoreError> {
+    let deadline = Instant::now() + within;
+    loop {
+        let err = match store.ping().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let transient = matches!(
+            err,
+            StoreError::Timeout(_) | StoreError::Refused(_) | StoreError::Connection(_)
+        );
+        if !transient || Instant::now() + Duration::from_millis(20) >= deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -374,7 +429,8 @@ impl Coordinator {
         CoordinatorBuilder {
             config,
             observer: Arc::new(()),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(TokioClock::new()),
+            require_store: false,
         }
     }
 

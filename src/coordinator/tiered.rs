@@ -109,6 +109,17 @@ impl Reporter {
         }
     }
 
+    /// The store is known to be down (it did not answer at start): local mode at once.
+    pub(crate) fn store_down(&self, error: &StoreError) {
+        if let Some(h) = &self.health {
+            if h.down() == Change::Degraded {
+                self.emit(Event::StoreDegraded {
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+
     pub(crate) fn store_failed(&self, error: &StoreError) {
         tracing::debug!(target: "fusebox", event = "store_error", error = %error, "store operation failed");
         if let Some(h) = &self.health {
