@@ -1031,6 +1031,13 @@ async fn a_settle_batch_that_times_out_keeps_what_completed() {
     };
     cfg.features.insert(OPEN.into(), FeatureConfig::default());
     let (c, rec) = coordinator(cfg).await;
+    // One round first, so that every script the batch needs is cached on every master (a
+    // NOSCRIPT fallback loads on every master, the stopped one too).
+    for t in [&a, &b] {
+        let p = within("warm-up", c.admit(OPEN, t)).await.expect("warm-up");
+        p.success();
+    }
+    within("flush", c.flush(Duration::from_secs(4))).await;
     let pa = within("admit a", c.admit(OPEN, &a)).await.expect("admit a");
     let pb = within("admit b", c.admit(OPEN, &b)).await.expect("admit b");
     assert!(!pa.is_local() && !pb.is_local());
@@ -1039,6 +1046,15 @@ async fn a_settle_batch_that_times_out_keeps_what_completed() {
     pa.failure();
     pb.success();
     within("flush", c.flush(Duration::from_secs(4))).await;
+    // On a loaded machine the flush may return before the batch is through: wait for its
+    // report (the trip, and the drop of B's item), up to HANG.
+    let t0 = Instant::now();
+    while t0.elapsed() < HANG
+        && (rec.settle_dropped_items.load(SeqCst) == 0
+            || !lock(&rec.transitions).iter().any(|t| t.target == a))
+    {
+        tokio::time::sleep(ms(20)).await;
+    }
     cluster.nodes()[b_node].resume();
 
     let reported = lock(&rec.transitions).clone();

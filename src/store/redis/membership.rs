@@ -10,14 +10,14 @@ use redis::{Script, ScriptInvocation, Value};
 use super::{reply, RedisStore};
 use crate::StoreError;
 
-static MEMBER: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static MEMBER: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("../../../lua/lib.lua"),
         "\n",
         include_str!("../../../lua/member.lua")
     ))
 });
-static MEMBERS: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static MEMBERS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("../../../lua/lib.lua"),
         "\n",

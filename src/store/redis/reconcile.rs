@@ -10,7 +10,7 @@ use super::{reply, RedisStore};
 use crate::store::FeatureSpec;
 use crate::StoreError;
 
-static ADOPT: LazyLock<Script> = LazyLock::new(|| {
+pub(super) static ADOPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("../../../lua/lib.lua"),
         "\n",

@@ -40,7 +40,7 @@ pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
 pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
 
 /// Every script, to load on connect and after a reconnect.
-pub(super) fn all() -> [&'static Script; 9] {
+pub(super) fn all() -> [&'static Script; 12] {
     [
         &ADMIT,
         &super::ride::SETTLE_ADMIT,
@@ -51,6 +51,9 @@ pub(super) fn all() -> [&'static Script; 9] {
         &FORCE,
         &SNAPSHOT,
         &IN_FLIGHT,
+        &super::membership::MEMBER,
+        &super::membership::MEMBERS,
+        &super::reconcile::ADOPT,
     ]
 }
 

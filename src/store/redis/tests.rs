@@ -115,3 +115,63 @@ async fn a_direct_admission_cancelled_after_its_script_ran_holds_nothing() {
         );
     }
 }
+
+/// Whether Redis has every script of the store cached.
+fn all_scripts_loaded(server: &support::RedisServer) -> bool {
+    let mut args = vec!["SCRIPT", "EXISTS"];
+    let scripts = super::scripts::all();
+    args.extend(scripts.iter().map(|s| s.get_hash()));
+    let reply = server.cli(&args);
+    reply.lines().count() == scripts.len() && reply.lines().all(|l| l.trim() == "1")
+}
+
+/// Issue 5 §2.1: every script is loaded on connect, and again once Redis answers after it
+/// was unreachable (a restarted Redis has an empty script cache), so a take-back's first
+/// `EVALSHA` finds its script even when nothing else has used it yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_loaded_on_connect_and_after_a_restart() {
+    let mut server = support::RedisServer::start();
+    let config = crate::RedisConfig {
+        url: Some(server.url()),
+        timeout: Duration::from_secs(1),
+        ..crate::RedisConfig::default()
+    };
+    let store = RedisStore::connect(&config).await.expect("connect");
+    let wait_loaded = |server: &support::RedisServer| {
+        for _ in 0..500 {
+            if all_scripts_loaded(server) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    };
+    assert!(
+        tokio::task::block_in_place(|| wait_loaded(&server)),
+        "scripts loaded on connect, before any call"
+    );
+
+    tokio::task::block_in_place(|| server.kill());
+    let f = FeatureSpec {
+        name: "f".to_owned(),
+        keys: feature_keys("preload", "f"),
+        bulkhead: None,
+        rate: None,
+    };
+    assert!(store.in_flight(&f).await.is_err(), "Redis is down");
+    tokio::task::block_in_place(|| server.restart());
+    assert!(!tokio::task::block_in_place(|| all_scripts_loaded(&server)));
+    let mut answered = false;
+    for _ in 0..200 {
+        if store.in_flight(&f).await.is_ok() {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(answered, "the store reconnects after the restart");
+    assert!(
+        tokio::task::block_in_place(|| wait_loaded(&server)),
+        "every script loaded again after the restart"
+    );
+}
