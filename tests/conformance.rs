@@ -1137,6 +1137,24 @@ mod sequential {
             }
         }
 
+        /// SCRIPT FLUSH on every node: the next script call meets NOSCRIPT and is re-sent.
+        fn flush_scripts(&self) {
+            match self {
+                Backing::Memory => {}
+                Backing::Single(r) => {
+                    let _: () = redis::cmd("SCRIPT")
+                        .arg("FLUSH")
+                        .query(&mut r.connection())
+                        .expect("SCRIPT FLUSH");
+                }
+                Backing::Cluster(c) => {
+                    for node in c.nodes() {
+                        node.cli(&["SCRIPT", "FLUSH"]);
+                    }
+                }
+            }
+        }
+
         async fn coordinator(&self, mut config: Config) -> Coordinator {
             config.namespace = support::unique_name("seq");
             config.redis = self.redis();
@@ -1185,6 +1203,51 @@ mod sequential {
         );
         assert!(!c.is_degraded());
         c.flush(Duration::from_secs(5)).await;
+        assert_eq!(c.in_flight("chat").await.expect("in_flight"), 0);
+    }
+
+    /// The limit-1 loop while the scripts keep disappearing (SCRIPT FLUSH before every fifth
+    /// call): redis-rs then re-sends a script after NOSCRIPT, which can reorder two calls
+    /// pipelined one after the other; a settle riding inside the admission's own script
+    /// cannot be overtaken. Failures alternate with successes, so an outcome that arrived
+    /// late or twice would show as a wrong decision too.
+    pub(super) async fn the_loop_holds_when_scripts_are_flushed(b: Backing) {
+        let mut config = Config {
+            breaker: BreakerConfig {
+                consecutive_failures: Some(2),
+                failure_rate: None,
+                open_duration: Duration::from_secs(60),
+                ..BreakerConfig::default()
+            },
+            ..Config::default()
+        };
+        config.features.insert("chat".into(), one_at_a_time());
+        let c = b.coordinator(config).await;
+        let mut log = Vec::new();
+        for i in 0..60 {
+            if i % 5 == 0 {
+                b.flush_scripts();
+            }
+            let fail = i % 2 == 0;
+            log.push(decision(
+                c.call("chat", "m", || async move {
+                    if fail {
+                        Err(())
+                    } else {
+                        Ok(())
+                    }
+                })
+                .await,
+            ));
+        }
+        assert_eq!(
+            log,
+            vec!["ran"; 60],
+            "alternating outcomes never trip 2 in a row"
+        );
+        c.flush(Duration::from_secs(5)).await;
+        let s = c.snapshot("m").await.expect("snapshot");
+        assert_eq!(s.window.calls, 60);
         assert_eq!(c.in_flight("chat").await.expect("in_flight"), 0);
     }
 
@@ -1328,5 +1391,6 @@ mod sequential {
         failures_then_refusal,
         a_probe_success_closes_before_the_next_call,
         an_open_target_does_not_starve_a_healthy_one,
+        the_loop_holds_when_scripts_are_flushed,
     );
 }
