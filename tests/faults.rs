@@ -103,7 +103,8 @@ struct Recorder {
 impl Observer for Recorder {
     fn on_event(&self, event: &Event) {
         let kind = match event {
-            Event::StoreDegraded { .. } => {
+            Event::StoreDegraded { error, .. } => {
+                eprintln!("store degraded: {error}");
                 self.degraded.fetch_add(1, SeqCst);
                 "degraded"
             }
