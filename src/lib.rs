@@ -1,24 +1,38 @@
 #![doc = include_str!("../README.md")]
 
-pub mod breaker;
-pub mod bulkhead;
+// The public API: the coordinator and what its methods take and return, the configuration,
+// the one error type, the observer hook and the clock seam. Everything else is the crate's
+// machinery: the modules below marked `#[doc(hidden)]` are public only so that the crate's own
+// integration tests, differential tests and benchmark can reach them; they are not part of
+// the API and may change in any release.
+
 pub mod clock;
 pub mod config;
+mod coordinator;
 mod error;
+mod observer;
+
+#[doc(hidden)]
+pub mod breaker;
+#[doc(hidden)]
+pub mod bulkhead;
+#[doc(hidden)]
 pub mod keys;
+#[doc(hidden)]
 pub mod ratelimit;
+#[doc(hidden)]
 pub mod store;
 
-pub use breaker::{CallOutcome, CircuitState, Force, Transition, TransitionReason};
+pub use breaker::window::Totals;
+pub use breaker::{
+    BreakerSnapshot, CallOutcome, CircuitState, Force, Transition, TransitionReason,
+};
 pub use config::{
     BreakerConfig, BreakerOverrides, Config, FeatureConfig, RateConfig, RedisConfig, StorePolicy,
     TargetConfig,
 };
-pub use error::{Error, Rejection, StoreError};
-pub mod coordinator;
-pub mod observer;
-
 pub use coordinator::{
     Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading, Source,
 };
+pub use error::{Error, Rejection, StoreError};
 pub use observer::{Event, Observer};

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fusebox::breaker::BreakerSnapshot;
+use fusebox::BreakerSnapshot;
 use fusebox::{
     BreakerConfig, CallOutcome, CircuitState, Config, Coordinator, Error, Event, FeatureConfig,
     Force, Observer, RateConfig, RedisConfig, Rejection, Transition, TransitionReason,
@@ -2202,4 +2202,31 @@ async fn waits_run_under_paused_time() {
         "30 s of waits took {:?} of real time",
         real.elapsed()
     );
+}
+
+/// The live membership is an operator read: it comes from Redis or is an error, never this
+/// replica's guess; without Redis the fleet is this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_is_read_from_redis_or_fails() {
+    bounded(async {
+        let embedded = Coordinator::new(Env::memory().config())
+            .await
+            .expect("valid");
+        let members = embedded.replicas().await.expect("embedded: this process");
+        assert_eq!(members.len(), 1);
+        assert!(members[0].this);
+        assert_eq!(embedded.fleet_size(), 1);
+
+        let mut server = RedisServer::start();
+        let port = server.port();
+        server.kill();
+        let down = Coordinator::new(unreachable_config(format!("redis://127.0.0.1:{port}/")))
+            .await
+            .expect("a degraded start");
+        assert!(
+            matches!(down.replicas().await, Err(Error::Store(_))),
+            "Redis down: an error, not local state"
+        );
+    })
+    .await;
 }
