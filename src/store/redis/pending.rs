@@ -76,6 +76,8 @@ fn has_release(s: &Settle) -> bool {
 #[derive(Default)]
 struct State {
     items: VecDeque<Item>,
+    /// An urgent settle was queued since the flusher last took a batch.
+    urgent: bool,
     closed: bool,
     /// Flush requests, answered once the queue has been emptied.
     flushes: Vec<oneshot::Sender<()>>,
@@ -132,7 +134,7 @@ impl SettleQueue {
         if !outcome && !release {
             return Ok(()); // nothing to deliver
         }
-        {
+        let wake = {
             let mut st = self.lock();
             if st.closed || st.items.len() >= self.capacity {
                 return Err(settle);
@@ -144,8 +146,14 @@ impl SettleQueue {
                 at: Instant::now(),
                 urgent,
             });
+            st.urgent |= urgent;
+            // The flusher needs waking only to arm its timer (first item), to send a batch
+            // that has grown to SMALL, or for an urgent item; otherwise its timer wakes it.
+            urgent || st.items.len() == 1 || st.items.len() == SMALL
+        };
+        if wake {
+            self.wake.notify_one();
         }
-        self.wake.notify_one();
         Ok(())
     }
 
@@ -170,7 +178,11 @@ impl SettleQueue {
             let landed = self.landed.notified();
             tokio::pin!(landed);
             landed.as_mut().enable();
-            if !keys.iter().any(|k| self.lock().in_flight.contains_key(*k)) {
+            let busy = {
+                let st = self.lock();
+                !st.in_flight.is_empty() && keys.iter().any(|k| st.in_flight.contains_key(*k))
+            };
+            if !busy {
                 return;
             }
             if tokio::time::timeout_at(deadline, landed).await.is_err() {
@@ -291,7 +303,7 @@ impl SettleQueue {
                 let due = !st.flushes.is_empty()
                     || st.closed
                     || st.items.len() >= max.min(SMALL)
-                    || st.items.iter().any(|i| i.urgent)
+                    || st.urgent
                     || oldest.is_some_and(|t| t <= now);
                 let reports = !st.dropped.is_empty() || !st.released.is_empty();
                 if (due && !st.items.is_empty()) || reports || !st.flushes.is_empty() {
@@ -313,6 +325,7 @@ impl SettleQueue {
 
     fn take_batch(st: &mut State, max: usize) -> FlushBatch {
         let n = st.items.len().min(max);
+        st.urgent = st.items.iter().skip(n).any(|i| i.urgent);
         let settles: Vec<Settle> = st.items.drain(..n).map(|i| i.remaining()).collect();
         let mut keys = Vec::new();
         for s in &settles {
