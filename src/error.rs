@@ -50,6 +50,78 @@ impl Error {
     }
 }
 
+/// What [`crate::Coordinator::call`] returns instead of the call's value: the call was not
+/// sent ([`CallError::Rejected`], [`CallError::Fusebox`]), or it was sent and failed
+/// ([`CallError::Inner`], recorded on the target's breaker as the classifier said).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CallError<E> {
+    /// Not sent: refused by a breaker, bulkhead, rate limit, "not before" or store policy.
+    Rejected(Rejection),
+    /// Not sent: fusebox could not decide (an unknown feature, an invalid target name, a
+    /// store error).
+    Fusebox(Error),
+    /// Sent, and the call itself failed with this error.
+    Inner(E),
+}
+
+impl<E> CallError<E> {
+    /// The rejection, when the call was refused.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            CallError::Rejected(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// When a retry of the same call could succeed, if fusebox knows (refusals only).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.rejection().and_then(Rejection::retry_after)
+    }
+
+    /// Whether the call was sent (and failed): [`CallError::Inner`].
+    pub fn was_sent(&self) -> bool {
+        matches!(self, CallError::Inner(_))
+    }
+
+    /// The call's own error, when it was sent and failed.
+    pub fn into_inner(self) -> Option<E> {
+        match self {
+            CallError::Inner(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl<E> From<Error> for CallError<E> {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Rejected(r) => CallError::Rejected(r),
+            other => CallError::Fusebox(other),
+        }
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for CallError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Rejected(r) => write!(f, "call rejected: {r}"),
+            CallError::Fusebox(e) => e.fmt(f),
+            CallError::Inner(e) => write!(f, "the call failed: {e}"),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for CallError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::Rejected(r) => Some(r),
+            CallError::Fusebox(e) => Some(e),
+            CallError::Inner(e) => Some(e),
+        }
+    }
+}
+
 /// Why a call was not let through. Data to act on, not a string to parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -34,5 +34,5 @@ pub use config::{
 pub use coordinator::{
     Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading, Source,
 };
-pub use error::{Error, Rejection, StoreError};
+pub use error::{CallError, Error, Rejection, StoreError};
 pub use observer::{Event, Observer};

@@ -489,10 +489,12 @@ fn force_and_status_against_redis() {
         assert!(
             matches!(
                 r,
-                Err(fusebox::Error::Rejected(fusebox::Rejection::CircuitOpen {
-                    state: CircuitState::ForcedOpen,
-                    ..
-                }))
+                Err(fusebox::CallError::Rejected(
+                    fusebox::Rejection::CircuitOpen {
+                        state: CircuitState::ForcedOpen,
+                        ..
+                    }
+                ))
             ),
             "{r:?}"
         );

@@ -1083,7 +1083,7 @@ mod sequential {
     use std::time::Duration;
 
     use fusebox::{
-        BreakerConfig, Config, Coordinator, Error, FeatureConfig, RateConfig, RedisConfig,
+        BreakerConfig, CallError, Config, Coordinator, FeatureConfig, RateConfig, RedisConfig,
     };
 
     use super::support;
@@ -1165,11 +1165,11 @@ mod sequential {
     }
 
     /// "ran", or the refusal's kind; a store error fails the test.
-    fn decision<T>(r: Result<Result<T, ()>, Error>) -> String {
+    fn decision<T>(r: Result<T, CallError<()>>) -> String {
         match r {
-            Ok(_) => "ran".to_owned(),
-            Err(Error::Rejected(r)) => r.kind().to_owned(),
-            Err(e) => panic!("not a decision: {e}"),
+            Ok(_) | Err(CallError::Inner(())) => "ran".to_owned(),
+            Err(CallError::Rejected(r)) => r.kind().to_owned(),
+            Err(e) => panic!("not a decision: {e:?}"),
         }
     }
 

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use fusebox::BreakerSnapshot;
 use fusebox::{
-    BreakerConfig, CallOutcome, CircuitState, Config, Coordinator, Error, Event, FeatureConfig,
-    Force, Observer, RateConfig, RedisConfig, Rejection, Transition, TransitionReason,
+    BreakerConfig, CallError, CallOutcome, CircuitState, Config, Coordinator, Error, Event,
+    FeatureConfig, Force, Observer, RateConfig, RedisConfig, Rejection, Transition,
+    TransitionReason,
 };
 use support::RedisServer;
 
@@ -231,11 +232,13 @@ async fn fail(c: &Coordinator, feature: &str, target: &str) {
     let r = c
         .call(feature, target, || async { Err::<(), _>("upstream 500") })
         .await;
-    assert_eq!(
-        r.expect("admitted"),
-        Err("upstream 500"),
-        "the call's own error comes back as the inner result"
-    );
+    match r {
+        Err(CallError::Inner(e)) => assert_eq!(
+            e, "upstream 500",
+            "the call's own error comes back as CallError::Inner"
+        ),
+        other => panic!("expected the call's own error, got {other:?}"),
+    }
 }
 
 /// One call that succeeds, run through `call`; asserts it was admitted.
@@ -243,7 +246,7 @@ async fn succeed(c: &Coordinator, feature: &str, target: &str) {
     let r = c
         .call(feature, target, || async { Ok::<_, String>(1) })
         .await;
-    assert_eq!(r.expect("admitted"), Ok(1));
+    assert_eq!(r.expect("admitted and ran"), 1);
 }
 
 /// A call whose closure counts its runs; returns fusebox's verdict.
@@ -252,7 +255,7 @@ async fn counted_call(
     feature: &str,
     target: &str,
     runs: &AtomicUsize,
-) -> Result<Result<(), String>, Error> {
+) -> Result<(), CallError<String>> {
     c.call(feature, target, || async {
         runs.fetch_add(1, Ordering::SeqCst);
         Ok(())
@@ -260,9 +263,9 @@ async fn counted_call(
     .await
 }
 
-fn rejection(r: Result<Result<(), String>, Error>) -> Rejection {
+fn rejection(r: Result<(), CallError<String>>) -> Rejection {
     match r {
-        Err(Error::Rejected(rejection)) => rejection,
+        Err(CallError::Rejected(rejection)) => rejection,
         other => panic!("expected a rejection, got {other:?}"),
     }
 }
@@ -306,7 +309,7 @@ async fn call_counts_outcomes_and_trips_after_five_failures(env: Env) {
             |_| CallOutcome::Failure,
         )
         .await;
-    assert_eq!(r.expect("admitted"), Ok("overloaded"));
+    assert_eq!(r.expect("admitted and ran"), "overloaded");
     flush(&c).await;
     let s = snapshot(&c, t).await;
     assert_eq!(s.state, CircuitState::Closed);
@@ -330,7 +333,10 @@ async fn call_counts_outcomes_and_trips_after_five_failures(env: Env) {
             },
         )
         .await;
-    assert_eq!(r.expect("admitted"), Err("400 bad request"));
+    assert!(
+        matches!(r, Err(CallError::Inner("400 bad request"))),
+        "{r:?}"
+    );
     assert_eq!(classified.load(Ordering::SeqCst), 1);
     flush(&c).await;
     let s = snapshot(&c, t).await;
@@ -379,7 +385,7 @@ async fn unknown_feature_is_an_error_and_runs_nothing(env: Env) {
     let (c, rec) = env.start(env.config()).await;
     let runs = AtomicUsize::new(0);
     match counted_call(&c, "chta", "m", &runs).await {
-        Err(Error::UnknownFeature(name)) => assert_eq!(name, "chta"),
+        Err(CallError::Fusebox(Error::UnknownFeature(name))) => assert_eq!(name, "chta"),
         other => panic!("expected UnknownFeature, got {other:?}"),
     }
     assert_eq!(runs.load(Ordering::SeqCst), 0);
@@ -468,7 +474,7 @@ async fn invalid_target_names_are_config_errors(env: Env) {
         let runs = AtomicUsize::new(0);
         let r = counted_call(&c, "chat", bad, &runs).await;
         assert!(
-            r.as_ref().err().is_some_and(is_target_error),
+            matches!(&r, Err(CallError::Fusebox(e)) if is_target_error(e)),
             "call {bad:?}: {r:?}"
         );
         assert_eq!(runs.load(Ordering::SeqCst), 0);
@@ -1013,10 +1019,7 @@ async fn a_long_call_keeps_its_permit(env: Env) {
     }
     let _ = finish_tx.send(());
     let result = long.await.expect("the call's task");
-    assert!(
-        matches!(result, Ok(Ok(()))),
-        "the long call ran: {result:?}"
-    );
+    assert!(matches!(result, Ok(())), "the long call ran: {result:?}");
     assert_eq!(
         running.load(Ordering::SeqCst),
         0,
@@ -1535,10 +1538,9 @@ async fn not_before_holds_back_the_fleet_and_is_not_a_failure(env: Env) {
     assert_eq!((s.window.calls, s.consecutive_failures), (0, 0), "{s:?}");
 
     tokio::time::sleep((pause + Duration::from_millis(50)).saturating_sub(set_at.elapsed())).await;
-    assert_eq!(
-        counted_call(&b, "chat", t, &runs).await.expect("admitted"),
-        Ok(())
-    );
+    counted_call(&b, "chat", t, &runs)
+        .await
+        .expect("admitted and ran");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     flush(&b).await;
     let s = snapshot(&b, t).await;
@@ -1565,7 +1567,7 @@ async fn slow_calls_open_the_breaker(env: Env) {
         Ok::<_, String>(())
     };
     for i in 0..3 {
-        assert_eq!(c.call("chat", t, slow).await.expect("admitted"), Ok(()));
+        c.call("chat", t, slow).await.expect("admitted and ran");
         flush(&c).await;
         let s = snapshot(&c, t).await;
         assert_eq!(
@@ -1577,7 +1579,7 @@ async fn slow_calls_open_the_breaker(env: Env) {
         );
         assert_eq!(s.window.slow, i + 1, "{s:?}");
     }
-    assert_eq!(c.call("chat", t, slow).await.expect("admitted"), Ok(()));
+    c.call("chat", t, slow).await.expect("admitted and ran");
     flush(&c).await;
     assert_eq!(snapshot(&c, t).await.state, CircuitState::Open);
     let seen = rec.transitions();

@@ -948,8 +948,7 @@ async fn local_mode_divides_by_the_observed_fleet_size() {
         r.coordinator
             .call("chat", "m", || async { Ok::<_, ()>(()) })
             .await
-            .expect("admitted")
-            .expect("ran");
+            .expect("admitted and ran");
     }
     // Each coordinator joined on its first call; wait until each has seen all three.
     let started = Instant::now();

@@ -40,7 +40,7 @@ use crate::ratelimit::RateParams;
 use crate::store::{
     Admission, AdmitRequest, FeatureSpec, MemoryStore, RedisStore, Store, TargetSpec,
 };
-use crate::{Error, Rejection, StoreError};
+use crate::{CallError, Error, Rejection, StoreError};
 
 /// Most target names remembered (unconfigured targets get the default breaker settings;
 /// past this many distinct names, specs are built per call instead of cached).
@@ -573,13 +573,14 @@ impl Coordinator {
     }
 
     /// Runs `call` if admitted and records its outcome: `Ok` is a success, `Err` a failure.
-    /// The outer `Result` is fusebox's (a rejection), the inner one is the call's.
+    /// A call that was not sent comes back as [`CallError::Rejected`] (or
+    /// [`CallError::Fusebox`]); the call's own error as [`CallError::Inner`].
     pub async fn call<T, E, Fut>(
         &self,
         feature: &str,
         target: &str,
         call: impl FnOnce() -> Fut,
-    ) -> Result<Result<T, E>, Error>
+    ) -> Result<T, CallError<E>>
     where
         Fut: Future<Output = Result<T, E>>,
     {
@@ -598,7 +599,7 @@ impl Coordinator {
         target: &str,
         call: impl FnOnce() -> Fut,
         classify: impl FnOnce(&Result<T, E>) -> CallOutcome,
-    ) -> Result<Result<T, E>, Error>
+    ) -> Result<T, CallError<E>>
     where
         Fut: Future<Output = Result<T, E>>,
     {
@@ -606,7 +607,7 @@ impl Coordinator {
         // The lease is kept alive while the call runs, however long it takes.
         let result = permit.guard(call()).await;
         permit.record(classify(&result));
-        Ok(result)
+        result.map_err(CallError::Inner)
     }
 
     /// Sets a fleet-wide "not before" instant for `target` (from an upstream `retry-after`):
