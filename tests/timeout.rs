@@ -3,72 +3,17 @@
 //! than half the timeout, admissions that queue up behind another must still be decided, and
 //! the replica must stay on the shared store.
 //!
-//! The slow link is real: a TCP proxy on loopback that delays every chunk by a fixed time in
-//! each direction, in front of a real `redis-server`.
+//! The slow link is real: a TCP proxy on loopback (`tests/support/delay_proxy.rs`) that delays
+//! every chunk by a fixed time in each direction, in front of a real `redis-server`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use fusebox::{Config, Coordinator, Error, FeatureConfig, RedisConfig};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 #[allow(unused_imports)]
 mod support;
-
-/// Copies `from` to `to`, each chunk delivered `delay` after it was read, in order.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Duration,
-) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-    let writer = tokio::spawn(async move {
-        while let Some((at, bytes)) = rx.recv().await {
-            tokio::time::sleep_until(at).await;
-            if to.write_all(&bytes).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let chunk = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
-                if tx.send((Instant::now() + delay, chunk)).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
-/// A proxy to `upstream` that delays each direction by `delay` (a round trip of 2 x delay).
-async fn delay_proxy(upstream: SocketAddr, delay: Duration) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(server) = TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let _ = client.set_nodelay(true);
-                let _ = server.set_nodelay(true);
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::join!(pump(cr, sw, delay), pump(sr, cw, delay));
-            });
-        }
-    });
-    addr
-}
 
 /// Round trip 400 ms (200 ms each way), timeout 700 ms: more than half the timeout. One
 /// admission is sent; 20 more arrive 10 ms later and queue behind it (one batch in flight at
@@ -81,7 +26,7 @@ async fn queued_admissions_do_not_time_out_when_the_round_trip_is_over_half_the_
     let upstream: SocketAddr = format!("127.0.0.1:{}", server.port())
         .parse()
         .expect("address");
-    let proxy = delay_proxy(upstream, Duration::from_millis(200)).await;
+    let proxy = support::delay_proxy::start(upstream, Duration::from_millis(200));
 
     let mut config = Config {
         namespace: support::unique_name("timeout"),
