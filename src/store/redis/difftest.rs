@@ -92,6 +92,33 @@ struct World {
 }
 
 impl World {
+    /// A world on a freshly spawned Redis (keep the server alive while the world is used).
+    fn start() -> (support::RedisServer, World) {
+        let (server, con, _) = start_redis();
+        let world = World {
+            con,
+            clock: ManualClock::new(1_700_000_000_000),
+            memory: MemoryStore::default(),
+            targets: Vec::new(),
+            features: Vec::new(),
+            next_id: 0,
+        };
+        (server, world)
+    }
+
+    /// A new round: a fresh memory store, two random targets and two random features under
+    /// the namespace `ns`, one tick on.
+    fn new_round(&mut self, rng: &mut StdRng, ns: &str) {
+        self.memory = MemoryStore::new(Arc::new(self.clock.clone()));
+        self.targets = (0..2)
+            .map(|i| random_target(rng, ns, &format!("t{i}")))
+            .collect();
+        self.features = (0..2)
+            .map(|i| random_feature(rng, ns, &format!("f{i}")))
+            .collect();
+        self.tick(1);
+    }
+
     fn tick(&mut self, ms: u64) {
         self.clock.advance(Duration::from_millis(ms));
         let now = crate::clock::Clock::now_ms(&self.clock);
@@ -374,27 +401,11 @@ fn strip(admissions: &[Admission]) -> Vec<String> {
 
 #[test]
 fn scripts_decide_as_the_memory_store_does() {
-    let (_server, con, _) = start_redis();
-    let mut world = World {
-        con,
-        clock: ManualClock::new(1_700_000_000_000),
-        memory: MemoryStore::default(),
-        targets: Vec::new(),
-        features: Vec::new(),
-        next_id: 0,
-    };
+    let (_server, mut world) = World::start();
     let mut batched = 0usize;
     for round in 0..12u64 {
         let mut rng = StdRng::seed_from_u64(0xB47C4 + round);
-        let ns = format!("d{round}");
-        world.memory = MemoryStore::new(Arc::new(world.clock.clone()));
-        world.targets = (0..2)
-            .map(|i| random_target(&mut rng, &ns, &format!("t{i}")))
-            .collect();
-        world.features = (0..2)
-            .map(|i| random_feature(&mut rng, &ns, &format!("f{i}")))
-            .collect();
-        world.tick(1);
+        world.new_round(&mut rng, &format!("d{round}"));
         let mut held: Vec<Settle> = Vec::new();
         for step in 0..500 {
             world.tick([0, 0, 1, 5, 20, 60][rng.random_range(0..6)]);
@@ -484,27 +495,11 @@ fn scripts_decide_as_the_memory_store_does() {
 /// then. Transitions, decisions, snapshots and permits in flight must be equal.
 #[test]
 fn settles_riding_with_admissions_decide_as_the_memory_store_does() {
-    let (_server, con, _) = start_redis();
-    let mut world = World {
-        con,
-        clock: ManualClock::new(1_700_000_000_000),
-        memory: MemoryStore::default(),
-        targets: Vec::new(),
-        features: Vec::new(),
-        next_id: 0,
-    };
+    let (_server, mut world) = World::start();
     let mut rode = 0usize;
     for round in 0..8u64 {
         let mut rng = StdRng::seed_from_u64(0x5E77 + round);
-        let ns = format!("r{round}");
-        world.memory = MemoryStore::new(Arc::new(world.clock.clone()));
-        world.targets = (0..2)
-            .map(|i| random_target(&mut rng, &ns, &format!("t{i}")))
-            .collect();
-        world.features = (0..2)
-            .map(|i| random_feature(&mut rng, &ns, &format!("f{i}")))
-            .collect();
-        world.tick(1);
+        world.new_round(&mut rng, &format!("r{round}"));
         let mut held: Vec<Settle> = Vec::new();
         for step in 0..300 {
             world.tick([0, 0, 1, 5, 20, 60][rng.random_range(0..6)]);
