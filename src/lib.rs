@@ -1,5 +1,10 @@
 #![doc = include_str!("../README.md")]
 
+// The crate's unit tests share the integration tests' helpers (`tests/support`), which name
+// the crate `fusebox`.
+#[cfg(test)]
+extern crate self as fusebox;
+
 // The public API: the coordinator and what its methods take and return, the configuration,
 // the one error type, the observer hook and the clock seam. Everything else is the crate's
 // machinery: the modules below marked `#[doc(hidden)]` are public only so that the crate's own

@@ -5,7 +5,6 @@
 //! as the fleet's. Every run of the binary is bounded in time.
 
 // Not every test binary uses everything the shared harness exports.
-#[allow(unused_imports)]
 mod support;
 
 use std::path::{Path, PathBuf};

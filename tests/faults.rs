@@ -8,7 +8,6 @@
 //! measure how long calls take.
 
 // Not every test binary uses everything the shared harness exports.
-#[allow(unused_imports)]
 mod support;
 
 use std::collections::BTreeSet;
@@ -19,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use fusebox::keys::{feature_keys, target_keys};
 use fusebox::{
-    BreakerConfig, CircuitState, Config, Coordinator, Error, Event, FeatureConfig, Observer,
-    Permit, RateConfig, RedisConfig, Rejection, StorePolicy, Transition, TransitionReason,
+    BreakerConfig, CircuitState, Config, Coordinator, Error, FeatureConfig, Permit, RateConfig,
+    RedisConfig, Rejection, StorePolicy, TransitionReason,
 };
 use rand::Rng;
-use support::{unique_name, RedisCluster, RedisServer};
+use support::{unique_name, Recorder, RedisCluster, RedisServer};
 
 /// Store timeout of the tests where Redis goes away: short, as in production.
 const FAULT_TIMEOUT: Duration = Duration::from_millis(50);
@@ -85,46 +84,6 @@ async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool
 async fn pause_ms(range: std::ops::RangeInclusive<u64>) {
     let n = rand::rng().random_range(range);
     tokio::time::sleep(ms(n)).await;
-}
-
-/// Counts the store-health events of one coordinator.
-#[derive(Default)]
-struct Recorder {
-    degraded: AtomicUsize,
-    recovered: AtomicUsize,
-    settle_dropped: AtomicUsize,
-    /// Items the `SettleDropped` events counted.
-    settle_dropped_items: AtomicUsize,
-    transitions: Mutex<Vec<Transition>>,
-    /// Kinds of every event except rejections, in order.
-    log: Mutex<Vec<&'static str>>,
-}
-
-impl Observer for Recorder {
-    fn on_event(&self, event: &Event) {
-        let kind = match event {
-            Event::StoreDegraded { error, .. } => {
-                eprintln!("store degraded: {error}");
-                self.degraded.fetch_add(1, SeqCst);
-                "degraded"
-            }
-            Event::StoreRecovered => {
-                self.recovered.fetch_add(1, SeqCst);
-                "recovered"
-            }
-            Event::SettleDropped { count, .. } => {
-                self.settle_dropped.fetch_add(1, SeqCst);
-                self.settle_dropped_items.fetch_add(*count, SeqCst);
-                "settle_dropped"
-            }
-            Event::Transition(t) => {
-                lock(&self.transitions).push(t.clone());
-                "transition"
-            }
-            _ => return,
-        };
-        lock(&self.log).push(kind);
-    }
 }
 
 fn feature(policy: StorePolicy) -> FeatureConfig {
@@ -271,10 +230,10 @@ async fn outage_scenario(outage: Outage) {
     let took = wait_until(HANG, "degraded after the fault", || c.is_degraded()).await;
     eprintln!("{outage:?}: degraded {took:?} after the fault");
     assert_eq!(
-        rec.degraded.load(SeqCst),
+        rec.degraded(),
         1,
         "one StoreDegraded event: {:?}",
-        lock(&rec.log)
+        rec.log()
     );
 
     // Fail-open calls keep flowing on local state.
@@ -339,9 +298,9 @@ async fn outage_scenario(outage: Outage) {
         fault_at.elapsed()
     );
     assert!(
-        rec.recovered.load(SeqCst) >= 1,
+        rec.recovered() >= 1,
         "a StoreRecovered event: {:?}",
-        lock(&rec.log)
+        rec.log()
     );
     for f in [SOLO, CLOSED] {
         let p = timed_admit(&c, f, &slowest)
@@ -370,7 +329,7 @@ async fn outage_scenario(outage: Outage) {
         w.shared_ok.load(SeqCst),
         w.local_ok.load(SeqCst),
         lock(&w.full_limits),
-        lock(&rec.log)
+        rec.log()
             .iter()
             .filter(|k| **k != "settle_dropped")
             .collect::<Vec<_>>()
@@ -476,8 +435,8 @@ async fn script_flush_mid_run_is_survived() {
     );
     for (c, r) in [(&c1, &r1), (&c2, &r2)] {
         assert!(!c.is_degraded());
-        assert_eq!(r.degraded.load(SeqCst), 0, "{:?}", lock(&r.log));
-        assert_eq!(r.settle_dropped.load(SeqCst), 0, "{:?}", lock(&r.log));
+        assert_eq!(r.degraded(), 0, "{:?}", r.log());
+        assert_eq!(r.settle_dropped(), 0, "{:?}", r.log());
     }
     // Every release and every outcome reached Redis despite the flushes.
     assert_eq!(
@@ -748,7 +707,7 @@ async fn bad_values_under_fusebox_keys_are_survived() {
     }
 
     assert!(!c.is_degraded(), "bad values are not an outage");
-    assert_eq!(rec.degraded.load(SeqCst), 0, "{:?}", lock(&rec.log));
+    assert_eq!(rec.degraded(), 0, "{:?}", rec.log());
     let slowest = Duration::from_micros(slowest.load(SeqCst));
     eprintln!("bad values: slowest admission {slowest:?}");
     assert!(slowest < ADMIT_BOUND);
@@ -787,8 +746,8 @@ async fn a_trip_is_reported_when_the_release_in_the_same_batch_fails() {
         (CircuitState::Open, 1),
         "the failure was applied and tripped the breaker"
     );
-    let reported = lock(&rec.transitions).clone();
-    eprintln!("events: {:?}", lock(&rec.log));
+    let reported = rec.transitions();
+    eprintln!("events: {:?}", rec.log());
     assert!(
         reported.iter().any(|t| t.generation == 1
             && t.to == CircuitState::Open
@@ -824,7 +783,7 @@ async fn redis_down_at_start_then_started() {
     assert!(p.is_local());
     p.success();
     assert!(c.is_degraded(), "degraded after the first call");
-    assert_eq!(rec.degraded.load(SeqCst), 1, "{:?}", lock(&rec.log));
+    assert_eq!(rec.degraded(), 1, "{:?}", rec.log());
     let r = timed_admit(&c, CLOSED, &slowest).await;
     assert!(is_store_unavailable(&r, CLOSED), "{r:?}");
 
@@ -847,7 +806,7 @@ async fn redis_down_at_start_then_started() {
     p.success();
     eprintln!("back on Redis {:?} after it started", started.elapsed());
     assert!(!c.is_degraded());
-    assert_eq!(rec.recovered.load(SeqCst), 1, "{:?}", lock(&rec.log));
+    assert_eq!(rec.recovered(), 1, "{:?}", rec.log());
     let p = timed_admit(&c, CLOSED, &slowest)
         .await
         .expect("fail_closed admits again");
@@ -1051,18 +1010,17 @@ async fn a_settle_batch_that_times_out_keeps_what_completed() {
     // report (the trip, and the drop of B's item), up to HANG.
     let t0 = Instant::now();
     while t0.elapsed() < HANG
-        && (rec.settle_dropped_items.load(SeqCst) == 0
-            || !lock(&rec.transitions).iter().any(|t| t.target == a))
+        && (rec.settle_dropped_items() == 0 || !rec.transitions().iter().any(|t| t.target == a))
     {
         tokio::time::sleep(ms(20)).await;
     }
     cluster.nodes()[b_node].resume();
 
-    let reported = lock(&rec.transitions).clone();
+    let reported = rec.transitions();
     eprintln!(
         "events: {:?}; dropped items {}",
-        lock(&rec.log),
-        rec.settle_dropped_items.load(SeqCst)
+        rec.log(),
+        rec.settle_dropped_items()
     );
     assert!(
         reported
@@ -1071,7 +1029,7 @@ async fn a_settle_batch_that_times_out_keeps_what_completed() {
         "the trip of {a} (its settle call completed) was not reported: {reported:?}"
     );
     assert_eq!(
-        rec.settle_dropped_items.load(SeqCst),
+        rec.settle_dropped_items(),
         1,
         "only the settle of {b} (on the stopped master) was not delivered"
     );

@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fusebox::{
-    BreakerConfig, CircuitState, Config, Coordinator, Error, Event, FeatureConfig, Force, Observer,
-    RateConfig, RedisConfig, Rejection, StorePolicy, Transition, TransitionReason,
+    BreakerConfig, CircuitState, Config, Coordinator, Error, FeatureConfig, Force, RateConfig,
+    RedisConfig, Rejection, StorePolicy, Transition, TransitionReason,
 };
 use rand::Rng;
-use support::{unique_name, RedisCluster, RedisServer};
+use support::{unique_name, Recorder, RedisCluster, RedisServer};
 
 /// Independent coordinators per test (replicas of one service).
 const REPLICAS: usize = 4;
@@ -57,29 +57,6 @@ async fn pause_ms(range: std::ops::RangeInclusive<u64>) {
     }
 }
 
-/// Records what one coordinator reports.
-#[derive(Default)]
-struct Recorder {
-    transitions: Mutex<Vec<Transition>>,
-    degraded: AtomicUsize,
-    settle_dropped: AtomicUsize,
-}
-
-impl Observer for Recorder {
-    fn on_event(&self, event: &Event) {
-        match event {
-            Event::Transition(t) => lock(&self.transitions).push(t.clone()),
-            Event::StoreDegraded { .. } => {
-                self.degraded.fetch_add(1, SeqCst);
-            }
-            Event::SettleDropped { count, .. } => {
-                self.settle_dropped.fetch_add(*count, SeqCst);
-            }
-            _ => {}
-        }
-    }
-}
-
 /// One replica: a coordinator and what it observed.
 struct Replica {
     coordinator: Coordinator,
@@ -114,7 +91,7 @@ async fn flush_all(fleet: &[Replica]) {
 fn all_transitions(fleet: &[Replica]) -> Vec<Transition> {
     let mut all: Vec<Transition> = fleet
         .iter()
-        .flat_map(|r| lock(&r.recorder.transitions).clone())
+        .flat_map(|r| r.recorder.transitions())
         .collect();
     all.sort_by_key(|t| t.generation);
     all
@@ -125,12 +102,12 @@ fn assert_store_stayed_healthy(fleet: &[Replica]) {
     for (i, r) in fleet.iter().enumerate() {
         assert!(!r.coordinator.is_degraded(), "replica {i} went degraded");
         assert_eq!(
-            r.recorder.degraded.load(SeqCst),
+            r.recorder.degraded(),
             0,
             "replica {i} reported StoreDegraded"
         );
         assert_eq!(
-            r.recorder.settle_dropped.load(SeqCst),
+            r.recorder.settle_dropped_items(),
             0,
             "replica {i} dropped outcomes/releases"
         );
@@ -772,7 +749,7 @@ async fn each_transition_is_reported_exactly_once_fleet_wide() {
     let all = all_transitions(&fleet);
     let by_replica: Vec<usize> = fleet
         .iter()
-        .map(|r| lock(&r.recorder.transitions).len())
+        .map(|r| r.recorder.transitions().len())
         .collect();
     eprintln!("transitions reported per replica: {by_replica:?}");
     let generations: Vec<u64> = all.iter().map(|t| t.generation).collect();

@@ -12,7 +12,6 @@ use std::time::Duration;
 use fusebox::{Config, Coordinator, Error, FeatureConfig, RedisConfig};
 use tokio::time::Instant;
 
-#[allow(unused_imports)]
 mod support;
 
 /// Round trip 400 ms (200 ms each way), timeout 700 ms: more than half the timeout. One

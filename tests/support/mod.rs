@@ -21,15 +21,17 @@
 //! * `FUSEBOX_KEEP_REDIS_DIRS=1` — keep the spawned servers' temp dirs (logs) after the test.
 // `pub` items of a private test module trip the crate-wide `unreachable_pub` lint; they are
 // `pub` so every test file can use them.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 pub mod cluster;
 #[cfg(feature = "testcontainers")]
 pub mod container;
 pub mod delay_proxy;
+pub mod recorder;
 pub mod redis_server;
 
 pub use cluster::RedisCluster;
+pub use recorder::Recorder;
 pub use redis_server::RedisServer;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -68,7 +68,7 @@ static IN_FLIGHT: LazyLock<Script> =
 
 /// The test suites' own `redis-server` spawner (`tests/support`), so that every test, this
 /// one and the benchmark start Redis the same way.
-#[allow(clippy::unwrap_used, missing_docs, unused_imports)]
+#[allow(clippy::unwrap_used, missing_docs)]
 #[path = "../../../tests/support/mod.rs"]
 pub(super) mod support;
 
