@@ -1092,6 +1092,55 @@ async fn after_recovery_redis_counts_the_local_permits_still_running() {
     .await;
 }
 
+/// Regression (found by an adversarial run): a permit granted locally during a short stall
+/// reused the call id of the admission that had timed out. Once Redis answered, that
+/// admission's take-back (retried until delivered) removed the id from Redis again after the
+/// local permit had been registered under it, so another replica was admitted beside the
+/// running call (limit 1 held twice). The local grant now gets an id of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_granted_during_a_short_stall_stays_counted_after_it() {
+    bounded(async {
+        let env = Env::redis();
+        let mut config = quick_local(&env);
+        config.features.insert(
+            "one".into(),
+            FeatureConfig {
+                max_concurrent: Some(1),
+                lease: Duration::from_secs(30),
+                ..FeatureConfig::default()
+            },
+        );
+        if let Some(r) = config.redis.as_mut() {
+            r.retry_interval = Duration::from_millis(100);
+        }
+        let (a, _) = env.start(config.clone()).await;
+        let (b, _) = env.start(config).await;
+        a.admit("two", "warm").await.expect("warm up").success();
+        flush(&a).await;
+        env.server().pause();
+        let held = a.admit("one", "m").await.expect("admitted locally");
+        assert!(held.is_local());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        env.server().resume();
+        let mut both = Vec::new();
+        for round in 0..6 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Ok(p) = a.admit("two", "m").await {
+                p.success();
+            }
+            if let Ok(p) = b.admit("one", "m").await {
+                both.push((round, p.is_local()));
+            }
+        }
+        assert!(
+            both.is_empty(),
+            "B was admitted while A's local permit of a limit of 1 still ran: {both:?}"
+        );
+        drop(held);
+    })
+    .await;
+}
+
 /// Regression (§2.4): local breakers started empty, so a replica that degraded during an
 /// outage tried the dead target again although it was open fleet-wide. Now the local breaker
 /// is seeded from what the shared store said: an open transition this replica made, or a

@@ -497,7 +497,8 @@ impl Coordinator {
         };
         // A timed-out remote admission is given back by RedisStore in the background
         // (whatever the script may have taken under this call id, never reused).
-        match tiered.remote(|store| store.admit(req)).await {
+        let tried = tiered.remote(|store| store.admit(req)).await;
+        let tried = match tried {
             Tried::Done(admission) => {
                 if let Admission::Rejected {
                     rejection: Rejection::CircuitOpen { retry_after, .. },
@@ -515,13 +516,20 @@ impl Coordinator {
                 let admission = tiered.local.admit_now(req);
                 return self.finish(admission, f, t, call_id, Location::Shared);
             }
-            Tried::Failed(_) | Tried::Skipped => {}
-        }
+            other => other,
+        };
         if f.policy == StorePolicy::FailClosed {
             return Err(Rejection::StoreUnavailable {
                 feature: f.spec.name.clone(),
             });
         }
+        // A fresh id for the local grant: the failed remote admission's id may still be
+        // taken back in Redis (retried until delivered), and a local permit registered there
+        // later under the same id would be removed by that take-back.
+        let call_id = match tried {
+            Tried::Failed(_) => self.shared.next_call_id(),
+            _ => call_id,
+        };
         let local = f.local();
         let req = AdmitRequest {
             target: t,
