@@ -235,6 +235,11 @@ local function earliest_wait(key, pending_end)
   if wait < 1 then
     wait = 1
   end
+  -- A score no lease can reach (a foreign +inf or a 20-digit number) or NaN: at most a day,
+  -- never a number that does not fit the reply's integer.
+  if not (wait <= 86400000) then
+    wait = 86400000
+  end
   return wait
 end
 

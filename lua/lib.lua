@@ -100,6 +100,11 @@ end
 local function expire_leases(key, now, fallback_latest)
   local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
   local latest = tonumber(last[2]) or fallback_latest
+  -- A score no lease can reach (+inf, NaN, far future: written by something else) must not
+  -- become PEXPIRE of a nonsense (negative) number, which would delete every permit.
+  if not (latest <= now + 2592000000) then
+    latest = fallback_latest
+  end
   local ttl = latest - now
   if ttl < 0 then
     ttl = 0

@@ -1184,6 +1184,67 @@ async fn a_key_of_the_wrong_type_is_a_command_error_not_a_panic() {
     admitted(&store, &t2, &plain_feature("ok"), "z").await;
 }
 
+/// Regression (found by an adversarial run): a permit written with the score `+inf` made
+/// admit.lua answer a retry-after of i64::MIN (so the coordinator admitted locally beside the
+/// fleet), and lib.lua's expire_leases then sent `PEXPIRE key <i64::MIN>`, deleting every
+/// permit of the feature. Now the refusal says at most a day, and the key keeps its permits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permit_that_never_expires_is_refused_sanely_and_deletes_nothing() {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    let t = target("m", &fast_breaker());
+    let f = feature(
+        "chat",
+        Some(BulkheadParams {
+            limit: 1,
+            lease_ms: 30_000,
+        }),
+        None,
+    );
+    assert_eq!(server.cli(&["ZADD", &f.keys.permits, "+inf", "ghost"]), "1");
+    let r = store
+        .admit(AdmitRequest {
+            target: &t,
+            feature: &f,
+            call_id: "x",
+        })
+        .await;
+    match r {
+        Ok(Admission::Rejected {
+            rejection: Rejection::BulkheadFull { retry_after, .. },
+            ..
+        }) => assert!(
+            retry_after.is_some_and(|d| d > Duration::ZERO && d <= Duration::from_secs(86_400)),
+            "{retry_after:?}"
+        ),
+        other => panic!("expected a bulkhead refusal, got {other:?}"),
+    }
+    // The reconciliation script (lib.lua's expire_leases) must not delete the key.
+    let adopt = redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("../lua/lib.lua"),
+        include_str!("../lua/adopt.lua")
+    ));
+    let mut con = support::sync_connection(&server.url());
+    let added: i64 = adopt
+        .key(&f.keys.permits)
+        .arg("local-1")
+        .arg(10_000)
+        .invoke(&mut con)
+        .expect("adopt.lua");
+    assert_eq!(added, 1);
+    assert_eq!(
+        server.cli(&["ZCARD", &f.keys.permits]),
+        "2",
+        "nothing deleted"
+    );
+    let ttl: i64 = server
+        .cli(&["PTTL", &f.keys.permits])
+        .parse()
+        .expect("an integer");
+    assert!(ttl > 0, "the permits key keeps a positive expiry: {ttl}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_hash_fields_are_survived_and_healed() {
     let server = RedisServer::start();
