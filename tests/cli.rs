@@ -772,6 +772,32 @@ fn closed_port_fails_with_connection_refused() {
     }
 }
 
+/// Regression (found by an adversarial run): `--timeout` did not bound connecting, so with
+/// `connect_timeout = "5s"` a refused connection took the whole 5 s (and a paused Redis more)
+/// although `--timeout 200ms` was given. Connecting now has the same bound. (The old code
+/// took at least 5 s here; the bound below leaves a loaded machine 3.5 s of slack.)
+#[test]
+fn timeout_flag_bounds_connecting_too() {
+    let mut server = RedisServer::start();
+    let port = server.port();
+    server.kill();
+    let file = TempToml::new(&format!(
+        "namespace = \"cli-connect\"\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\n\
+         connect_timeout = \"5s\"\n[features.chat]\n"
+    ));
+    for args in [&["status", "m"][..], &["force", "m", "open"][..]] {
+        let mut all = vec!["--timeout", "200ms"];
+        all.extend_from_slice(args);
+        let run = fb(&file, &all);
+        run.assert_exit(4);
+        assert!(
+            run.took < Duration::from_millis(4_500),
+            "{args:?} took {:?} with --timeout 200ms: {run:#?}",
+            run.took
+        );
+    }
+}
+
 /// Regression (issue 5 §3): a `cluster` configuration pointed at a single node printed
 /// `state: Closed`, exit 0.
 #[test]

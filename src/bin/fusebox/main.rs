@@ -140,6 +140,9 @@ fn load(cli: &Cli) -> Result<Config, Failure> {
         // This process has no hot path: every store call it makes is an operator's, with
         // the operator's bound.
         redis.timeout = redis.resolved_operator_timeout();
+        // Connecting is bounded by it too: `--timeout 100ms` must not wait out a 5 s
+        // `connect_timeout` first.
+        redis.connect_timeout = redis.connect_timeout.min(redis.timeout);
         config
             .validate()
             .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
