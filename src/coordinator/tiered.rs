@@ -121,7 +121,14 @@ impl Reporter {
     }
 
     pub(crate) fn store_failed(&self, error: &StoreError) {
-        tracing::debug!(target: "fusebox", event = "store_error", error = %error, "store operation failed");
+        if error.is_unavailable() {
+            tracing::debug!(target: "fusebox", event = "store_error", error = %error, "store operation failed");
+        } else {
+            // Redis answered and refused (a key of the wrong type, a reply that does not
+            // parse): not an outage, so no local mode is entered, but the operation did not
+            // happen on shared state. Loud, since only an operator can mend the key.
+            tracing::warn!(target: "fusebox", event = "store_error", error = %error, "store refused the operation (corrupted key?); decided without shared state");
+        }
         if let Some(h) = &self.health {
             if error.is_unavailable() && h.failure() == Change::Degraded {
                 self.emit(Event::StoreDegraded {
