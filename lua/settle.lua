@@ -22,10 +22,8 @@
 --   type), its error message (a string) follows, and the release did nothing.
 -- Invariants: an outcome of another generation changes nothing but frees its probe slot;
 -- every transition increments the generation and is returned exactly once (to this caller).
--- The hash is read with one HMGET (two when stored failures / slow calls turn out to matter)
--- of the fields the rules need: the scalar fields and the current bucket; the other buckets'
--- failure / slow counts when a rate rule is on; all of every bucket only when a rate rule
--- could trip. It is written at most once (HDEL of dropped buckets, HSET of the fields whose
+-- The hash is read with one HMGET of the fields the rules need: the scalar fields and the
+-- current bucket; all of every bucket only when a rate rule could trip. It is written at most once (HDEL of dropped buckets, HSET of the fields whose
 -- value changed), then gets its expiry (lib.lua's expire_breaker rule). A corrupted or
 -- missing field reads as its default, and is rewritten when its value changes. The probes
 -- zset is written (ZREM) before the hash, so a WRONGTYPE error on either key leaves nothing
@@ -34,9 +32,10 @@
 -- failure of either (redis.pcall) cancels the release and is reported, while the outcomes are
 -- still recorded. The release part follows release.lua's rules.
 --
--- Why buckets can go unread: a rate rule trips only when the window holds failures (slow
--- calls), so while every stored failure (slow) count is 0 and the batch adds none, no entry
--- can trip it, and a success only bumps the current bucket. A run of `count` identical
+-- Why buckets can go unread: only an entry that counts against the target (a failure, or a
+-- slow call under the slow-call rule) is checked against the rules (BreakerState::record: a
+-- success that is not slow never opens a closed breaker), so a batch that adds none cannot
+-- trip a rate rule, and a success only bumps the current bucket. A run of `count` identical
 -- entries is recorded at once: the counts grow linearly, each rule's predicate is monotone
 -- in the number recorded, so the first entry that trips (if any) is found by bisection.
 --
@@ -95,7 +94,7 @@ for i = FIRST, nargs - 4, 5 do
     probe_ids = probe_ids or {}
     probe_ids[np] = A[i + 3]
   end
-  if (fail_rule and A[i + 1] == '1')
+  if (rates and A[i + 1] == '1')
     or (slow_rule and p_slow_ms > 0 and (tonumber(A[i + 2]) or 0) >= p_slow_ms) then
     adds_counted = true
   end
@@ -150,32 +149,19 @@ local function all_buckets()
   return x
 end
 
--- The read: [1..8] scalars, [9..12] the current bucket, then (rate rules on) either every
--- bucket's four fields (the batch adds what a rate rule counts), or the counts the rate rules
--- look at (failures, then slow calls) of every bucket.
+-- The read: [1..8] scalars, [9..12] the current bucket, then, when the batch adds what a rate
+-- rule counts (so a rate rule may trip), every bucket's four fields. Otherwise no entry can
+-- trip a rate rule and the other buckets are not needed.
 local sc = tostring(cur)
 local we_cur, wc_cur, wf_cur, ws_cur = 'we' .. sc, 'wc' .. sc, 'wf' .. sc, 'ws' .. sc
 local full = rates and adds_counted
 local raw
-if not rates then
+if not full then
   raw = redis.call('HMGET', breaker_key, 's', 'g', 'ou', 'o', 'cf', 'hs', 'nb', 'wn', we_cur,
     wc_cur, wf_cur, ws_cur)
-elseif full then
+else
   raw = redis.call('HMGET', breaker_key, 's', 'g', 'ou', 'o', 'cf', 'hs', 'nb', 'wn', we_cur,
     wc_cur, wf_cur, ws_cur, unpack(all_buckets()))
-elseif not slow_rule then
-  raw = redis.call('HMGET', breaker_key, 's', 'g', 'ou', 'o', 'cf', 'hs', 'nb', 'wn', we_cur,
-    wc_cur, wf_cur, ws_cur, unpack(names('wf'), 1, n))
-elseif not fail_rule then
-  raw = redis.call('HMGET', breaker_key, 's', 'g', 'ou', 'o', 'cf', 'hs', 'nb', 'wn', we_cur,
-    wc_cur, wf_cur, ws_cur, unpack(names('ws'), 1, n))
-else
-  local wf, ws = names('wf'), names('ws')
-  for i = 1, n do
-    wf[n + i] = ws[i]
-  end
-  raw = redis.call('HMGET', breaker_key, 's', 'g', 'ou', 'o', 'cf', 'hs', 'nb', 'wn', we_cur,
-    wc_cur, wf_cur, ws_cur, unpack(wf, 1, 2 * n))
 end
 
 -- Parse: the values as read (x0) and as they will be (x).
@@ -281,7 +267,7 @@ end
 
 -- The window: `laid` while it has n buckets (any other layout is dropped by the first add);
 -- cb_* the current bucket; other_* the totals of the other live buckets (no entry changes
--- them). `quiet`: no rate rule can trip on this batch (nothing counted stored, none added),
+-- them). `quiet`: no rate rule can trip on this batch (no entry counts against the target),
 -- so the other buckets were not needed.
 local laid = wn == n
 local cb_e, cb_c, cb_f, cb_s = 0, 0, 0, 0
@@ -291,22 +277,8 @@ end
 local other_c, other_f, other_s = 0, 0, 0
 local quiet = not rates or not adds_counted
 if rates and laid and s == CLOSED then
-  if quiet then
-    -- a failure / slow count stored anywhere (live or not) may make a rate rule trip
-    for i = 11, 12 + n * ((fail_rule and 1 or 0) + (slow_rule and 1 or 0)) do
-      v = raw[i]
-      if v and v ~= '0' and (i ~= 12 or slow_rule) and (i ~= 11 or fail_rule)
-        and stored_uint(v, 15, U64) > 0 then
-        quiet = false
-        break
-      end
-    end
-  end
   if not quiet then
     local other, at = raw, 12 -- where every bucket's we, wc, wf, ws are: other[at + 1 ..]
-    if not full then
-      other, at = redis.call('HMGET', breaker_key, unpack(all_buckets())), 0
-    end
     local oldest = math.max(epoch - (n - 1), 0)
     for i = 0, n - 1 do
       if i ~= cur then
@@ -452,7 +424,7 @@ local function make_record()
         trip = j
       end
     end
-    if rates and not quiet then
+    if rates and not quiet and (failure or (slow and slow_rule)) then
       local lo, hi = math.max(p_minimum_calls - c, 1), (trip or (count + 1)) - 1
       if lo <= hi then
         local j = fail_rule and first(fail_trip, lo, hi)

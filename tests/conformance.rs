@@ -339,7 +339,10 @@ mod scenarios {
         ];
         assert_eq!(settle(s, &batch).await, vec![]);
         assert_eq!(snapshot(s, &t).await.window.calls, 3);
-        let ts = run(s, &t, &f, CallOutcome::Success).await; // 2 of 4 = 50%
+        // 2 of 4 = 50%, but a success never opens a closed breaker: only a call that counts
+        // against the target (a failure, a slow call) is checked against the rules.
+        assert_eq!(run(s, &t, &f, CallOutcome::Success).await, vec![]);
+        let ts = run(s, &t, &f, CallOutcome::Failure).await; // 3 of 5
         assert_one(
             &ts,
             &t,
@@ -1083,7 +1086,8 @@ mod sequential {
     use std::time::Duration;
 
     use fusebox::{
-        BreakerConfig, CallError, Config, Coordinator, FeatureConfig, RateConfig, RedisConfig,
+        BreakerConfig, CallError, CircuitState, Config, Coordinator, FeatureConfig, RateConfig,
+        RedisConfig,
     };
 
     use super::support;
@@ -1283,6 +1287,83 @@ mod sequential {
         assert_eq!(log, expected);
     }
 
+    /// Successes that cannot change a decision are left for the flusher, but never reordered
+    /// against the failures after them: on a limit-1 feature, successes, four failures, a
+    /// success (the count starts over), five failures (the fifth trips), then refusals. A
+    /// failure that rode without the successes queued ahead of it would trip one call early;
+    /// one deferred behind the flusher would let a call through after the trip.
+    pub(super) async fn successes_and_failures_keep_their_order(b: Backing) {
+        let mut config = Config {
+            breaker: BreakerConfig {
+                consecutive_failures: Some(5),
+                failure_rate: None,
+                open_duration: Duration::from_secs(60),
+                ..BreakerConfig::default()
+            },
+            ..Config::default()
+        };
+        config.features.insert("chat".into(), one_at_a_time());
+        let c = b.coordinator(config).await;
+        let plan: Vec<bool> = [vec![true; 7], vec![false; 4], vec![true], vec![false; 5]].concat();
+        let mut log = Vec::new();
+        for ok in plan.iter().copied().chain([true; 3]) {
+            log.push(decision(
+                c.call("chat", "m", || async move {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(())
+                    }
+                })
+                .await,
+            ));
+        }
+        let mut expected = vec!["ran"; plan.len()];
+        expected.extend(["circuit_open"; 3]);
+        assert_eq!(log, expected);
+        c.flush(Duration::from_secs(5)).await;
+        let s = c.snapshot("m").await.expect("snapshot");
+        assert_eq!((s.state, s.opens), (CircuitState::Open, 1));
+        assert_eq!(c.in_flight("chat").await.expect("in_flight"), 0);
+    }
+
+    /// A slow success counts under the slow-call rule, so it rides with the next admission:
+    /// the call that makes the slow-call rate reach its threshold opens the breaker before
+    /// the next call is decided.
+    pub(super) async fn a_slow_success_opens_before_the_next_call(b: Backing) {
+        let mut config = Config {
+            breaker: BreakerConfig {
+                consecutive_failures: None,
+                failure_rate: None,
+                minimum_calls: 4,
+                slow_call_duration: Some(Duration::from_millis(150)),
+                slow_call_rate: 50.0,
+                open_duration: Duration::from_secs(60),
+                ..BreakerConfig::default()
+            },
+            ..Config::default()
+        };
+        config.features.insert("chat".into(), one_at_a_time());
+        let c = b.coordinator(config).await;
+        let mut log = Vec::new();
+        // fast, fast, slow (1 of 3: under minimum_calls), slow (2 of 4 = 50%: trips), then 2.
+        for slow in [false, false, true, true, false, false] {
+            log.push(decision(
+                c.call("chat", "m", || async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Ok::<(), ()>(())
+                })
+                .await,
+            ));
+        }
+        assert_eq!(
+            log,
+            ["ran", "ran", "ran", "ran", "circuit_open", "circuit_open"]
+        );
+    }
+
     /// A half-open probe's success closes the breaker before the next call: one failure
     /// opens it, the open time passes, the probe succeeds, and the ten calls after it run
     /// (on main, RedisStore refused the next call: the probe's slot was still held).
@@ -1392,5 +1473,7 @@ mod sequential {
         a_probe_success_closes_before_the_next_call,
         an_open_target_does_not_starve_a_healthy_one,
         the_loop_holds_when_scripts_are_flushed,
+        successes_and_failures_keep_their_order,
+        a_slow_success_opens_before_the_next_call,
     );
 }

@@ -259,6 +259,14 @@ impl BreakerState {
                 } else {
                     0
                 };
+                // Only a call that counts against the target (a failure, or a slow call
+                // under the slow-call rule) can trip it: a success that is not slow never
+                // opens a closed breaker. This is what lets a replica defer such successes
+                // (the settle queue) without changing any admission decision.
+                let counts = failure || (slow && p.slow_call_rate_pct > 0.0);
+                if !counts {
+                    return None;
+                }
                 self.trip_reason(p, now_ms)
                     .map(|reason| self.open(p, target, reason, now_ms))
             }

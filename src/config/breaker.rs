@@ -22,6 +22,9 @@ pub struct BreakerConfig {
     #[serde(with = "super::switch::percent_or_off")]
     pub failure_rate: Option<f64>,
     /// Calls needed in the window before rates are judged. At least 1. Default: `20`.
+    /// Rates are judged when a call that counts against the target is recorded (a failure,
+    /// or a slow call under the slow-call rule): a success that is not slow never opens the
+    /// breaker, even the one that brings the window to `minimum_calls`.
     pub minimum_calls: u32,
     /// Length of the sliding window. 1 s to 1 h. Default: `60s`.
     #[serde(with = "humantime_serde")]

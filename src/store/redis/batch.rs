@@ -257,22 +257,13 @@ fn ride_keys<'a>(jobs: &'a [Job], g: &Group) -> (Option<&'a str>, Option<&'a str
 /// Runs the script calls of some groups concurrently, each carrying the queued settles of
 /// its keys (after any flusher call in flight on those keys has landed).
 async fn run_groups(core: &Arc<Core>, jobs: &[Job], groups: &[Group]) -> Vec<GroupResult> {
-    let keys: Vec<&str> = groups
-        .iter()
-        .flat_map(|g| {
-            let (b, f) = ride_keys(jobs, g);
-            b.into_iter().chain(f)
-        })
-        .collect();
-    core.settles.wait_landed(&keys, core.timeout).await;
-    let riding: Vec<Riding> = groups
-        .iter()
-        .map(|g| {
-            let (b, f) = ride_keys(jobs, g);
-            Riding {
-                settles: core.settles.take_for(b, f, core.settle_batch),
-            }
-        })
+    let pairs: Vec<_> = groups.iter().map(|g| ride_keys(jobs, g)).collect();
+    let riding: Vec<Riding> = core
+        .settles
+        .take_landed(&pairs, core.settle_batch, core.timeout)
+        .await
+        .into_iter()
+        .map(|settles| Riding { settles })
         .collect();
     join_all(
         groups

@@ -3,10 +3,10 @@
 //! [`Permit::record`](crate::Permit::record) puts a [`Settle`] here and returns. Two parties
 //! take from it, whoever comes first, each piece exactly once:
 //!
-//! * an admission of this replica (the batcher, `batch.rs`) takes every queued outcome of its
-//!   target and every queued release of its feature, and sends them in the same script call,
-//!   ahead of its decision (`settle_admit.lua`): a replica's own settles always take effect no
-//!   later than its next admission on the same keys;
+//! * an admission of this replica (the batcher, `batch.rs`) takes every queued release of its
+//!   feature and, when one of them must ride (below), every queued outcome of its target, and
+//!   sends them in the same script call, ahead of its decision (`settle_admit.lua`): a
+//!   replica's own settles take effect no later than its next admission they could change;
 //! * the flusher (`crate::coordinator`'s background task) sends what no admission took within
 //!   `redis.settle_delay` of its arrival (at once when it is urgent, when a flush is asked
 //!   for, or when [`SMALL`] or more are waiting).
@@ -15,6 +15,27 @@
 //! feature's permit / rate slot). An admission on (target T, feature F) takes T's outcomes and
 //! F's releases, which may split a settle of (T, G): its release then stays for the flusher
 //! or for the next admission on G.
+//!
+//! Which outcomes must ride. A success that is not slow under the target's slow-call rule and
+//! held no probe slot cannot change an admission decision, so it is left for the flusher (and
+//! many of them then go in one run-length-encoded entry). The argument, from
+//! `BreakerState::record` (which `settle.lua` follows):
+//!
+//! * such a success changes nothing unless the breaker is closed at the call's generation (a
+//!   stale generation, an open, half-open or forced breaker ignore it; a call admitted under a
+//!   half-open generation is a probe and rides);
+//! * on a closed breaker it adds one call to the window and sets the consecutive-failure count
+//!   to 0, and never opens it: only a call that counts against the target (a failure, or a
+//!   slow call under the slow-call rule) is checked against the rules. Admission reads only
+//!   the state (closed stays closed), never the window or the count, so no decision differs;
+//! * the window and the count do matter to the next failure or slow call: so as soon as any
+//!   outcome of a target must ride (a failure, a slow call, a probe's outcome, an ignored
+//!   probe freeing its slot), all queued outcomes of that target ride with it, in queue order,
+//!   and the breaker sees the same sequence as `MemoryStore` does.
+//!
+//! The deferred successes reach Redis within `redis.settle_delay` (the flusher), as every
+//! settle did before riding existed; only their window bucket can differ, by that delay.
+//! Releases always ride: a permit decides the bulkhead.
 //!
 //! Ordering against the flusher: while the flusher's call carrying pieces of a key is in
 //! flight, an admission on that key waits for it (at most the store's timeout), so a re-sent
@@ -67,6 +88,21 @@ impl Item {
 
 fn has_outcome(s: &Settle) -> bool {
     s.outcome != CallOutcome::Ignored || s.probe
+}
+
+/// Whether the settle's outcome can change an admission decision, so that it must ride with
+/// this replica's next admission on its target (see the module docs): a probe's outcome (also
+/// an ignored one, which frees its slot), a failure, or a call slow enough to count under the
+/// target's slow-call rule. A success that is none of these is left for the flusher, unless
+/// another outcome of its target must ride: then all of them ride, in queue order.
+fn must_ride(s: &Settle) -> bool {
+    let p = &s.target.params;
+    s.probe
+        || s.outcome == CallOutcome::Failure
+        || (s.outcome == CallOutcome::Success
+            && p.slow_call_rate_pct > 0.0
+            && p.slow_call_ms > 0
+            && s.elapsed_ms >= p.slow_call_ms)
 }
 
 fn has_release(s: &Settle) -> bool {
@@ -191,21 +227,92 @@ impl SettleQueue {
         }
     }
 
+    /// For each `(breaker, permits)` pair, what [`take_for`](Self::take_for) would take, taken
+    /// once no flusher call in flight carries pieces of any of these keys (waiting at most
+    /// `limit`, then taking anyway). Checking and taking under one lock matters: a flusher
+    /// batch taken between a separate check and the take would go out concurrently with the
+    /// admission, and a later outcome riding with the admission could overtake an earlier
+    /// one in the flusher's call (a re-send after NOSCRIPT reorders them).
+    pub(crate) async fn take_landed(
+        &self,
+        pairs: &[(Option<&str>, Option<&str>)],
+        max: usize,
+        limit: Duration,
+    ) -> Vec<Vec<Settle>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let landed = self.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            {
+                let mut st = self.lock();
+                let busy = !st.in_flight.is_empty()
+                    && pairs
+                        .iter()
+                        .flat_map(|(b, p)| b.iter().chain(p.iter()))
+                        .any(|k| st.in_flight.contains_key(*k));
+                if !busy {
+                    return pairs
+                        .iter()
+                        .map(|(b, p)| Self::take_locked(&mut st, *b, *p, max))
+                        .collect();
+                }
+                if Instant::now() >= deadline {
+                    // Waited long enough: the admission goes without what the busy keys
+                    // have queued (the flusher sends it after its call in flight, in
+                    // order), rather than next to that call, where it could overtake it.
+                    let busy: Vec<(bool, bool)> = pairs
+                        .iter()
+                        .map(|(b, p)| {
+                            let busy =
+                                |k: &Option<&str>| k.is_some_and(|k| st.in_flight.contains_key(k));
+                            (busy(b), busy(p))
+                        })
+                        .collect();
+                    return pairs
+                        .iter()
+                        .zip(busy)
+                        .map(|((b, p), (bb, pb))| {
+                            let (b, p) = (b.filter(|_| !bb), p.filter(|_| !pb));
+                            Self::take_locked(&mut st, b, p, max)
+                        })
+                        .collect();
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, landed).await;
+        }
+    }
+
     /// Takes, in queue order, the outcomes queued for the target whose breaker key is
     /// `breaker` and the releases queued for the feature whose permits key is `permits`
     /// (either may be `None`), at most `max` settles. Each returned settle carries only the
     /// pieces taken.
+    #[cfg(test)]
     pub(crate) fn take_for(
         &self,
         breaker: Option<&str>,
         permits: Option<&str>,
         max: usize,
     ) -> Vec<Settle> {
-        let mut st = self.lock();
+        Self::take_locked(&mut self.lock(), breaker, permits, max)
+    }
+
+    fn take_locked(
+        st: &mut State,
+        breaker: Option<&str>,
+        permits: Option<&str>,
+        max: usize,
+    ) -> Vec<Settle> {
         let mut taken = Vec::new();
         if st.items.is_empty() {
             return taken;
         }
+        // The target's outcomes ride only when one of them must (then all of them, in order).
+        let breaker = breaker.filter(|b| {
+            st.items
+                .iter()
+                .any(|i| i.outcome && i.settle.target.keys.breaker == *b && must_ride(&i.settle))
+        });
         st.items.retain_mut(|item| {
             if taken.len() >= max {
                 return true;
@@ -307,6 +414,9 @@ impl SettleQueue {
                     || oldest.is_some_and(|t| t <= now);
                 let reports = !st.dropped.is_empty() || !st.released.is_empty();
                 if (due && !st.items.is_empty()) || reports || !st.flushes.is_empty() {
+                    // Reports alone (a release rode with an admission) send no settles:
+                    // what waits in the queue keeps waiting for its delay.
+                    let max = if due { max } else { 0 };
                     return Some(Self::take_batch(&mut st, max));
                 }
                 if st.closed {
@@ -455,6 +565,63 @@ mod tests {
             .map(|i| (i.settle.call_id.as_str(), i.outcome, i.release))
             .collect();
         assert_eq!(left, [("b", false, true), ("c", true, false)]);
+    }
+
+    #[test]
+    fn successes_wait_for_the_flusher_until_a_failure_takes_them_along() {
+        let q = SettleQueue::new(16);
+        let a = settle("t", "f", "a", CallOutcome::Success);
+        let (t, f) = keys(&a);
+        q.push(a, false).expect("room");
+        q.push(settle("t", "f", "b", CallOutcome::Success), false)
+            .expect("room");
+        // Only the releases ride: the successes cannot change a decision.
+        let taken = q.take_for(Some(&t), Some(&f), 100);
+        let got: Vec<_> = taken
+            .iter()
+            .map(|s| (s.call_id.as_str(), s.outcome, s.permit))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", CallOutcome::Ignored, true),
+                ("b", CallOutcome::Ignored, true)
+            ]
+        );
+        // A failure arrives: it rides, with both successes ahead of it, in order.
+        q.push(settle("t", "f", "c", CallOutcome::Failure), false)
+            .expect("room");
+        let taken = q.take_for(Some(&t), Some(&f), 100);
+        let got: Vec<_> = taken
+            .iter()
+            .map(|s| (s.call_id.as_str(), s.outcome))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", CallOutcome::Success),
+                ("b", CallOutcome::Success),
+                ("c", CallOutcome::Failure)
+            ]
+        );
+        assert!(q.lock().items.is_empty());
+
+        // A probe's success rides, and so does a success slow under the slow-call rule.
+        let mut probe = settle("t", "f", "p", CallOutcome::Success);
+        probe.probe = true;
+        assert!(must_ride(&probe));
+        let mut slow = settle("t", "f", "s", CallOutcome::Success);
+        let mut spec = (*slow.target).clone();
+        spec.params.slow_call_ms = 100;
+        spec.params.slow_call_rate_pct = 50.0;
+        slow.target = Arc::new(spec);
+        slow.elapsed_ms = 99;
+        assert!(!must_ride(&slow));
+        slow.elapsed_ms = 100;
+        assert!(must_ride(&slow));
+        let mut ignored_probe = settle("t", "f", "i", CallOutcome::Ignored);
+        ignored_probe.probe = true;
+        assert!(must_ride(&ignored_probe));
     }
 
     #[tokio::test]
