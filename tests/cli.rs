@@ -241,6 +241,26 @@ fn the_example_file_works_with_every_command() {
 }
 
 /// The configuration example of the README is valid as written.
+/// Regression (found by a new-user review): `check` printed the operator's bound as
+/// `redis.timeout` ("2s" for a file saying "50ms"), so a configuration copied from its
+/// output had a hot-path timeout 40 times too long.
+#[test]
+fn check_prints_the_hot_path_timeout_the_file_gives() {
+    let file = TempToml::new(
+        "namespace = \"chk\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\ntimeout = \"50ms\"\n\
+         operator_timeout = \"2s\"\n",
+    );
+    for args in [&["check"][..], &["--timeout", "3s", "check"][..]] {
+        let run = fb(&file, args);
+        run.assert_ok();
+        assert!(
+            run.stdout.contains("timeout = \"50ms\""),
+            "{args:?}: {run:#?}"
+        );
+        assert!(run.stdout.contains("operator_timeout = \"2s\""), "{run:#?}");
+    }
+}
+
 #[test]
 fn check_accepts_the_readme_example() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))

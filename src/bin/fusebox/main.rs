@@ -117,22 +117,29 @@ fn main() -> ExitCode {
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let config = load(cli)?;
     match &cli.command {
-        Command::Check => check::run(cli, &config),
+        // `check` prints the configuration as the file says it, not with the operator's
+        // bounds applied (a hot-path `redis.timeout` of 2 s copied from it would be wrong).
+        Command::Check => check::run(cli, &read(cli)?),
         Command::Status { name } => status::run(cli, config, name.as_deref()).await,
         Command::Force { target, action } => force::run(cli, config, target, *action).await,
     }
 }
 
-/// Reads and validates the configuration, with `--timeout` applied.
-fn load(cli: &Cli) -> Result<Config, Failure> {
+/// Reads and validates the configuration as the file says it.
+fn read(cli: &Cli) -> Result<Config, Failure> {
     let path = cli.config.display();
     let text = std::fs::read_to_string(&cli.config).map_err(|e| {
         Failure::config(format!(
             "cannot read {path}: {e} (choose a file with -c FILE or FUSEBOX_CONFIG)"
         ))
     })?;
-    let mut config =
-        Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))?;
+    Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))
+}
+
+/// Reads and validates the configuration, with the operator's bound (`--timeout`, else
+/// `redis.operator_timeout`) applied to every store call this process makes.
+fn load(cli: &Cli) -> Result<Config, Failure> {
+    let mut config = read(cli)?;
     if let Some(redis) = config.redis.as_mut() {
         if let Some(t) = cli.timeout {
             redis.operator_timeout = Some(t);
