@@ -24,58 +24,25 @@
 //! before and after the row, after the row's queued settles were flushed), a figure that
 //! does not depend on how busy the client side of the machine was.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fusebox::{CallOutcome, Config, Coordinator, FeatureConfig, RateConfig, RedisConfig};
 
-struct Server(Option<Child>);
+/// The test suites' own `redis-server` spawner, so that tests, difftest and this benchmark
+/// start Redis the same way.
+#[allow(clippy::unwrap_used, missing_docs)]
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn redis_url() -> (String, Server) {
+/// `REDIS_URL` if set, else a `redis-server` of its own on a free loopback port (kept alive
+/// by the returned value).
+fn redis_url() -> (String, Option<support::RedisServer>) {
     if let Ok(url) = std::env::var("REDIS_URL") {
-        return (url, Server(None));
+        return (url, None);
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH (apt-get install redis-server), or set REDIS_URL");
-    let server = Server(Some(child));
-    let url = format!("redis://127.0.0.1:{port}/");
-    let client = redis::Client::open(url.as_str()).expect("url");
-    for _ in 0..200 {
-        if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(100)) {
-            if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                return (url, server);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("redis-server did not start on port {port}");
+    let server = support::RedisServer::start();
+    (server.url(), Some(server))
 }
 
 #[derive(Clone, Copy)]
