@@ -507,8 +507,12 @@ async fn failure_rate_over_the_window_trips_once_minimum_calls_are_in<B: Driver>
             slow: 0
         }
     );
-    // The 4th call brings the window to 2/4 = 50%: at the threshold, which trips.
-    let t = succeed(&mut b).await;
+    // A 4th call that succeeds brings the window to 2/4 = 50%, at the threshold, but the
+    // rates are judged only when a failure (or a slow call) is recorded: a success never
+    // opens a breaker (the settle queue relies on it, see README "How it works").
+    assert_eq!(succeed(&mut b).await, None);
+    // The next failure makes 3/5 = 60%: over the threshold with enough calls, it trips.
+    let t = fail(&mut b).await;
     expect_transition(
         &b,
         t,
@@ -577,7 +581,8 @@ async fn failures_inside_the_window_still_count<B: Driver>() {
     }
     b.advance(4_999); // still the 5th bucket of a 5-bucket window that began at T0
     assert_eq!(b.snapshot().await.window.failures, 3);
-    let t = succeed(&mut b).await; // 3/4 failures
+    assert_eq!(succeed(&mut b).await, None, "a success never opens"); // 3/4 failures
+    let t = fail(&mut b).await; // 4/5, still inside the window
     expect_transition(
         &b,
         t,
