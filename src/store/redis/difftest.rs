@@ -43,11 +43,24 @@ fn on_test_clock(text: &str) -> String {
     )
 }
 
-fn with_lib(script: &str) -> Script {
+/// A cold script (run after lib.lua) on the test's clock.
+pub(super) fn with_lib(script: &str) -> Script {
     Script::new(&on_test_clock(&format!(
         "{}\n{script}",
         include_str!("../../../lua/lib.lua")
     )))
+}
+
+/// Sets the test's clock in Redis to `now` (ms since the epoch).
+pub(super) fn set_clock(con: &mut Connection, now: u64) {
+    let _: () = redis::cmd("HSET")
+        .arg(CLOCK_KEY)
+        .arg("s")
+        .arg(now / 1000)
+        .arg("us")
+        .arg(now % 1000 * 1000)
+        .query(con)
+        .expect("set the test clock");
 }
 
 static ADMIT: LazyLock<Script> =
@@ -121,15 +134,7 @@ impl World {
 
     fn tick(&mut self, ms: u64) {
         self.clock.advance(Duration::from_millis(ms));
-        let now = crate::clock::Clock::now_ms(&self.clock);
-        let _: () = redis::cmd("HSET")
-            .arg(CLOCK_KEY)
-            .arg("s")
-            .arg(now / 1000)
-            .arg("us")
-            .arg(now % 1000 * 1000)
-            .query(&mut self.con)
-            .expect("set the test clock");
+        set_clock(&mut self.con, crate::clock::Clock::now_ms(&self.clock));
     }
 
     fn now(&self) -> u64 {

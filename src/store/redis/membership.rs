@@ -109,34 +109,12 @@ mod difftest {
     use crate::clock::{Clock, ManualClock};
     use crate::store::MemoryStore;
 
-    use super::super::difftest::support;
-
-    const CLOCK_KEY: &str = "fusebox-test:member-clock";
-
-    fn on_test_clock(script: &str) -> Script {
-        let text = format!("{}\n{script}", include_str!("../../../lua/lib.lua"));
-        assert!(text.contains("redis.call('TIME')"));
-        Script::new(&text.replace(
-            "redis.call('TIME')",
-            &format!("redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"),
-        ))
-    }
+    use super::super::difftest::{set_clock, support, with_lib};
 
     static T_MEMBER: LazyLock<Script> =
-        LazyLock::new(|| on_test_clock(include_str!("../../../lua/member.lua")));
+        LazyLock::new(|| with_lib(include_str!("../../../lua/member.lua")));
     static T_MEMBERS: LazyLock<Script> =
-        LazyLock::new(|| on_test_clock(include_str!("../../../lua/members.lua")));
-
-    fn set_clock(con: &mut redis::Connection, now: u64) {
-        let _: () = redis::cmd("HSET")
-            .arg(CLOCK_KEY)
-            .arg("s")
-            .arg(now / 1000)
-            .arg("us")
-            .arg(now % 1000 * 1000)
-            .query(con)
-            .expect("set the test clock");
-    }
+        LazyLock::new(|| with_lib(include_str!("../../../lua/members.lua")));
 
     #[test]
     fn membership_scripts_match_the_memory_store() {

@@ -290,16 +290,7 @@ impl Core {
             reason = t.reason.as_str(),
             "fusebox: breaker transition made by a store call whose result was lost"
         );
-        match self.lost.get() {
-            Some(sink) => sink(t.clone()),
-            None => tracing::warn!(
-                target_name = %t.target,
-                from = %t.from,
-                to = %t.to,
-                generation = t.generation,
-                "fusebox: breaker transition not reported (no transition sink)"
-            ),
-        }
+        self.report_transition(t);
     }
 }
 

@@ -68,22 +68,12 @@ mod difftest {
     use crate::keys::feature_keys;
     use crate::store::MemoryStore;
 
-    use super::super::difftest::support;
-
-    const CLOCK_KEY: &str = "fusebox-test:adopt-clock";
-
-    fn on_test_clock(script: &str) -> Script {
-        let text = format!("{}\n{script}", include_str!("../../../lua/lib.lua"));
-        Script::new(&text.replace(
-            "redis.call('TIME')",
-            &format!("redis.call('HMGET', '{CLOCK_KEY}', 's', 'us')"),
-        ))
-    }
+    use super::super::difftest::{set_clock, support, with_lib};
 
     static T_ADOPT: LazyLock<Script> =
-        LazyLock::new(|| on_test_clock(include_str!("../../../lua/adopt.lua")));
+        LazyLock::new(|| with_lib(include_str!("../../../lua/adopt.lua")));
     static T_IN_FLIGHT: LazyLock<Script> =
-        LazyLock::new(|| on_test_clock(include_str!("../../../lua/in_flight.lua")));
+        LazyLock::new(|| with_lib(include_str!("../../../lua/in_flight.lua")));
 
     #[test]
     fn adopt_matches_the_memory_store() {
@@ -104,14 +94,7 @@ mod difftest {
         for step in 0..300 {
             clock.advance(Duration::from_millis(rng.random_range(0..300)));
             let now = clock.now_ms();
-            let _: () = redis::cmd("HSET")
-                .arg(CLOCK_KEY)
-                .arg("s")
-                .arg(now / 1000)
-                .arg("us")
-                .arg(now % 1000 * 1000)
-                .query(&mut con)
-                .expect("set the test clock");
+            set_clock(&mut con, now);
             let _: () = redis::cmd("PERSIST")
                 .arg(&feature.keys.permits)
                 .query(&mut con)
