@@ -1125,6 +1125,84 @@ async fn take_backs_after_script_flush_still_land() {
     assert!(a.permit);
 }
 
+/// Regression (issue 5, §3): against a Redis with `requirepass` and a wrong password, a
+/// hot-path admission (50 ms timeout) failed with `Timeout(50ms)`, since the connection's
+/// lazy connect retries with backoff for longer than that; the cause (authentication) was
+/// known only to the operator's connection. Now every call names it, the first one too,
+/// and no call outlasts its timeout to do so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_named_on_the_hot_path() {
+    let server = RedisServer::start();
+    server.cli(&["CONFIG", "SET", "requirepass", "right-password"]);
+    let url = format!("redis://:wrong-password@127.0.0.1:{}/", server.port());
+    let rc = RedisConfig {
+        url: Some(url),
+        ..RedisConfig::default()
+    };
+    assert_eq!(
+        rc.timeout,
+        Duration::from_millis(50),
+        "the hot path's default"
+    );
+    let t = target("m", &fast_breaker());
+    let f = plain_feature("chat");
+    let store = RedisStore::connect(&rc).await.expect("connects lazily");
+    for i in 0..5 {
+        let started = Instant::now();
+        let err = store
+            .admit(AdmitRequest {
+                target: &t,
+                feature: &f,
+                call_id: &format!("c{i}"),
+            })
+            .await
+            .expect_err("wrong password: no admission");
+        assert!(
+            matches!(err, StoreError::Auth(_)),
+            "admission {i} names authentication, got {err:?}"
+        );
+        assert!(err.is_unavailable(), "counts toward local mode");
+        assert!(!err.to_string().contains("wrong-password"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "bounded by the timeout (plus scheduling): {:?}",
+            started.elapsed()
+        );
+    }
+    // The password mended on the server: the store connects again by itself (the connection
+    // manager never retried after an authentication failure, so it answered "auth" until the
+    // process restarted).
+    let mut admin = support::sync_connection(&format!(
+        "redis://:right-password@127.0.0.1:{}/",
+        server.port()
+    ));
+    let () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "wrong-password"])
+        .query(&mut admin)
+        .expect("CONFIG SET");
+    let mut n = 0;
+    eventually(
+        Duration::from_secs(10),
+        "admits once the password is right",
+        || {
+            n += 1;
+            let id = format!("after-{n}");
+            let (store, t, f) = (&store, &t, &f);
+            async move {
+                store
+                    .admit(AdmitRequest {
+                        target: t,
+                        feature: f,
+                        call_id: &id,
+                    })
+                    .await
+                    .is_ok()
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_of_the_wrong_type_is_a_command_error_not_a_panic() {
     let server = RedisServer::start();

@@ -1,12 +1,12 @@
 //! Connections: a single node through `ConnectionManager` (lazy, reconnects in the
-//! background), or Redis Cluster through a `ClusterConnection` that is (re)established on
+//! background, renewed when it cannot recover by itself), or Redis Cluster through a `ClusterConnection` that is (re)established on
 //! demand by a background task. Neither fails when Redis is merely unreachable at start.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, ScriptInvocation, Value};
@@ -93,6 +93,96 @@ impl ClusterHandle {
     }
 }
 
+/// How long a single-node connection whose connect failed for good (see
+/// [`SingleHandle::renew_after`]) keeps answering with that failure before a fresh one is
+/// tried: bounds the connect attempts against a Redis that refuses the credentials.
+const SINGLE_RENEW_GAP: Duration = Duration::from_secs(1);
+
+/// A single node's connection: a lazy `ConnectionManager`, replaced by a fresh one when its
+/// connect failed in a way the manager never retries (it reconnects only after I/O errors,
+/// so an authentication or TLS failure would otherwise be its answer until the process
+/// restarts, even after the password or certificate was mended).
+pub(super) struct SingleHandle {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    slot: Mutex<Managed>,
+}
+
+#[derive(Clone)]
+struct Managed {
+    manager: ConnectionManager,
+    /// Which manager this is (so a failure renews only the manager it came from).
+    generation: u64,
+    created: Instant,
+}
+
+impl SingleHandle {
+    pub(super) fn new(
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+    ) -> redis::RedisResult<Self> {
+        let manager = client.get_connection_manager_lazy(config.clone())?;
+        Ok(SingleHandle {
+            client,
+            config,
+            slot: Mutex::new(Managed {
+                manager,
+                generation: 0,
+                created: Instant::now(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Managed> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn current(&self) -> Managed {
+        self.lock().clone()
+    }
+
+    /// After `e` from the manager of `generation`: when it is a failure the manager does not
+    /// recover from by itself (authentication, TLS), replaces it with a fresh lazy manager,
+    /// at most once per [`SINGLE_RENEW_GAP`].
+    fn renew_after(&self, generation: u64, e: &RedisError) {
+        if !matches!(
+            crate::error::store_error_from_redis(e, Duration::ZERO),
+            StoreError::Auth(_) | StoreError::Tls(_)
+        ) {
+            return;
+        }
+        let mut slot = self.lock();
+        if slot.generation != generation || slot.created.elapsed() < SINGLE_RENEW_GAP {
+            return;
+        }
+        if let Ok(manager) = self.client.get_connection_manager_lazy(self.config.clone()) {
+            *slot = Managed {
+                manager,
+                generation: generation + 1,
+                created: Instant::now(),
+            };
+        }
+    }
+
+    /// Runs `op` on the current manager, renewing it after a failure it cannot recover from.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, RedisError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let Managed {
+            manager,
+            generation,
+            ..
+        } = self.current();
+        let r = op(manager).await;
+        if let Err(e) = &r {
+            self.renew_after(generation, e);
+        }
+        r
+    }
+}
+
 /// Errors after which a cluster connection is rebuilt from the seed nodes.
 fn needs_fresh_cluster_connection(e: &RedisError) -> bool {
     e.kind() == ErrorKind::ClusterConnectionNotFound || e.is_connection_dropped()
@@ -102,7 +192,7 @@ fn needs_fresh_cluster_connection(e: &RedisError) -> bool {
 #[derive(Clone)]
 pub(super) enum Conn {
     /// One Redis node.
-    Single(ConnectionManager),
+    Single(Arc<SingleHandle>),
     /// Redis Cluster.
     Cluster(Arc<ClusterHandle>),
 }
@@ -114,7 +204,10 @@ impl Conn {
         inv: &ScriptInvocation<'static>,
     ) -> Result<Value, RedisError> {
         match self {
-            Conn::Single(cm) => inv.invoke_async(&mut cm.clone()).await,
+            Conn::Single(h) => {
+                h.run(|mut cm| async move { inv.invoke_async(&mut cm).await })
+                    .await
+            }
             Conn::Cluster(h) => {
                 let attempt = h.attempt();
                 let mut con = match attempt.fut.clone().await {
@@ -138,15 +231,18 @@ impl Conn {
     /// take-back whose caller may not wait for the fallback.
     pub(super) async fn load_scripts(&self) -> Result<(), RedisError> {
         match self {
-            Conn::Single(cm) => {
-                let loads = super::scripts::all().map(|s| {
-                    let mut cm = cm.clone();
-                    async move { s.load_async(&mut cm).await }
-                });
-                for r in futures_util::future::join_all(loads).await {
-                    r?;
-                }
-                Ok(())
+            Conn::Single(h) => {
+                h.run(|cm| async move {
+                    let loads = super::scripts::all().map(|s| {
+                        let mut cm = cm.clone();
+                        async move { s.load_async(&mut cm).await }
+                    });
+                    for r in futures_util::future::join_all(loads).await {
+                        r?;
+                    }
+                    Ok(())
+                })
+                .await
             }
             Conn::Cluster(h) => {
                 let attempt = h.attempt();
@@ -172,7 +268,10 @@ impl Conn {
     pub(super) async fn ping(&self) -> Result<(), RedisError> {
         let cmd = redis::cmd("PING");
         match self {
-            Conn::Single(cm) => cmd.query_async::<Value>(&mut cm.clone()).await.map(drop),
+            Conn::Single(h) => {
+                h.run(|mut cm| async move { cmd.query_async::<Value>(&mut cm).await.map(drop) })
+                    .await
+            }
             Conn::Cluster(h) => {
                 let attempt = h.attempt();
                 let mut con = attempt.fut.clone().await?;

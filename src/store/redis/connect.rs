@@ -1,38 +1,31 @@
-//! Building the connection from [`RedisConfig`]: a lazy `ConnectionManager` for a single
-//! node, a [`ClusterHandle`] for Redis Cluster. Neither connects here.
-
-use std::time::Duration;
+//! Building the connection from [`RedisConfig`]: a [`SingleHandle`] (a lazy
+//! `ConnectionManager`) for a single node, a [`ClusterHandle`] for Redis Cluster. Neither
+//! connects here.
 
 use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClient;
 use redis::IntoConnectionInfo;
 
-use super::conn::ClusterHandle;
+use super::conn::{ClusterHandle, SingleHandle};
 use crate::config::RedisConfig;
 use crate::Error;
 
-/// Reconnect backoff of the single-node connection: delays grow from this...
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
-/// ...up to this...
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
-/// ...for this many tries; then the next command starts a new round.
-const RECONNECT_TRIES: usize = 3;
+/// Connect attempts per (re)connect of the single-node connection: one. The connection
+/// manager's own retries (with backoff) hide the cause: a call that waits for a connect
+/// retrying a wrong password for a second times out after `redis.timeout` and can only say
+/// "timed out". With one attempt, a call gets the attempt's own error (authentication,
+/// refused, DNS, TLS) at once, and the next call after a connection failure starts the next
+/// attempt (while the store is marked down that is one call per `retry_interval`).
+const RECONNECT_TRIES: usize = 0;
 
-pub(super) fn single_node(
-    url: &str,
-    config: &RedisConfig,
-) -> Result<redis::aio::ConnectionManager, Error> {
+pub(super) fn single_node(url: &str, config: &RedisConfig) -> Result<SingleHandle, Error> {
     let client = redis::Client::open(url)
         .map_err(|e| Error::config("redis.url", format!("is not a usable Redis URL: {e}")))?;
     let cm_config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.timeout))
-        .set_min_delay(RECONNECT_MIN_DELAY)
-        .set_max_delay(RECONNECT_MAX_DELAY)
         .set_number_of_retries(RECONNECT_TRIES);
-    client
-        .get_connection_manager_lazy(cm_config)
-        .map_err(|e| Error::config("redis.url", e.to_string()))
+    SingleHandle::new(client, cm_config).map_err(|e| Error::config("redis.url", e.to_string()))
 }
 
 pub(super) fn cluster(

@@ -134,7 +134,7 @@ impl RedisStore {
         // The same checks as `Config::validate`, naming the same fields.
         config.validate()?;
         let conn = match (&config.url, config.cluster.is_empty()) {
-            (Some(url), true) => Conn::Single(connect::single_node(url, config)?),
+            (Some(url), true) => Conn::Single(Arc::new(connect::single_node(url, config)?)),
             (None, false) => Conn::Cluster(Arc::new(connect::cluster(config, runtime.clone())?)),
             _ => {
                 return Err(Error::config(
