@@ -63,6 +63,14 @@ pub enum CallError<E> {
     Fusebox(Error),
     /// Sent, and the call itself failed with this error.
     Inner(E),
+    /// A guarded call stopped before a weaker model (`stop_before`): try again later
+    /// (`retry_after`: when, if known).
+    RetryLater {
+        /// When a new call could be answered, if known.
+        retry_after: Option<Duration>,
+    },
+    /// A guarded call's deadline passed (or every attempt timed out) with no error to return.
+    TimedOut,
 }
 
 impl<E> CallError<E> {
@@ -76,7 +84,10 @@ impl<E> CallError<E> {
 
     /// When a retry of the same call could succeed, if fusebox knows (refusals only).
     pub fn retry_after(&self) -> Option<Duration> {
-        self.rejection().and_then(Rejection::retry_after)
+        match self {
+            CallError::RetryLater { retry_after } => *retry_after,
+            _ => self.rejection().and_then(Rejection::retry_after),
+        }
     }
 
     /// Whether the call was sent (and failed): [`CallError::Inner`].
@@ -108,6 +119,10 @@ impl<E: std::fmt::Display> std::fmt::Display for CallError<E> {
             CallError::Rejected(r) => write!(f, "call rejected: {r}"),
             CallError::Fusebox(e) => e.fmt(f),
             CallError::Inner(e) => write!(f, "the call failed: {e}"),
+            CallError::RetryLater { .. } => {
+                write!(f, "no model this call may use is available: retry later")
+            }
+            CallError::TimedOut => write!(f, "the call's deadline passed"),
         }
     }
 }
@@ -118,6 +133,7 @@ impl<E: std::error::Error + 'static> std::error::Error for CallError<E> {
             CallError::Rejected(r) => Some(r),
             CallError::Fusebox(e) => Some(e),
             CallError::Inner(e) => Some(e),
+            CallError::RetryLater { .. } | CallError::TimedOut => None,
         }
     }
 }

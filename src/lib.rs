@@ -11,11 +11,13 @@ extern crate self as fusebox;
 // integration tests, differential tests and benchmark can reach them; they are not part of
 // the API and may change in any release.
 
+pub mod classify;
 pub mod clock;
 pub mod config;
 mod coordinator;
 mod error;
 mod observer;
+pub mod pipeline;
 
 #[doc(hidden)]
 pub mod breaker;
@@ -33,11 +35,12 @@ pub use breaker::{
     BreakerSnapshot, CallOutcome, CircuitState, Force, Transition, TransitionReason,
 };
 pub use config::{
-    BreakerConfig, BreakerOverrides, Config, FeatureConfig, RateConfig, RedisConfig, StorePolicy,
-    TargetConfig,
+    BreakerConfig, BreakerOverrides, CannedConfig, Config, FeatureConfig, RateConfig, RedisConfig,
+    StorePolicy, TargetConfig,
 };
 pub use coordinator::{
-    Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading, Source,
+    Attempt, Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading,
+    Request, Source,
 };
 pub use error::{CallError, Error, Rejection, StoreError};
 pub use observer::{Event, Observer};

@@ -37,6 +37,17 @@ pub enum Event {
         /// The call's target.
         target: String,
     },
+    /// A guarded call ([`crate::Coordinator::guarded_call`]) answered.
+    Answered {
+        /// The call's feature.
+        feature: String,
+        /// Which tier answered.
+        tier: crate::pipeline::Tier,
+        /// The target that answered (`None`: not a target).
+        target: Option<String>,
+        /// Attempts sent upstream.
+        attempts: u32,
+    },
     /// Outcomes or releases could not be delivered to the store and were dropped (permits
     /// still come back when their lease ends).
     SettleDropped {
@@ -89,6 +100,20 @@ pub(crate) fn trace(event: &Event) {
             degraded = true,
             error = %error,
             "shared store unavailable: running on local state"
+        ),
+        Event::Answered {
+            feature,
+            tier,
+            target,
+            attempts,
+        } => tracing::debug!(
+            target: "fusebox",
+            event = "answered",
+            feature = %feature,
+            tier = ?tier,
+            breaker.target = target.as_deref().unwrap_or(""),
+            attempts = *attempts,
+            "guarded call answered"
         ),
         Event::StoreRecovered => tracing::info!(
             target: "fusebox",

@@ -522,6 +522,7 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
                 // Everything else is inherited from [breaker].
                 ..BreakerOverrides::default()
             },
+            ..TargetConfig::default()
         },
     );
     let mut features = BTreeMap::new();
@@ -537,6 +538,7 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
                 burst: Some(50),
             }),
             on_store_unavailable: StorePolicy::FailClosed,
+            ..FeatureConfig::default()
         },
     );
     features.insert(

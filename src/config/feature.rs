@@ -59,6 +59,21 @@ pub struct FeatureConfig {
     pub rate: Option<RateConfig>,
     /// Behaviour when the shared store is unreachable. Default: `fail_open`.
     pub on_store_unavailable: StorePolicy,
+    /// The targets a chained call tries, in order (`chain = ["sonnet", "haiku"]`). Default:
+    /// none (the feature is used with [`crate::Coordinator::admit`] / `call` only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+    /// A target of `chain` that a chained call does not fall to: the call ends with "retry
+    /// later" (or the canned answer) instead of a weaker model's answer. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_before: Option<String>,
+    /// A chained call's overall deadline, all attempts and waits included. 1 ms to 1 h.
+    /// Default: `60s`.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Duration>,
+    /// The last resort of a chained call (`[features."x".canned]`). Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canned: Option<super::chain::CannedConfig>,
 }
 
 impl Default for FeatureConfig {
@@ -69,6 +84,10 @@ impl Default for FeatureConfig {
             max_wait: Duration::ZERO,
             rate: None,
             on_store_unavailable: StorePolicy::FailOpen,
+            chain: Vec::new(),
+            stop_before: None,
+            deadline: None,
+            canned: None,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! checks they share are in `validate`, the switch-off syntax in `switch`.
 
 mod breaker;
+mod chain;
 mod feature;
 mod redis;
 mod switch;
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use self::breaker::BreakerConfig;
+pub use self::chain::{CannedConfig, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE};
 pub use self::feature::{FeatureConfig, RateConfig, StorePolicy};
 pub use self::redis::{redact_url, RedisConfig};
 pub use self::target::{BreakerOverrides, TargetConfig};
@@ -128,10 +130,12 @@ impl Config {
             check_name(&format!("targets.{name}"), name)?;
             t.breaker(&self.breaker)
                 .validate(&format!("targets.{name}.breaker"))?;
+            chain::validate_target(&format!("targets.{name}"), t)?;
         }
         for (name, f) in &self.features {
             check_name(&format!("features.{name}"), name)?;
             f.validate(&format!("features.{name}"))?;
+            chain::validate_feature(&format!("features.{name}"), f)?;
         }
         if let Some(r) = &self.redis {
             self.check_idle_ttl(r.idle_ttl)?;
@@ -204,7 +208,10 @@ fn plain_words(message: &str) -> String {
     {
         m = format!("{m}; {}", switch::DURATION_FORM);
     }
-    if m.starts_with("unknown field") && m.ends_with("expected `breaker`") {
+    if m.starts_with("unknown field")
+        && m.contains("expected one of `breaker`")
+        && m.contains("`context_window`")
+    {
         m.push_str(
             "; a target's breaker settings go in its own table: [targets.\"<name>\".breaker]",
         );

@@ -19,6 +19,21 @@ use super::switch;
 pub struct TargetConfig {
     /// Breaker settings that differ from `[breaker]`. Default: none (all inherited).
     pub breaker: BreakerOverrides,
+    /// The upstream model this target calls (chained calls hand it to the call). Default:
+    /// the target's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `max_tokens` for this target's calls. Default: none (the call decides).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// One attempt's timeout in a chained call. 1 ms to 1 h. Default: `15s`.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// The model's context window in tokens: a request too large for one target goes to a
+    /// later target of the chain with a larger one. Default: unknown (never chosen for a
+    /// request that was too large elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<u32>,
 }
 
 impl From<BreakerConfig> for TargetConfig {
@@ -26,6 +41,7 @@ impl From<BreakerConfig> for TargetConfig {
     fn from(b: BreakerConfig) -> Self {
         TargetConfig {
             breaker: BreakerOverrides::all(&b),
+            ..TargetConfig::default()
         }
     }
 }

@@ -9,11 +9,14 @@ mod flusher;
 mod health;
 mod operator;
 mod permit;
+mod request;
+mod skip;
 mod tiered;
 
 pub use fleet::Member;
 pub use operator::{KnownNames, Reading};
 pub use permit::{Heartbeat, Permit};
+pub use request::{Attempt, Request};
 pub use tiered::Source;
 
 use std::collections::HashMap;
@@ -95,6 +98,10 @@ pub(crate) struct Shared {
     counter: AtomicU64,
     /// The fleet's size as this replica last observed it (local mode divides by it).
     pub(crate) fleet: Fleet,
+    /// Every feature's fallback chain.
+    pub(crate) plans: HashMap<String, Arc<crate::pipeline::Plan>>,
+    /// Targets this replica was told are open, refused without asking (the request API).
+    pub(crate) skips: skip::Skips,
 }
 
 /// Builds a [`Coordinator`]: configuration plus optional observer and clock.
@@ -223,6 +230,8 @@ impl CoordinatorBuilder {
             replica: format!("{replica:016x}"),
             counter: AtomicU64::new(0),
             fleet,
+            skips: skip::Skips::default(),
+            plans: crate::pipeline::Plan::all(&config),
         });
         let weak = Arc::downgrade(&shared);
         let _ = shared
@@ -434,6 +443,18 @@ impl Coordinator {
         }
     }
 
+    pub(crate) fn plan(&self, feature: &str) -> Result<Arc<crate::pipeline::Plan>, Error> {
+        self.shared
+            .plans
+            .get(feature)
+            .cloned()
+            .ok_or_else(|| Error::UnknownFeature(feature.to_owned()))
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        self.shared.emit(event);
+    }
+
     /// True while Redis is configured but unreachable and this replica runs on local state.
     pub fn is_degraded(&self) -> bool {
         self.shared.tiered.is_degraded()
@@ -509,6 +530,9 @@ impl Coordinator {
                     // every refusal while it lasts.
                     let ms = retry_after.map(|d| d.as_millis() as u64);
                     self.shared.seed_open(&t.name, ms);
+                }
+                if let Admission::Rejected { rejection, .. } = &admission {
+                    self.shared.skips.learn(rejection);
                 }
                 return self.finish(admission, f, t, call_id, Location::Shared);
             }

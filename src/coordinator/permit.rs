@@ -201,6 +201,26 @@ impl Permit {
         Heartbeat { task, flags }
     }
 
+    /// Hands this admission's breaker part (generation, probe slot) to an [`Attempt`] of its
+    /// own: from then on this permit holds only the feature's permit and rate slot, and its
+    /// settle releases the permit without an outcome.
+    pub(super) fn split_attempt(&mut self) -> super::Attempt {
+        let probe = std::mem::take(&mut self.admitted.probe);
+        super::Attempt::new(
+            Arc::clone(&self.shared),
+            Arc::clone(&self.feature),
+            Arc::clone(&self.target),
+            self.call_id.clone(),
+            self.admitted.generation,
+            probe,
+            self.location,
+        )
+    }
+
+    pub(super) fn feature_rt(&self) -> &Arc<FeatureRt> {
+        &self.feature
+    }
+
     /// Runs `call` while keeping this permit's lease alive (in the same task: no spawn, and
     /// nothing at all for a call that finishes before the first heartbeat is due).
     pub(super) async fn guard<T>(&self, call: impl Future<Output = T>) -> T {

@@ -171,6 +171,51 @@ impl MemoryStore {
         })
     }
 
+    /// Synchronous [`Store::admit_target`]: the breaker part of [`Self::admit_now`] alone (a
+    /// probe slot taken at once in half-open), nothing of the feature.
+    pub fn admit_target_now(&self, req: AdmitRequest<'_>) -> Admission {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        inner.sweep(now, self.idle_ttl_ms);
+        let p = &req.target.params;
+        let entry = inner
+            .breakers
+            .entry(req.target.keys.breaker.clone())
+            .or_default();
+        entry.1 = now;
+        let (verdict, transition) = entry.0.evaluate(p, &req.target.name, now);
+        let rejection = match verdict {
+            Verdict::Allow | Verdict::Probe => {
+                let probe = verdict == Verdict::Probe;
+                if probe {
+                    entry.0.take_probe(p, req.call_id, now);
+                }
+                return Admission::Admitted(Admitted {
+                    generation: entry.0.generation,
+                    probe,
+                    permit: false,
+                    transition,
+                });
+            }
+            Verdict::Reject {
+                state,
+                retry_after_ms,
+            } => Rejection::CircuitOpen {
+                target: req.target.name.clone(),
+                state,
+                retry_after: retry_after_ms.map(Duration::from_millis),
+            },
+            Verdict::NotBefore { retry_after_ms } => Rejection::NotBefore {
+                target: req.target.name.clone(),
+                retry_after: Duration::from_millis(retry_after_ms),
+            },
+        };
+        Admission::Rejected {
+            rejection,
+            transition,
+        }
+    }
+
     /// Synchronous settle.
     pub fn settle_now(&self, items: &[Settle]) -> Vec<Transition> {
         let now = self.clock.now_ms();
@@ -348,6 +393,10 @@ impl Inner {
 impl Store for MemoryStore {
     async fn admit(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
         Ok(self.admit_now(req))
+    }
+
+    async fn admit_target(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        Ok(self.admit_target_now(req))
     }
 
     async fn settle(&self, items: &[Settle]) -> Result<Vec<Transition>, StoreError> {

@@ -116,6 +116,15 @@ pub trait Store: Send + Sync + 'static {
         req: AdmitRequest<'_>,
     ) -> impl Future<Output = Result<Admission, StoreError>> + Send;
 
+    /// Checks only the target's breaker for one more attempt of a call that already holds
+    /// its feature's permit and rate slot (taken by an earlier [`Store::admit`]), and takes a
+    /// half-open probe slot under `call_id` when it needs one. Nothing of the feature is read
+    /// or taken (`req.feature` only names the call); an admitted answer has `permit: false`.
+    fn admit_target(
+        &self,
+        req: AdmitRequest<'_>,
+    ) -> impl Future<Output = Result<Admission, StoreError>> + Send;
+
     /// Records outcomes (in order) and releases permits. Returns the transitions these
     /// outcomes caused, each exactly once.
     fn settle(

@@ -18,6 +18,7 @@
 //! run; see the notes on [`RedisStore::admit`](Store::admit) and `settle` below.
 
 mod admit;
+mod attempt;
 mod batch;
 mod compensate;
 mod conn;
@@ -325,6 +326,12 @@ impl Store for RedisStore {
     /// (idempotent); a rate slot it may have taken is not refunded.
     async fn admit(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
         self.admit_batched(req).await
+    }
+
+    /// One `admit.lua` call in `breaker` mode, with the target's queued outcomes riding
+    /// along (see `attempt.rs`); not batched. A caller that stops waiting holds nothing.
+    async fn admit_target(&self, req: AdmitRequest<'_>) -> Result<Admission, StoreError> {
+        self.admit_attempt(req).await
     }
 
     /// One `settle.lua` call per target (chunks of `settle_batch`, in order) and one

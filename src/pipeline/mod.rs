@@ -1,0 +1,83 @@
+//! The guarded call: one call of a feature that ends in the best answer available: its
+//! primary target, a fallback target, (later) a cached answer, or the feature's canned last
+//! resort. See [`crate::Coordinator::guarded_call`].
+//!
+//! * One request holds **one** feature permit and rate slot for its whole life
+//!   ([`crate::Request`]); each target attempt takes only that target's breaker admission
+//!   ([`crate::Attempt`]).
+//! * Targets whose breaker is open are skipped without an upstream call (and, while this
+//!   replica knows they are open, without a store round trip).
+//! * A failed attempt is routed by its [`Class`]: retryable -> the same target again while
+//!   the [`Retry`] policy allows (none by default), then the next; overloaded / rate limited
+//!   -> the next target (its `retry-after` sets the target's fleet-wide "not before");
+//!   context too large -> a later target with a larger `context_window`; final -> the end.
+//! * `stop_before` ends the chain with "retry later" instead of falling to a weaker model.
+//! * After the chain: the canned answer, when the feature has one.
+
+mod plan;
+mod run;
+
+use std::time::Duration;
+
+pub use self::plan::ChainTarget;
+pub(crate) use self::plan::Plan;
+pub use self::run::{NoRetry, Retry};
+pub use crate::classify::Class;
+
+/// Which tier answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Tier {
+    /// The chain's first target.
+    Primary,
+    /// A later target of the chain.
+    Fallback,
+    /// A cached earlier answer (not built yet).
+    Cache,
+    /// The feature's canned last resort.
+    Canned,
+}
+
+/// The answer's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Reply<T> {
+    /// A target's own answer.
+    Fresh(T),
+    /// The feature's canned text, with when to try again.
+    Canned {
+        /// The configured text.
+        text: String,
+        /// When a new call could get a real answer: the best hint the chain learned (an open
+        /// breaker's time left, an upstream's `retry-after`), else the configured one.
+        retry_after: Option<Duration>,
+    },
+}
+
+/// An answer and what answered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Answered<T> {
+    /// The answer.
+    pub reply: Reply<T>,
+    /// The target that answered (`None` for a canned answer).
+    pub target: Option<String>,
+    /// Its model.
+    pub model: Option<String>,
+    /// Which tier answered.
+    pub tier: Tier,
+    /// Attempts sent upstream (over all targets).
+    pub attempts: u32,
+    /// Not the primary's fresh answer: a fallback model, a cached or a canned answer.
+    pub degraded: bool,
+}
+
+impl<T> Answered<T> {
+    /// The target's own answer, if one answered.
+    pub fn into_fresh(self) -> Option<T> {
+        match self.reply {
+            Reply::Fresh(v) => Some(v),
+            Reply::Canned { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The chain executor behind [`Coordinator::guarded_call`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Answered, ChainTarget, Class, Reply, Tier};
+use crate::breaker::CallOutcome;
+use crate::observer::Event;
+use crate::{CallError, Coordinator, Error, Rejection, Request};
+
+/// When to try the same target again after a retryable failure. The retry lane's backoff and
+/// fleet retry budget plug in here; the default, [`NoRetry`], makes one attempt per target.
+pub trait Retry: Send + Sync {
+    /// The wait before another attempt at `target`, whose last `failed` attempts (in a row)
+    /// failed, the last with `class`; `None`: go on to the next target. An attempt that
+    /// could not start before the call's deadline is not made.
+    fn delay(&self, target: &ChainTarget, failed: u32, class: &Class) -> Option<Duration>;
+}
+
+/// One attempt per target: a retryable failure goes on to the next target.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRetry;
+
+impl Retry for NoRetry {
+    fn delay(&self, _: &ChainTarget, _: u32, _: &Class) -> Option<Duration> {
+        None
+    }
+}
+
+/// How the chain ended without an answer.
+enum End {
+    /// Every target was tried (or skipped).
+    Exhausted,
+    /// The feature refused the request (bulkhead, rate limit, store policy).
+    Refused,
+    /// `stop_before` reached.
+    StopBefore,
+    /// A final error.
+    Final,
+    /// The overall deadline passed.
+    Deadline,
+}
+
+/// The smaller of two hints.
+fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Coordinator {
+    /// Runs one call of `feature` through its fallback chain (`[features."x"] chain`) and
+    /// returns the best answer available, with what answered it (see [`crate::pipeline`]).
+    ///
+    /// `call(target, n)` makes attempt `n` (1-based, over the whole chain) at `target`;
+    /// `classify` says what an error means ([`Class`]). The request holds one permit and rate
+    /// slot of the feature throughout; each attempt takes only its target's breaker
+    /// admission, and reports to it (success, or [`Class::outcome`]; a timed-out attempt is a
+    /// failure). With a canned answer configured, every ending but a fusebox error
+    /// (unknown feature, invalid name) gives it.
+    pub async fn guarded_call<T, E, F, Fut, C>(
+        &self,
+        feature: &str,
+        call: F,
+        classify: C,
+    ) -> Result<Answered<T>, CallError<E>>
+    where
+        F: Fn(&ChainTarget, u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Fn(&E) -> Class,
+    {
+        self.guarded_call_with(feature, &NoRetry, call, classify)
+            .await
+    }
+
+    /// [`Self::guarded_call`] with a [`Retry`] policy for retryable failures.
+    pub async fn guarded_call_with<T, E, F, Fut, C>(
+        &self,
+        feature: &str,
+        retry: &dyn Retry,
+        call: F,
+        classify: C,
+    ) -> Result<Answered<T>, CallError<E>>
+    where
+        F: Fn(&ChainTarget, u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Fn(&E) -> Class,
+    {
+        let plan = self.plan(feature)?;
+        if plan.targets.is_empty() {
+            return Err(CallError::Fusebox(Error::config(
+                format!("features.{feature}.chain"),
+                "is empty: a guarded call needs at least one target",
+            )));
+        }
+        let deadline = Instant::now() + plan.deadline;
+        let mut request: Option<Request> = None;
+        let mut attempts = 0u32;
+        let mut last_err: Option<E> = None;
+        let mut last_rej: Option<Rejection> = None;
+        let mut hint: Option<Duration> = None;
+        let mut need_context: Option<u32> = None;
+        let mut end = End::Exhausted;
+        let mut i = 0;
+        'chain: while let Some(t) = plan.targets.get(i) {
+            if plan.stop_before == Some(i) {
+                end = End::StopBefore;
+                break;
+            }
+            if let Some(min) = need_context {
+                if t.context_window.is_none_or(|c| c <= min) {
+                    i += 1;
+                    continue;
+                }
+            }
+            let mut failed_here = 0u32;
+            loop {
+                if Instant::now() >= deadline {
+                    end = End::Deadline;
+                    break 'chain;
+                }
+                let admitted = match &request {
+                    Some(r) => self.admit_attempt(r, &t.name).await,
+                    None => match self.admit_request(feature, &t.name).await {
+                        Ok((r, a)) => {
+                            request = Some(r);
+                            Ok(a)
+                        }
+                        Err(e) => Err(e),
+                    },
+                };
+                let attempt = match admitted {
+                    Ok(a) => a,
+                    Err(Error::Rejected(r)) => {
+                        let target_level = matches!(
+                            r,
+                            Rejection::CircuitOpen { .. } | Rejection::NotBefore { .. }
+                        );
+                        hint = sooner(hint, r.retry_after());
+                        last_rej = Some(r);
+                        if target_level {
+                            i += 1;
+                            continue 'chain;
+                        }
+                        end = End::Refused;
+                        break 'chain;
+                    }
+                    Err(e) => return Err(CallError::Fusebox(e)),
+                };
+                attempts += 1;
+                let limit = t
+                    .timeout
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                let run = tokio::time::timeout(limit, call(t, attempts));
+                let result = match &request {
+                    Some(r) => r.guard(run).await,
+                    None => run.await,
+                };
+                let class = match result {
+                    Ok(Ok(v)) => {
+                        attempt.record(CallOutcome::Success);
+                        drop(request);
+                        let tier = if i == 0 {
+                            Tier::Primary
+                        } else {
+                            Tier::Fallback
+                        };
+                        self.answered(feature, tier, Some(&t.name), attempts);
+                        return Ok(Answered {
+                            reply: Reply::Fresh(v),
+                            target: Some(t.name.clone()),
+                            model: Some(t.model.clone()),
+                            tier,
+                            attempts,
+                            degraded: i > 0,
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        let class = classify(&e);
+                        attempt.record(class.outcome());
+                        last_err = Some(e);
+                        class
+                    }
+                    Err(_) => {
+                        attempt.record(CallOutcome::Failure);
+                        Class::Retryable { retry_after: None }
+                    }
+                };
+                failed_here += 1;
+                match class {
+                    Class::Final => {
+                        end = End::Final;
+                        break 'chain;
+                    }
+                    Class::ContextTooLarge => {
+                        let here = t.context_window.unwrap_or(0);
+                        need_context = Some(need_context.map_or(here, |n| n.max(here)));
+                        i += 1;
+                        continue 'chain;
+                    }
+                    Class::Overloaded { retry_after } => {
+                        if let Some(d) = retry_after {
+                            hint = sooner(hint, Some(d));
+                            // Fleet-wide, in the background: the fallback does not wait for it.
+                            let c = self.clone();
+                            let name = t.name.clone();
+                            tokio::spawn(async move {
+                                let _ = c.set_not_before(&name, d).await;
+                            });
+                        }
+                        i += 1;
+                        continue 'chain;
+                    }
+                    Class::Retryable { .. } => match retry.delay(t, failed_here, &class) {
+                        Some(d) if Instant::now() + d < deadline => {
+                            tokio::time::sleep(d).await;
+                        }
+                        _ => {
+                            i += 1;
+                            continue 'chain;
+                        }
+                    },
+                }
+            }
+        }
+        // The request's permit goes back before the last resorts.
+        drop(request);
+        if let Some(c) = &plan.canned {
+            self.answered(feature, Tier::Canned, None, attempts);
+            return Ok(Answered {
+                reply: Reply::Canned {
+                    text: c.text.clone(),
+                    retry_after: hint.or(c.retry_after),
+                },
+                target: None,
+                model: None,
+                tier: Tier::Canned,
+                attempts,
+                degraded: true,
+            });
+        }
+        Err(match (end, last_err, last_rej) {
+            (End::StopBefore, _, _) => CallError::RetryLater { retry_after: hint },
+            (End::Deadline, None, _) => CallError::TimedOut,
+            (End::Final | End::Exhausted | End::Deadline, Some(e), _) => CallError::Inner(e),
+            (End::Refused, _, Some(r)) => CallError::Rejected(r),
+            (_, Some(e), None) => CallError::Inner(e),
+            (_, None, Some(r)) => CallError::Rejected(r),
+            (_, None, None) => CallError::TimedOut,
+        })
+    }
+
+    fn answered(&self, feature: &str, tier: Tier, target: Option<&str>, attempts: u32) {
+        self.emit(Event::Answered {
+            feature: feature.to_owned(),
+            tier,
+            target: target.map(str::to_owned),
+            attempts,
+        });
+    }
+}

@@ -1,0 +1,522 @@
+//! The fallback chain and the request API under it (`Coordinator::guarded_call`,
+//! `admit_request` / `admit_attempt`): fallback order, open breakers skipped without an
+//! upstream call (and, while "open until" holds, without a Redis command), routing by error
+//! class, stop-before-weaker, one feature permit per request across the chain, the canned
+//! last resort. On the embedded store, a single Redis node and (for the split admission)
+//! Redis Cluster. The upstream is a plain closure that records what it was asked.
+
+mod support;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fusebox::classify::Class;
+use fusebox::pipeline::{ChainTarget, Reply, Tier};
+use fusebox::{
+    BreakerConfig, CallError, CannedConfig, CircuitState, Config, Coordinator, Error,
+    FeatureConfig, Force, RedisConfig, Rejection, TargetConfig,
+};
+use support::cluster::RedisCluster;
+use support::RedisServer;
+
+const BUDGET: Duration = Duration::from_secs(60);
+
+enum Env {
+    Memory,
+    Redis(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Env {
+    fn redis_config(&self) -> Option<RedisConfig> {
+        let base = RedisConfig {
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            ..RedisConfig::default()
+        };
+        match self {
+            Env::Memory => None,
+            Env::Redis(s) => Some(RedisConfig {
+                url: Some(s.url()),
+                ..base
+            }),
+            Env::Cluster(c) => Some(RedisConfig {
+                cluster: c.urls(),
+                ..base
+            }),
+        }
+    }
+
+    /// Feature `f` with `chain` (targets open after one failure, for a minute).
+    fn config(&self, chain: &[&str]) -> Config {
+        let mut config = Config {
+            namespace: support::unique_name("chain"),
+            redis: self.redis_config(),
+            breaker: BreakerConfig {
+                consecutive_failures: Some(1),
+                open_duration: Duration::from_secs(60),
+                ..BreakerConfig::default()
+            },
+            ..Config::default()
+        };
+        config.features.insert(
+            "f".into(),
+            FeatureConfig {
+                chain: chain.iter().map(|s| (*s).to_owned()).collect(),
+                ..FeatureConfig::default()
+            },
+        );
+        config
+    }
+
+    async fn start(&self, config: Config) -> Coordinator {
+        let c = Coordinator::new(config).await.expect("valid configuration");
+        assert!(!c.is_degraded(), "the store answers");
+        c
+    }
+}
+
+async fn bounded(scenario: impl Future<Output = ()>) {
+    tokio::time::timeout(BUDGET, scenario)
+        .await
+        .expect("the test ran past its time budget");
+}
+
+macro_rules! on_all {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::bounded(super::$name(super::Env::Memory)).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::bounded(super::$name(super::Env::Redis(super::RedisServer::start()))).await
+            }
+        }
+    )*};
+}
+
+/// The upstream: what each target answers (by name), and the log of what was asked.
+type Answers = Vec<(String, Result<&'static str, Class>)>;
+
+#[derive(Clone, Default)]
+struct Upstream {
+    answers: Arc<Mutex<Answers>>,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl Upstream {
+    fn with(answers: &[(&str, Result<&'static str, Class>)]) -> Upstream {
+        let u = Upstream::default();
+        *u.answers.lock().expect("lock") =
+            answers.iter().map(|(t, a)| ((*t).to_owned(), *a)).collect();
+        u
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("lock").clone()
+    }
+
+    /// The closure a guarded call takes.
+    fn call(
+        &self,
+    ) -> impl Fn(&ChainTarget, u32) -> std::future::Ready<Result<&'static str, Class>> + '_ {
+        move |t: &ChainTarget, _n: u32| {
+            self.asked.lock().expect("lock").push(t.name.clone());
+            let answer = self
+                .answers
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|(n, _)| *n == t.name)
+                .map_or(Err(Class::Final), |(_, a)| *a);
+            std::future::ready(answer)
+        }
+    }
+}
+
+fn classify(c: &Class) -> Class {
+    *c
+}
+
+const OVERLOADED: Class = Class::Overloaded { retry_after: None };
+const RETRYABLE: Class = Class::Retryable { retry_after: None };
+
+async fn fallback_order(env: Env) {
+    let c = env.start(env.config(&["a", "b", "c"])).await;
+    let up = Upstream::with(&[
+        ("a", Err(OVERLOADED)),
+        ("b", Err(RETRYABLE)),
+        ("c", Ok("C")),
+    ]);
+    let answer = c
+        .guarded_call("f", up.call(), classify)
+        .await
+        .expect("c answers");
+    assert_eq!(up.asked(), ["a", "b", "c"]);
+    assert_eq!(answer.tier, Tier::Fallback);
+    assert_eq!(answer.target.as_deref(), Some("c"));
+    assert_eq!(answer.attempts, 3);
+    assert!(answer.degraded);
+    assert_eq!(answer.reply, Reply::Fresh("C"));
+}
+
+async fn the_primary_answers_first(env: Env) {
+    let c = env.start(env.config(&["a", "b"])).await;
+    let up = Upstream::with(&[("a", Ok("A")), ("b", Ok("B"))]);
+    let answer = c.guarded_call("f", up.call(), classify).await.expect("a");
+    assert_eq!(up.asked(), ["a"]);
+    assert_eq!(
+        (answer.tier, answer.degraded, answer.attempts),
+        (Tier::Primary, false, 1)
+    );
+    assert_eq!(
+        answer.model.as_deref(),
+        Some("a"),
+        "the model defaults to the name"
+    );
+}
+
+async fn open_breakers_are_skipped_without_an_upstream_call(env: Env) {
+    let c = env.start(env.config(&["a", "b"])).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Ok("B"))]);
+    let first = c.guarded_call("f", up.call(), classify).await.expect("b");
+    assert_eq!(first.target.as_deref(), Some("b"));
+    // a's one failure opened it; this replica sees its own failure at the next admission.
+    for _ in 0..5 {
+        let answer = c.guarded_call("f", up.call(), classify).await.expect("b");
+        assert_eq!(answer.target.as_deref(), Some("b"));
+        assert_eq!(answer.attempts, 1, "a was not called");
+    }
+    assert_eq!(up.asked().iter().filter(|t| *t == "a").count(), 1);
+    assert_eq!(
+        c.snapshot("a").await.expect("snapshot").state,
+        CircuitState::Open
+    );
+}
+
+async fn a_final_error_ends_the_chain(env: Env) {
+    let c = env.start(env.config(&["a", "b"])).await;
+    let up = Upstream::with(&[("a", Err(Class::Final)), ("b", Ok("B"))]);
+    let r = c.guarded_call("f", up.call(), classify).await;
+    assert!(matches!(r, Err(CallError::Inner(Class::Final))), "{r:?}");
+    assert_eq!(up.asked(), ["a"]);
+    // Not the target's fault: a's breaker did not count it.
+    assert_eq!(
+        c.snapshot("a").await.expect("snapshot").state,
+        CircuitState::Closed
+    );
+}
+
+async fn a_request_too_large_goes_to_a_larger_context(env: Env) {
+    let mut config = env.config(&["small", "also-small", "large"]);
+    for (t, w) in [
+        ("small", 100_000),
+        ("also-small", 100_000),
+        ("large", 1_000_000),
+    ] {
+        config.targets.insert(
+            t.into(),
+            TargetConfig {
+                context_window: Some(w),
+                ..TargetConfig::default()
+            },
+        );
+    }
+    let c = env.start(config).await;
+    let up = Upstream::with(&[
+        ("small", Err(Class::ContextTooLarge)),
+        ("also-small", Ok("no")),
+        ("large", Ok("L")),
+    ]);
+    let answer = c
+        .guarded_call("f", up.call(), classify)
+        .await
+        .expect("large");
+    assert_eq!(up.asked(), ["small", "large"]);
+    assert_eq!(answer.target.as_deref(), Some("large"));
+    assert_eq!(
+        c.snapshot("small").await.expect("snapshot").state,
+        CircuitState::Closed,
+        "a request too large is not the target's fault"
+    );
+}
+
+async fn stop_before_a_weaker_model(env: Env) {
+    let mut config = env.config(&["strong", "weak"]);
+    config.features.get_mut("f").expect("f").stop_before = Some("weak".into());
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("strong", Err(OVERLOADED)), ("weak", Ok("W"))]);
+    let r = c.guarded_call("f", up.call(), classify).await;
+    assert!(matches!(r, Err(CallError::RetryLater { .. })), "{r:?}");
+    assert_eq!(up.asked(), ["strong"]);
+    // Once strong is open, the answer says when to come back.
+    let r = c.guarded_call("f", up.call(), classify).await;
+    match r {
+        Err(CallError::RetryLater { retry_after }) => {
+            assert!(
+                retry_after.is_some_and(|d| d > Duration::from_secs(50)),
+                "{retry_after:?}"
+            )
+        }
+        other => panic!("expected RetryLater, got {other:?}"),
+    }
+    assert_eq!(up.asked(), ["strong"], "weak is never called");
+}
+
+async fn the_canned_answer_when_every_target_fails(env: Env) {
+    let mut config = env.config(&["a", "b"]);
+    config.features.get_mut("f").expect("f").canned = Some(CannedConfig {
+        text: "Busy: try again in a minute".into(),
+        retry_after: Some(Duration::from_secs(60)),
+    });
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Err(OVERLOADED))]);
+    let answer = c
+        .guarded_call("f", up.call(), classify)
+        .await
+        .expect("canned");
+    assert_eq!(answer.tier, Tier::Canned);
+    assert!(answer.degraded);
+    assert_eq!(answer.attempts, 2);
+    assert!(answer.target.is_none());
+    match &answer.reply {
+        Reply::Canned { text, retry_after } => {
+            assert_eq!(text, "Busy: try again in a minute");
+            assert_eq!(*retry_after, Some(Duration::from_secs(60)));
+        }
+        other => panic!("expected the canned answer, got {other:?}"),
+    }
+    // Both open now: canned again, with no upstream call, and the open time as guidance.
+    let answer = c
+        .guarded_call("f", up.call(), classify)
+        .await
+        .expect("canned");
+    assert_eq!((answer.tier, answer.attempts), (Tier::Canned, 0));
+    assert_eq!(up.asked(), ["a", "b"]);
+}
+
+/// A limit-1 feature with a chain of three failing targets: the request is admitted once
+/// (every attempt runs under its one permit), and the next request once it has ended.
+async fn one_permit_per_request_across_the_chain(env: Env) {
+    let mut config = env.config(&["a", "b", "c"]);
+    config.features.get_mut("f").expect("f").max_concurrent = Some(1);
+    let c = env.start(config).await;
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let call = |t: &ChainTarget, _n: u32| {
+        let c = c.clone();
+        let held = Arc::clone(&held);
+        let name = t.name.clone();
+        async move {
+            let n = c.in_flight("f").await.expect("in flight");
+            held.lock().expect("lock").push((name, n));
+            // Another request of the feature meanwhile: refused, the permit is taken.
+            let other = c.admit_request("f", "other").await;
+            assert!(
+                matches!(other, Err(Error::Rejected(Rejection::BulkheadFull { .. }))),
+                "{other:?}"
+            );
+            Err::<(), Class>(RETRYABLE)
+        }
+    };
+    let r = c.guarded_call("f", call, classify).await;
+    assert!(matches!(r, Err(CallError::Inner(_))), "{r:?}");
+    assert_eq!(
+        *held.lock().expect("lock"),
+        [
+            ("a".to_owned(), 1),
+            ("b".to_owned(), 1),
+            ("c".to_owned(), 1)
+        ],
+        "three attempts, one permit"
+    );
+    // Ended: the permit is back.
+    let (req, attempt) = c
+        .admit_request("f", "other")
+        .await
+        .expect("the next request");
+    attempt.record(fusebox::CallOutcome::Success);
+    req.finish();
+}
+
+on_all!(
+    fallback_order,
+    the_primary_answers_first,
+    open_breakers_are_skipped_without_an_upstream_call,
+    a_final_error_ends_the_chain,
+    a_request_too_large_goes_to_a_larger_context,
+    stop_before_a_weaker_model,
+    the_canned_answer_when_every_target_fails,
+    one_permit_per_request_across_the_chain,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_permit_per_request_across_the_chain_on_cluster() {
+    bounded(one_permit_per_request_across_the_chain(Env::Cluster(
+        RedisCluster::start(3),
+    )))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_order_on_cluster() {
+    bounded(fallback_order(Env::Cluster(RedisCluster::start(3)))).await
+}
+
+/// A retry-after on an overloaded answer sets the target's fleet-wide "not before": another
+/// replica skips it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overload_retry_after_holds_the_target_for_the_fleet() {
+    bounded(async {
+        let env = Env::Redis(RedisServer::start());
+        let config = env.config(&["a", "b"]);
+        let one = env.start(config.clone()).await;
+        let two = env.start(config).await;
+        let up = Upstream::with(&[
+            (
+                "a",
+                Err(Class::Overloaded {
+                    retry_after: Some(Duration::from_secs(30)),
+                }),
+            ),
+            ("b", Ok("B")),
+        ]);
+        // consecutive_failures = 1 would open a anyway: count the not-before alone.
+        let _ = one.force("a", Force::Closed).await.expect("force");
+        let answer = one.guarded_call("f", up.call(), classify).await.expect("b");
+        assert_eq!(answer.target.as_deref(), Some("b"));
+        // The not-before is set in the background: wait until the other replica sees it.
+        let mut refused = None;
+        for _ in 0..100 {
+            match two.admit_request("f", "a").await {
+                Err(Error::Rejected(r @ Rejection::NotBefore { .. })) => {
+                    refused = Some(r);
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            refused.is_some(),
+            "the other replica honours the retry-after"
+        );
+    })
+    .await
+}
+
+/// Lines MONITOR shows from now on.
+struct Monitor {
+    lines: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Monitor {
+    async fn start(port: u16) -> Monitor {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        stream.write_all(b"MONITOR\r\n").await.expect("MONITOR");
+        let mut reader = BufReader::new(stream);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).await.expect("+OK");
+        assert!(ok.starts_with("+OK"), "{ok}");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let task = tokio::spawn(async move {
+            let mut line = String::new();
+            while reader.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                sink.lock().expect("lock").push(std::mem::take(&mut line));
+            }
+        });
+        Monitor { lines, task }
+    }
+
+    fn mentioning(&self, what: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|l| l.contains(what))
+            .cloned()
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.lines.lock().expect("lock").len()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Once Redis said "open", this replica refuses the target without a Redis command while the
+/// skip holds (MONITOR sees nothing about it), and an operator's forced close is seen within
+/// about a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_target_is_skipped_without_a_redis_command() {
+    bounded(async {
+        let server = RedisServer::start();
+        let port = server.port();
+        let env = Env::Redis(server);
+        let config = env.config(&["skipme", "b"]);
+        let c = env.start(config).await;
+        let up = Upstream::with(&[("skipme", Err(RETRYABLE)), ("b", Ok("B"))]);
+        c.guarded_call("f", up.call(), classify).await.expect("b");
+        // The next call learns "open until T" from Redis (riding the failure)...
+        let answer = c.guarded_call("f", up.call(), classify).await.expect("b");
+        assert_eq!(answer.attempts, 1);
+        c.flush(Duration::from_secs(5)).await;
+        // ... and from then on asks Redis nothing about it.
+        let monitor = Monitor::start(port).await;
+        let start = std::time::Instant::now();
+        for _ in 0..10 {
+            let answer = c.guarded_call("f", up.call(), classify).await.expect("b");
+            assert_eq!(answer.target.as_deref(), Some("b"));
+        }
+        // The skip is bounded to about a second: a loaded machine that took longer than that
+        // for the loop may ask once per second that passed.
+        let allowed = start.elapsed().as_secs() as usize;
+        c.flush(Duration::from_secs(5)).await;
+        let seen = monitor.mentioning("skipme");
+        assert!(
+            monitor.count() > 0,
+            "MONITOR sees the calls' other commands"
+        );
+        assert!(
+            seen.len() <= allowed,
+            "Redis was asked about the open target: {seen:?}"
+        );
+        assert_eq!(up.asked().iter().filter(|t| *t == "skipme").count(), 1);
+        drop(monitor);
+
+        // An operator closes it: seen within about a second (the skip's bound).
+        c.force("skipme", Force::Closed).await.expect("force");
+        let up = Upstream::with(&[("skipme", Ok("S")), ("b", Ok("B"))]);
+        let mut answered_by = None;
+        for _ in 0..40 {
+            let answer = c
+                .guarded_call("f", up.call(), classify)
+                .await
+                .expect("answer");
+            if answer.target.as_deref() == Some("skipme") {
+                answered_by = answer.target;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            answered_by.as_deref(),
+            Some("skipme"),
+            "the forced close was seen"
+        );
+    })
+    .await
+}
