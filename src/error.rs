@@ -23,6 +23,14 @@ pub enum Error {
     /// The feature named in a call is not configured.
     #[error("unknown feature {0:?}: add it under [features] in the configuration")]
     UnknownFeature(String),
+    /// An operator command named a target that is neither listed under `[targets]` nor has
+    /// state in the store (a typo, most likely): nothing was changed. See
+    /// [`crate::Coordinator::force_create`] to force a target before its first call.
+    #[error(
+        "unknown target {0:?}: not under [targets] and no state in the store; check the name \
+         (or force it anyway with --create / Coordinator::force_create)"
+    )]
+    UnknownTarget(String),
     /// The shared store failed (connection, timeout, script error, corrupted value).
     #[error("store error: {0}")]
     Store(#[from] StoreError),

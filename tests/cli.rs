@@ -468,6 +468,49 @@ fn force_without_redis_refuses_and_says_why() {
     assert!(!run.stdout.contains("forced_open"), "{run:#?}");
 }
 
+/// Regression (a misspelled target): `force` on a name neither under `[targets]` nor with
+/// state in Redis printed a transition, exit 0, and left a forced key that never expires.
+/// Now it is refused (exit 5, nothing written) unless `--create`; configured and known
+/// targets are forced as before.
+#[test]
+fn force_refuses_an_unknown_target_unless_create() {
+    let server = RedisServer::start();
+    let file = TempToml::new(&format!(
+        "namespace = \"typo\"\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
+         [targets.claude-sonnet-4-5.breaker]\nconsecutive_failures = 2\n[features.chat]\n",
+        server.url()
+    ));
+    let run = fb(&file, &["force", "claude-sonet-4-5", "open"]);
+    run.assert_exit(5);
+    assert!(run.stderr.contains("unknown target"), "{run:#?}");
+    assert!(run.stderr.contains("--create"), "{run:#?}");
+    assert_eq!(run.stdout, "", "{run:#?}");
+    assert_eq!(server.cli(&["DBSIZE"]), "0", "nothing written");
+
+    let mut all = vec![
+        "-c",
+        file.path(),
+        "--json",
+        "force",
+        "claude-sonet-4-5",
+        "open",
+    ];
+    let run = fusebox(&all);
+    run.assert_exit(5);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON error");
+    assert_eq!(v["error"]["exit_code"], 5, "{run:#?}");
+
+    fb(&file, &["force", "claude-sonnet-4-5", "open"]).assert_ok();
+    assert_eq!(state_of(&file, "claude-sonnet-4-5"), "forced_open");
+
+    all.insert(4, "--create");
+    fusebox(&all).assert_ok();
+    assert_eq!(state_of(&file, "claude-sonet-4-5"), "forced_open");
+    // Known now (it has state): no --create needed.
+    fb(&file, &["force", "claude-sonet-4-5", "reset"]).assert_ok();
+    assert_eq!(state_of(&file, "claude-sonet-4-5"), "closed");
+}
+
 // ---------------------------------------------------------------------------------------------
 // status and force against Redis
 // ---------------------------------------------------------------------------------------------
@@ -480,7 +523,7 @@ fn force_and_status_against_redis() {
     let file = redis_toml(&server, "cli-test");
 
     assert_eq!(state_of(&file, "m"), "closed");
-    let run = fb(&file, &["force", "m", "open"]);
+    let run = fb(&file, &["force", "--create", "m", "open"]);
     run.assert_ok();
     assert!(run.stdout.contains("m: closed -> forced_open"), "{run:#?}");
     assert_eq!(state_of(&file, "m"), "forced_open");
@@ -585,7 +628,7 @@ fn status_lists_configured_and_known_targets_and_features() {
     let permit = rt.block_on(c.admit("chat", "used-model")).expect("admit");
     // An unconfigured feature is known while it has keys (a held permit).
     let batch = rt.block_on(c.admit("batch", "used-model")).expect("admit");
-    fb(&noise, &["force", "noise-model", "open"]).assert_ok();
+    fb(&noise, &["force", "--create", "noise-model", "open"]).assert_ok();
 
     let (run, v) = fb_json(&file, &["status"]);
     assert_eq!(v["store"], "shared", "{run:#?}");
@@ -645,7 +688,7 @@ fn status_lists_known_targets_from_every_master_of_a_cluster() {
     // Enough targets that every master holds some (16384 slots over 3 masters).
     let targets: Vec<String> = (0..24).map(|i| format!("model-{i:02}")).collect();
     for t in &targets {
-        fb(&file, &["force", t, "open"]).assert_ok();
+        fb(&file, &["force", "--create", t, "open"]).assert_ok();
     }
     // Every master holds at least one of them.
     for (i, node) in cluster.nodes().iter().enumerate() {
@@ -676,7 +719,7 @@ fn status_lists_known_targets_from_every_master_of_a_cluster() {
 fn wrong_password_fails_with_the_authentication_cause() {
     let server = RedisServer::start();
     let good = redis_toml(&server, "auth");
-    fb(&good, &["force", "m", "open"]).assert_ok();
+    fb(&good, &["force", "--create", "m", "open"]).assert_ok();
     server.cli(&["CONFIG", "SET", "requirepass", "right-password"]);
     let url = format!("redis://:wrong-password@127.0.0.1:{}", server.port());
     let bad = url_toml(&url, "auth");
@@ -746,7 +789,9 @@ fn operator_reads_recover_after_a_redis_restart() {
         let c = Coordinator::new(Config::from_toml(&text).expect("valid"))
             .await
             .expect("build");
-        c.force("m", fusebox::Force::Open).await.expect("force");
+        c.force_create("m", fusebox::Force::Open)
+            .await
+            .expect("force");
         server.kill();
         assert!(c.read_breaker("m").await.is_err(), "Redis is down");
         server.restart();
@@ -884,7 +929,7 @@ fn force_and_status_work_over_a_link_slower_than_the_hot_path_timeout() {
         "namespace = \"slow\"\n[redis]\nurl = \"redis://{proxy}\"\ntimeout = \"50ms\"\n\
          connect_timeout = \"5s\"\n[features.chat]\n"
     ));
-    let run = fb(&file, &["force", "m", "open"]);
+    let run = fb(&file, &["force", "--create", "m", "open"]);
     run.assert_ok();
     assert!(run.stdout.contains("closed -> forced_open"), "{run:#?}");
     assert_eq!(state_of(&file, "m"), "forced_open");

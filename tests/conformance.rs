@@ -1435,7 +1435,9 @@ mod sequential {
             },
         );
         let c = b.coordinator(config).await;
-        c.force("dead", fusebox::Force::Open).await.expect("force");
+        c.force_create("dead", fusebox::Force::Open)
+            .await
+            .expect("force");
         let log = vec![
             decision(c.call("chat", "dead", || async { Ok::<(), ()>(()) }).await),
             decision(c.call("chat", "alive", || async { Ok::<(), ()>(()) }).await),

@@ -1446,7 +1446,7 @@ async fn force_open_refuses_until_reset(env: Env) {
     let t = "m";
 
     let tr = a
-        .force(t, Force::Open)
+        .force_create(t, Force::Open)
         .await
         .expect("force")
         .expect("a transition");
@@ -1610,8 +1610,62 @@ async fn flush_delivers_queued_outcomes(env: Env) {
     assert_healthy(&c, &rec);
 }
 
+/// Regression (a misspelled target): `force` on a name that is neither configured nor known
+/// succeeded and left a forced breaker that never expires and that no call uses. Now it is
+/// refused (`Error::UnknownTarget`) and nothing changes; a configured target, a target with
+/// state, and `force_create` still work.
+async fn force_refuses_an_unknown_target(env: Env) {
+    let mut config = env.config();
+    config
+        .targets
+        .insert("listed".into(), fusebox::TargetConfig::default());
+    let (c, rec) = env.start(config).await;
+
+    let r = c.force("claude-sonet-4-5", Force::Open).await;
+    assert!(
+        matches!(&r, Err(Error::UnknownTarget(name)) if name == "claude-sonet-4-5"),
+        "{r:?}"
+    );
+    assert!(
+        r.as_ref()
+            .err()
+            .is_some_and(|e| e.to_string().contains("--create")),
+        "says how to force it anyway: {r:?}"
+    );
+    assert!(rec.transitions().is_empty(), "nothing changed");
+    if env.is_redis() {
+        assert_eq!(env.server().cli(&["DBSIZE"]), "0", "no key written");
+    }
+    assert!(matches!(
+        c.force("claude-sonet-4-5", Force::Reset).await,
+        Err(Error::UnknownTarget(_))
+    ));
+
+    // Configured: no state needed.
+    let tr = c.force("listed", Force::Open).await.expect("configured");
+    assert_eq!(tr.map(|t| t.to), Some(CircuitState::ForcedOpen));
+    // Known: a call left state.
+    c.call("chat", "used", || async { Err::<(), _>("500") })
+        .await
+        .expect_err("fails");
+    flush(&c).await;
+    let tr = c.force("used", Force::Open).await.expect("known");
+    assert_eq!(tr.map(|t| t.to), Some(CircuitState::ForcedOpen));
+    // On purpose: force_create.
+    let tr = c
+        .force_create("not-called-yet", Force::Open)
+        .await
+        .expect("create");
+    assert_eq!(tr.map(|t| t.to), Some(CircuitState::ForcedOpen));
+    assert_eq!(
+        snapshot(&c, "not-called-yet").await.state,
+        CircuitState::ForcedOpen
+    );
+}
+
 on_both!(
     force_open_refuses_until_reset,
+    force_refuses_an_unknown_target,
     not_before_holds_back_the_fleet_and_is_not_a_failure,
     slow_calls_open_the_breaker,
     flush_delivers_queued_outcomes,
@@ -1661,8 +1715,8 @@ async fn namespaces_keep_applications_apart(env: Env) {
     let (a, _) = env.start(one).await;
     let (b, _) = env.start(two).await;
 
-    a.force("t:m", Force::Open).await.expect("force");
-    a.force("m", Force::Open).await.expect("force");
+    a.force_create("t:m", Force::Open).await.expect("force");
+    a.force_create("m", Force::Open).await.expect("force");
     assert_eq!(snapshot(&a, "t:m").await.state, CircuitState::ForcedOpen);
     for target in ["m", "t:m"] {
         let s = snapshot(&b, target).await;

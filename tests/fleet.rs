@@ -366,7 +366,7 @@ async fn bulkhead_is_never_oversubscribed_on_redis_cluster() {
     const BLOCKED: &str = "model-forced-open";
     fleet[0]
         .coordinator
-        .force(BLOCKED, Force::Open)
+        .force_create(BLOCKED, Force::Open)
         .await
         .expect("force open");
 

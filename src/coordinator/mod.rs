@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     namespace: String,
     default_breaker: BreakerParams,
     targets: RwLock<HashMap<String, Arc<TargetSpec>>>,
+    /// The targets the configuration names: under `[targets]` or in a feature's `chain`.
+    configured_targets: std::collections::HashSet<String>,
     pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
     /// Shared store, local store, health and reporting: the one routing seam.
     pub(crate) tiered: Tiered,
@@ -167,6 +169,12 @@ impl CoordinatorBuilder {
         let ns = config.namespace.clone();
 
         let mut targets = HashMap::new();
+        let configured_targets = config
+            .targets
+            .keys()
+            .chain(config.features.values().flat_map(|f| f.chain.iter()))
+            .cloned()
+            .collect();
         for name in config.targets.keys() {
             targets.insert(
                 name.clone(),
@@ -224,6 +232,7 @@ impl CoordinatorBuilder {
             namespace: ns,
             default_breaker: BreakerParams::from_config(&config.breaker, idle_ttl_ms),
             targets: RwLock::new(targets),
+            configured_targets,
             features,
             tiered: Tiered::new(remote, local, reporter),
             operator: operator::OperatorLink::new(config.redis.as_ref()),
@@ -400,6 +409,19 @@ impl Shared {
             map.insert(name.to_owned(), Arc::clone(&spec));
         }
         Ok(spec)
+    }
+
+    /// Whether the configuration names `name` (under `[targets]` or in a feature's chain).
+    fn is_configured_target(&self, name: &str) -> bool {
+        self.configured_targets.contains(name)
+    }
+
+    /// Whether this process has a spec for `name` (configured, or used by a call or read).
+    fn has_target_spec(&self, name: &str) -> bool {
+        self.targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
     }
 
     fn feature(&self, name: &str) -> Result<Arc<FeatureRt>, Error> {

@@ -10,7 +10,8 @@ pub(crate) const HELP: &str = "Exit codes:
   3  configuration error (file missing or invalid: the message names the field)
   4  the shared store could not be read or written (the message names the cause:
      connection refused, authentication, DNS, TLS, timeout, protocol, script)
-  5  refused: the command cannot work with this configuration (force without [redis])";
+  5  refused: the command cannot work with this configuration (force without [redis],
+     force on a target neither configured nor known: use --create if that is meant)";
 
 /// Why the command failed, and with which exit code.
 #[derive(Debug)]
@@ -73,6 +74,7 @@ impl Failure {
             fusebox::Error::Config { .. } | fusebox::Error::UnknownFeature(_) => {
                 Failure::config(message)
             }
+            fusebox::Error::UnknownTarget(_) => Failure::refused(message),
             _ => Failure::internal(message),
         }
     }

@@ -1,4 +1,5 @@
-//! `fusebox force TARGET open|closed|disable|reset`: an operator command, fleet-wide.
+//! `fusebox force [--create] TARGET open|closed|disable|reset`: an operator command,
+//! fleet-wide, on a configured or known target (or a new one with `--create`).
 
 use fusebox::{Config, Coordinator};
 use serde_json::json;
@@ -11,6 +12,7 @@ pub(crate) async fn run(
     config: Config,
     target: &str,
     action: Action,
+    create: bool,
 ) -> Result<(), Failure> {
     if config.redis.is_none() {
         return Err(Failure::refused(format!(
@@ -25,10 +27,12 @@ pub(crate) async fn run(
     let coordinator = Coordinator::new(config)
         .await
         .map_err(|e| Failure::from_error("cannot start", e))?;
-    let tr = coordinator
-        .force(target, cmd)
-        .await
-        .map_err(|e| Failure::from_error(&format!("force {target}"), e))?;
+    let forced = if create {
+        coordinator.force_create(target, cmd).await
+    } else {
+        coordinator.force(target, cmd).await
+    };
+    let tr = forced.map_err(|e| Failure::from_error(&format!("force {target}"), e))?;
     if cli.json {
         return print_json(&match &tr {
             Some(t) => json!({

@@ -3,7 +3,7 @@
 //! ```text
 //! fusebox [-c FILE] [--timeout DUR] [--json] check
 //! fusebox [-c FILE] [--timeout DUR] [--json] status [NAME]
-//! fusebox [-c FILE] [--timeout DUR] [--json] force TARGET open|closed|disable|reset
+//! fusebox [-c FILE] [--timeout DUR] [--json] force [--create] TARGET open|closed|disable|reset
 //! ```
 //!
 //! Exit codes: see [`exit`].
@@ -66,6 +66,10 @@ enum Command {
         target: String,
         /// What to do.
         action: Action,
+        /// Force a target that is neither under [targets] nor has state in the store yet
+        /// (without it such a name is refused: most likely a typo).
+        #[arg(long)]
+        create: bool,
     },
 }
 
@@ -121,7 +125,11 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         // bounds applied (a hot-path `redis.timeout` of 2 s copied from it would be wrong).
         Command::Check => check::run(cli, &read(cli)?),
         Command::Status { name } => status::run(cli, config, name.as_deref()).await,
-        Command::Force { target, action } => force::run(cli, config, target, *action).await,
+        Command::Force {
+            target,
+            action,
+            create,
+        } => force::run(cli, config, target, *action, *create).await,
     }
 }
 

@@ -17,7 +17,7 @@ use redis::{Cmd, Value};
 use super::KnownNames;
 use crate::config::RedisConfig;
 use crate::error::store_error_from_redis;
-use crate::keys::LAYOUT;
+use crate::keys::{TargetKeys, LAYOUT};
 use crate::store::RedisStore;
 use crate::{Error, StoreError};
 
@@ -99,6 +99,19 @@ impl Link {
             [secs, micros] => Ok(secs.saturating_mul(1000) + micros / 1000),
             _ => Err(StoreError::Reply(format!("TIME replied {v:?}"))),
         }
+    }
+
+    /// Whether a target has state in Redis (either of its keys exists; both live under one
+    /// hash tag, so one `EXISTS` answers on Cluster too).
+    pub(super) async fn has_state(&self, keys: &TargetKeys) -> Result<bool, StoreError> {
+        let t = self.timeout;
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(&keys.breaker).arg(&keys.probes);
+        let n: i64 = match &self.raw {
+            Raw::Single(con) => bounded(t, false, cmd.query_async(&mut con.clone())).await?,
+            Raw::Cluster(con) => bounded(t, false, cmd.query_async(&mut con.clone())).await?,
+        };
+        Ok(n > 0)
     }
 
     /// Names of targets and features with keys under `namespace`.

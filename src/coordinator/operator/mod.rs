@@ -153,11 +153,58 @@ impl Coordinator {
     /// An operator command on `target`'s breaker, applied fleet-wide in Redis when it is
     /// configured (failing with the cause when Redis cannot be reached), to the embedded
     /// store otherwise. `None`: the breaker was already in the commanded state.
+    ///
+    /// `target` must be named by the configuration (under `[targets]` or in a feature's
+    /// `chain`) or have state in the store (Redis: its
+    /// breaker keys exist; embedded: this process has used it); otherwise nothing changes and
+    /// the answer is [`Error::UnknownTarget`]. A forced state (open, closed, disabled) does
+    /// not expire: an operator's decision lasts until an operator resets it, since an idle
+    /// expiry would silently let traffic back to a target someone shut off. So a misspelled
+    /// name must not get one: it would be a forced key that never expires and that no call
+    /// ever uses. Use [`Self::force_create`] for a target that has no state yet on purpose.
     pub async fn force(&self, target: &str, cmd: Force) -> Result<Option<Transition>, Error> {
+        self.force_checked(target, cmd, false).await
+    }
+
+    /// [`Self::force`] without the check that the target is configured or known: to hold
+    /// off a target before its first call (CLI: `force --create`). The forced state lasts
+    /// until a reset, like every forced state, and `status` lists it.
+    pub async fn force_create(
+        &self,
+        target: &str,
+        cmd: Force,
+    ) -> Result<Option<Transition>, Error> {
+        self.force_checked(target, cmd, true).await
+    }
+
+    async fn force_checked(
+        &self,
+        target: &str,
+        cmd: Force,
+        create: bool,
+    ) -> Result<Option<Transition>, Error> {
+        let embedded = self.shared.tiered.remote.is_none();
+        let known_here = self.shared.is_configured_target(target)
+            || (embedded && self.shared.has_target_spec(target));
+        if embedded && !create && !known_here {
+            // Refused before a spec is made for it (that would make it known).
+            crate::config::check_name("target", target)?;
+            return Err(Error::UnknownTarget(target.to_owned()));
+        }
         let t = self.shared.target(target)?;
         let tr = match self.shared.operator.get().await? {
-            Some(link) => link.store.force(&t, cmd).await?,
-            None => self.shared.tiered.local.force(&t, cmd).await?,
+            Some(link) => {
+                if !create && !known_here && !link.has_state(&t.keys).await? {
+                    return Err(Error::UnknownTarget(target.to_owned()));
+                }
+                link.store.force(&t, cmd).await?
+            }
+            None => {
+                if !create && !known_here {
+                    return Err(Error::UnknownTarget(target.to_owned()));
+                }
+                self.shared.tiered.local.force(&t, cmd).await?
+            }
         };
         if let Some(tr) = &tr {
             self.shared.emit(Event::Transition(tr.clone()));
