@@ -43,6 +43,32 @@ pub fn feature_keys(namespace: &str, feature: &str) -> FeatureKeys {
     }
 }
 
+/// Keys of one feature's degraded-response cache: under the feature's hash tag, so
+/// `cache_put.lua` updates an entry and the feature's index in one slot on Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKeys {
+    /// Sorted set: entry key -> expiry (ms); trimmed to the feature's cap.
+    pub index: String,
+    /// Prefix of the entry keys (hashes: body, model, exact digest, stored-at).
+    entry_prefix: String,
+}
+
+impl CacheKeys {
+    /// The key of one entry: `tenant` and `request` are hex digests (never the API key).
+    pub fn entry(&self, tenant: &str, request: &str) -> String {
+        format!("{}:{tenant}:{request}", self.entry_prefix)
+    }
+}
+
+/// The cache keys of `feature` in `namespace`.
+pub fn cache_keys(namespace: &str, feature: &str) -> CacheKeys {
+    let base = format!("fusebox:{{{namespace}:f:{feature}}}:{LAYOUT}");
+    CacheKeys {
+        index: format!("{base}:cache-index"),
+        entry_prefix: format!("{base}:cache"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +87,9 @@ mod tests {
         let f = feature_keys("app", "chat");
         assert_eq!(tag(&f.rate), tag(&f.permits));
         assert_ne!(tag(&f.rate), tag(&t.breaker));
+        let c = cache_keys("app", "chat");
+        assert_eq!(tag(&c.index), tag(&f.rate));
+        assert_eq!(tag(&c.entry("ab", "cd")), tag(&c.index));
     }
 
     #[test]

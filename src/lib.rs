@@ -11,6 +11,7 @@ extern crate self as fusebox;
 // integration tests, differential tests and benchmark can reach them; they are not part of
 // the API and may change in any release.
 
+pub mod cache;
 pub mod classify;
 pub mod clock;
 pub mod config;
@@ -35,8 +36,8 @@ pub use breaker::{
     BreakerSnapshot, CallOutcome, CircuitState, Force, Transition, TransitionReason,
 };
 pub use config::{
-    BreakerConfig, BreakerOverrides, CannedConfig, Config, FeatureConfig, RateConfig, RedisConfig,
-    StorePolicy, TargetConfig,
+    BreakerConfig, BreakerOverrides, CacheConfig, CacheOverrides, CannedConfig, Config,
+    FeatureConfig, RateConfig, RedisConfig, StorePolicy, TargetConfig,
 };
 pub use coordinator::{
     Attempt, Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading,

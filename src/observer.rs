@@ -56,6 +56,16 @@ pub enum Event {
         /// Why.
         error: StoreError,
     },
+    /// A degraded-response cache read or write failed or was skipped (the shared store is
+    /// down or answered with something unusable): the read was a miss, the write dropped.
+    CacheFailed {
+        /// The feature.
+        feature: String,
+        /// `get` or `put`.
+        op: &'static str,
+        /// Why ([`StoreError::Unavailable`] when the store was not asked).
+        error: StoreError,
+    },
 }
 
 /// Receives [`Event`]s. The default for `()` does nothing. Called inline on the hot path:
@@ -134,6 +144,14 @@ pub(crate) fn trace(event: &Event) {
             count = *count,
             error = %error,
             "outcomes not delivered to the store"
+        ),
+        Event::CacheFailed { feature, op, error } => tracing::debug!(
+            target: "fusebox",
+            event = "cache_failed",
+            feature = %feature,
+            op = *op,
+            error = %error,
+            "degraded-response cache {op} failed"
         ),
     }
 }

@@ -581,6 +581,7 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
         },
         targets,
         features,
+        ..Config::default()
     };
     assert_eq!(got, expected);
 }

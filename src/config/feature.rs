@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::cache::{CacheConfig, CacheOverrides};
 use crate::Error;
 
 use super::validate::{check_count, check_range, DAY, MS};
@@ -74,6 +75,9 @@ pub struct FeatureConfig {
     /// The last resort of a chained call (`[features."x".canned]`). Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canned: Option<super::chain::CannedConfig>,
+    /// Degraded-response cache fields that differ from `[cache]`
+    /// (`[features."<name>".cache]`). Default: none (all inherited).
+    pub cache: CacheOverrides,
 }
 
 impl Default for FeatureConfig {
@@ -88,11 +92,17 @@ impl Default for FeatureConfig {
             stop_before: None,
             deadline: None,
             canned: None,
+            cache: CacheOverrides::default(),
         }
     }
 }
 
 impl FeatureConfig {
+    /// This feature's cache settings: `[cache]` with this feature's fields over it.
+    pub fn cache(&self, base: &CacheConfig) -> CacheConfig {
+        self.cache.apply(base)
+    }
+
     pub(crate) fn validate(&self, at: &str) -> Result<(), Error> {
         if let Some(n) = self.max_concurrent {
             check_count(&format!("{at}.max_concurrent"), n.into(), 1, 1_000_000)?;

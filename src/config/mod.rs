@@ -5,6 +5,7 @@
 //! checks they share are in `validate`, the switch-off syntax in `switch`.
 
 mod breaker;
+mod cache;
 mod chain;
 mod feature;
 mod redis;
@@ -17,6 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use self::breaker::BreakerConfig;
+pub use self::cache::{CacheConfig, CacheOverrides, TenantSource};
 pub use self::chain::{CannedConfig, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE};
 pub use self::feature::{FeatureConfig, RateConfig, StorePolicy};
 pub use self::redis::{redact_url, RedisConfig};
@@ -44,6 +46,10 @@ pub struct Config {
     /// Features (call sites such as `chat` or `batch-summaries`) with their bulkhead, rate
     /// limit and store-down policy. A call must name a configured feature. Default: empty.
     pub features: BTreeMap<String, FeatureConfig>,
+    /// The degraded-response cache of every feature; a feature's own `cache` table
+    /// (`[features."<name>".cache]`) changes single fields of it. Default: see
+    /// [`CacheConfig`] (off).
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -54,6 +60,7 @@ impl Default for Config {
             breaker: BreakerConfig::default(),
             targets: BTreeMap::new(),
             features: BTreeMap::new(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -126,6 +133,7 @@ impl Config {
             r.validate()?;
         }
         self.breaker.validate("breaker")?;
+        self.cache.validate("cache")?;
         for (name, t) in &self.targets {
             check_name(&format!("targets.{name}"), name)?;
             t.breaker(&self.breaker)
@@ -136,6 +144,8 @@ impl Config {
             check_name(&format!("features.{name}"), name)?;
             f.validate(&format!("features.{name}"))?;
             chain::validate_feature(&format!("features.{name}"), f)?;
+            f.cache(&self.cache)
+                .validate(&format!("features.{name}.cache"))?;
         }
         if let Some(r) = &self.redis {
             self.check_idle_ttl(r.idle_ttl)?;

@@ -4,6 +4,7 @@
 //! Redis-down mode, a breaker around Redis itself (`health`) and the background settle
 //! queue (`flusher`).
 
+mod cache;
 mod fleet;
 mod flusher;
 mod health;
@@ -104,6 +105,8 @@ pub(crate) struct Shared {
     pub(crate) plans: HashMap<String, Arc<crate::pipeline::Plan>>,
     /// Targets this replica was told are open, refused without asking (the request API).
     pub(crate) skips: skip::Skips,
+    /// Each feature's degraded-response cache settings.
+    caches: HashMap<String, Arc<cache::FeatureCache>>,
 }
 
 /// Builds a [`Coordinator`]: configuration plus optional observer and clock.
@@ -167,6 +170,7 @@ impl CoordinatorBuilder {
                 .map_or(Duration::from_secs(1), |r| r.retry_interval),
         );
         let ns = config.namespace.clone();
+        let ns_cache = ns.clone();
 
         let mut targets = HashMap::new();
         let configured_targets = config
@@ -241,6 +245,14 @@ impl CoordinatorBuilder {
             fleet,
             skips: skip::Skips::default(),
             plans: crate::pipeline::Plan::all(&config),
+            caches: config
+                .features
+                .iter()
+                .map(|(name, f)| {
+                    let c = cache::FeatureCache::new(&ns_cache, name, f.cache(&config.cache));
+                    (name.clone(), Arc::new(c))
+                })
+                .collect(),
         });
         let weak = Arc::downgrade(&shared);
         let _ = shared

@@ -32,6 +32,8 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     clock: Arc<dyn Clock>,
     idle_ttl_ms: u64,
+    /// The degraded-response cache (`crate::cache::memory`).
+    cache: Arc<crate::cache::memory::MemoryCache>,
 }
 
 impl Default for MemoryStore {
@@ -54,7 +56,36 @@ impl MemoryStore {
             inner: Arc::new(Mutex::new(Inner::default())),
             clock,
             idle_ttl_ms: 24 * 3600 * 1000,
+            cache: Arc::default(),
         }
+    }
+
+    /// Stores a cache entry under `key` (the twin of `lua/cache_put.lua`); returns how many
+    /// entries the feature's cap evicted.
+    pub fn cache_put(
+        &self,
+        spec: &crate::cache::CacheSpec,
+        key: &str,
+        model: &str,
+        exact: &str,
+        body: &str,
+    ) -> u32 {
+        let now = self.clock.now_ms();
+        self.cache.put(spec, key, model, exact, body, now)
+    }
+
+    /// The unexpired cache entry under `key` (the twin of `lua/cache_get.lua`).
+    pub fn cache_get(
+        &self,
+        spec: &crate::cache::CacheSpec,
+        key: &str,
+    ) -> Option<crate::cache::StoredEntry> {
+        self.cache.get(spec, key, self.clock.now_ms())
+    }
+
+    /// Cache entries held for the feature (expired ones not yet dropped by a put included).
+    pub fn cache_len(&self, spec: &crate::cache::CacheSpec) -> usize {
+        self.cache.len(spec)
     }
 
     /// Forget a closed breaker nobody touched for this long (default 24 h), as Redis expires

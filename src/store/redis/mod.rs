@@ -20,6 +20,7 @@
 mod admit;
 mod attempt;
 mod batch;
+mod cache;
 mod compensate;
 mod conn;
 mod connect;
@@ -64,6 +65,8 @@ pub struct RedisStore {
     /// The admission batcher's queue ((`batch.rs`)); its task ends when every clone is dropped.
     admissions: mpsc::Sender<batch::Job>,
     split_admit: bool,
+    /// The degraded-response cache's own connections (`cache.rs`).
+    cache: Arc<cache::CachePool>,
 }
 
 /// What the store and its background tasks (batcher, compensations) share. Holds no sender
@@ -158,12 +161,14 @@ impl RedisStore {
         // Connect and load the scripts now, in the background, so the first call does not
         // pay for it.
         core.note(&Ok(()));
+        let cache = Arc::new(cache::CachePool::new(config)?);
         let (admissions, queue) = mpsc::channel(batch::QUEUE);
         runtime.spawn(batch::run(Arc::clone(&core), queue));
         Ok(RedisStore {
             core,
             admissions,
             split_admit: false,
+            cache,
         })
     }
 

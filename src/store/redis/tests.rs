@@ -76,6 +76,7 @@ async fn a_direct_admission_cancelled_after_its_script_ran_holds_nothing() {
             core: Arc::clone(&connected.core),
             admissions: full,
             split_admit: split,
+            cache: Arc::clone(&connected.cache),
         };
         let id = format!("cancelled-{split}");
         // Connected, scripts loaded.
