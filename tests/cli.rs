@@ -457,6 +457,60 @@ fn usage_errors_exit_two_and_print_usage() {
     assert!(run.stderr.contains("sideways"), "{run:#?}");
 }
 
+/// Regression: with `--json`, clap's own usage errors (unknown command or option, missing or
+/// bad argument) were plain text only, so a script reading stdout got nothing to parse. Now
+/// they print the same JSON error object as every other failure, exit code 2, and clap's
+/// text still goes to stderr.
+#[test]
+fn usage_errors_with_json_are_json_and_exit_two() {
+    let file = TempToml::new("[features.chat]\n");
+    for args in [
+        &["--json"][..],
+        &["--json", "frobnicate"][..],
+        &["--json", "check", "a.toml"][..],
+        &["--json", "force", "m"][..],
+        &["--json", "force", "m", "sideways"][..],
+        &["--json", "--timeout", "soon", "check"][..],
+        &["check", "--json", "--no-such-flag"][..],
+    ] {
+        let mut all = vec!["-c", file.path()];
+        all.extend_from_slice(args);
+        let run = fusebox(&all);
+        run.assert_exit(2);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {run:#?}"));
+        assert_eq!(v["error"]["exit_code"], 2, "{args:?}: {v}");
+        assert!(v["error"]["cause"].is_null(), "{args:?}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{args:?}: {v}");
+        assert!(!message.starts_with("error:"), "{args:?}: {v}");
+        assert!(!run.stderr.is_empty(), "clap's text on stderr: {run:#?}");
+    }
+    // Help and version stay text, exit 0, even with --json.
+    let run = fusebox(&["--json", "--help"]);
+    run.assert_ok();
+    assert!(run.stdout.contains("Usage:"), "{run:#?}");
+}
+
+/// Regression: `--timeout 0s` failed with a message naming `redis.timeout` (a field the user
+/// did not set); it names `--timeout` and its range, as a usage error (exit 2).
+#[test]
+fn an_out_of_range_timeout_names_the_flag() {
+    let file = TempToml::new("[redis]\nurl = \"redis://127.0.0.1:1/\"\n[features.chat]\n");
+    for t in ["0s", "0ms", "11s"] {
+        let run = fb(&file, &["--timeout", t, "status"]);
+        run.assert_exit(2);
+        assert!(run.stderr.contains("--timeout"), "{t}: {run:#?}");
+        assert!(run.stderr.contains("1ms to 10s"), "{t}: {run:#?}");
+        assert!(!run.stderr.contains("redis.timeout"), "{t}: {run:#?}");
+        let run = fb(&file, &["--json", "--timeout", t, "status"]);
+        run.assert_exit(2);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("--timeout"), "{t}: {v}");
+    }
+}
+
 /// Regression (issue 5 §3): `force` with no `[redis]` printed a transition and exited 0 while
 /// changing nothing beyond its own process.
 #[test]
@@ -911,7 +965,7 @@ fn timeout_flag_bounds_a_stalled_store() {
     assert!(run.stderr.contains("timed out after 700ms"), "{run:#?}");
     let run = fb(&file, &["--timeout", "11s", "status", "m"]);
     run.assert_exit(2);
-    assert!(run.stderr.contains("operator_timeout"), "{run:#?}");
+    assert!(run.stderr.contains("--timeout"), "{run:#?}");
 }
 
 /// Regression (issue 5 §3): the CLI used the hot path's 50 ms timeout, so over a 70 ms link

@@ -84,15 +84,23 @@ impl Failure {
     pub(crate) fn report(self, json: bool) -> ExitCode {
         eprintln!("fusebox: {}", self.message);
         if json {
-            let v = serde_json::json!({
-                "error": {
-                    "exit_code": self.code,
-                    "cause": self.cause,
-                    "message": self.message,
-                }
-            });
-            println!("{v}");
+            self.report_json_only()
+        } else {
+            ExitCode::from(self.code)
         }
+    }
+
+    /// Prints only the JSON error object (to stdout; the caller printed the text) and
+    /// returns the exit code.
+    pub(crate) fn report_json_only(self) -> ExitCode {
+        let v = serde_json::json!({
+            "error": {
+                "exit_code": self.code,
+                "cause": self.cause,
+                "message": self.message,
+            }
+        });
+        println!("{v}");
         ExitCode::from(self.code)
     }
 }

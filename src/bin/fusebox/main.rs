@@ -41,7 +41,7 @@ struct Cli {
     config: PathBuf,
     /// Bound on each store operation of this command (`500ms`, `2s`; at most 10 s).
     /// Default: `redis.operator_timeout`, else `redis.connect_timeout`.
-    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_timeout)]
     timeout: Option<Duration>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
@@ -96,13 +96,70 @@ impl Action {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime_serde::re::humantime::parse_duration(s)
-        .map_err(|e| format!("{e}; write a duration such as \"500ms\", \"2s\" or \"1m\""))
+/// Longest `--timeout` (as `redis.operator_timeout`).
+const MAX_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `--timeout`: a duration from 1 ms to 10 s, checked here so that the message names the
+/// flag (the configuration's checks would name `redis.timeout`, which the user did not set).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let t = humantime_serde::re::humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; write a duration such as \"500ms\", \"2s\" or \"1m\""))?;
+    if t < Duration::from_millis(1) || t > MAX_TIMEOUT {
+        return Err(format!(
+            "{} is out of range: --timeout takes 1ms to 10s",
+            humantime_serde::re::humantime::format_duration(t)
+        ));
+    }
+    Ok(t)
+}
+
+/// Parses the command line. Help and version are printed and exit 0, as clap does; a usage
+/// error exits 2 with clap's message on stderr and, when `--json` was given, also as the
+/// JSON error object every other failure prints.
+fn parse() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    && !json_requested()
+            {
+                // Help on stdout (exit 0); help for a missing subcommand exits 2, as usage.
+                let _ = e.print();
+                return Err(ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2)));
+            }
+            if !json_requested() {
+                let _ = e.print();
+                return Err(ExitCode::from(2));
+            }
+            let text = e.render().to_string();
+            let message = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("usage error")
+                .trim_start_matches("error: ")
+                .to_owned();
+            eprint!("{text}");
+            Err(Failure::usage(message).report_json_only())
+        }
+    }
+}
+
+/// Whether `--json` is on the command line (before a `--`), for failures clap reports before
+/// the flags are known.
+fn json_requested() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,7 +217,7 @@ fn load(cli: &Cli) -> Result<Config, Failure> {
         redis.connect_timeout = redis.connect_timeout.min(redis.timeout);
         config
             .validate()
-            .map_err(|e| Failure::usage(format!("--timeout: {e}")))?;
+            .map_err(|e| Failure::config(e.to_string()))?;
     }
     Ok(config)
 }
