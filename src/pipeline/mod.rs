@@ -16,12 +16,16 @@
 
 mod plan;
 mod run;
+#[cfg(feature = "tower")]
+mod tower;
 
 use std::time::Duration;
 
 pub use self::plan::ChainTarget;
 pub(crate) use self::plan::Plan;
 pub use self::run::{NoRetry, Retry};
+#[cfg(feature = "tower")]
+pub use self::tower::{Guarded, GuardedLayer, Routed};
 pub use crate::classify::Class;
 
 /// Which tier answered.
