@@ -342,7 +342,54 @@ async fn one_permit_per_request_across_the_chain(env: Env) {
     req.finish();
 }
 
+/// A later attempt takes only its target's breaker: in half-open, its one probe slot, which
+/// a dropped attempt frees and a recorded success closes.
+async fn a_later_attempt_takes_a_probe_slot_in_half_open(env: Env) {
+    let mut config = env.config(&["a"]);
+    config.breaker.open_duration = Duration::from_millis(200);
+    let c = env.start(config).await;
+    let (req, first) = c.admit_request("f", "x").await.expect("request");
+    first.record(fusebox::CallOutcome::Failure);
+    let a = c.admit_attempt(&req, "a").await.expect("a is closed");
+    assert!(!a.is_probe());
+    a.record(fusebox::CallOutcome::Failure);
+    let r = c.admit_attempt(&req, "a").await;
+    assert!(
+        matches!(r, Err(Error::Rejected(Rejection::CircuitOpen { .. }))),
+        "a opened: {r:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = c
+        .admit_attempt(&req, "a")
+        .await
+        .expect("half-open: a probe");
+    assert!(probe.is_probe());
+    let r = c.admit_attempt(&req, "a").await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Rejected(Rejection::CircuitOpen {
+                state: CircuitState::HalfOpen,
+                ..
+            }))
+        ),
+        "the one probe slot is taken: {r:?}"
+    );
+    drop(probe);
+    let probe = c
+        .admit_attempt(&req, "a")
+        .await
+        .expect("the dropped probe freed its slot");
+    assert!(probe.is_probe());
+    probe.record(fusebox::CallOutcome::Success);
+    let closed = c.admit_attempt(&req, "a").await.expect("closed again");
+    assert!(!closed.is_probe());
+    drop(closed);
+    req.finish();
+}
+
 on_all!(
+    a_later_attempt_takes_a_probe_slot_in_half_open,
     fallback_order,
     the_primary_answers_first,
     open_breakers_are_skipped_without_an_upstream_call,
@@ -358,6 +405,14 @@ async fn one_permit_per_request_across_the_chain_on_cluster() {
     bounded(one_permit_per_request_across_the_chain(Env::Cluster(
         RedisCluster::start(3),
     )))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_attempt_takes_a_probe_slot_in_half_open_on_cluster() {
+    bounded(a_later_attempt_takes_a_probe_slot_in_half_open(
+        Env::Cluster(RedisCluster::start(3)),
+    ))
     .await
 }
 
@@ -519,4 +574,73 @@ async fn an_open_target_is_skipped_without_a_redis_command() {
         );
     })
     .await
+}
+
+/// The same chain as a tower service: the wrapped service gets one routed request per attempt.
+#[cfg(feature = "tower")]
+mod tower {
+    use super::*;
+    use fusebox::pipeline::{GuardedLayer, Routed};
+    use std::task::{Context, Poll};
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    #[derive(Clone, Default)]
+    struct Attempts(Arc<Mutex<Vec<(String, String, u32)>>>);
+
+    impl Service<Routed<&'static str>> for Attempts {
+        type Response = String;
+        type Error = Class;
+        type Future = std::future::Ready<Result<String, Class>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Class>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, r: Routed<&'static str>) -> Self::Future {
+            self.0.lock().expect("lock").push((
+                r.target.name.clone(),
+                r.target.model.clone(),
+                r.attempt,
+            ));
+            std::future::ready(if r.target.name == "a" {
+                Err(OVERLOADED)
+            } else {
+                Ok(format!("{} answered {}", r.target.model, r.request))
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tower_service_runs_the_chain() {
+        let env = Env::Memory;
+        let mut config = env.config(&["a", "b"]);
+        config.targets.insert(
+            "b".into(),
+            TargetConfig {
+                model: Some("claude-haiku".into()),
+                ..TargetConfig::default()
+            },
+        );
+        let c = env.start(config).await;
+        let upstream = Attempts::default();
+        let mut svc = GuardedLayer::new(c, "f", |e: &Class| *e).layer(upstream.clone());
+        std::future::poll_fn(|cx| svc.poll_ready(cx))
+            .await
+            .expect("ready");
+        let answered = svc.call("hello").await.expect("b answers");
+        assert_eq!(answered.tier, Tier::Fallback);
+        assert_eq!(answered.model.as_deref(), Some("claude-haiku"));
+        assert_eq!(
+            answered.into_fresh().as_deref(),
+            Some("claude-haiku answered hello")
+        );
+        assert_eq!(
+            *upstream.0.lock().expect("lock"),
+            [
+                ("a".to_owned(), "a".to_owned(), 1),
+                ("b".to_owned(), "claude-haiku".to_owned(), 2)
+            ]
+        );
+    }
 }

@@ -972,3 +972,75 @@ fn idle_ttl_must_outlive_an_open_period_and_a_probe() {
     // The defaults fit the default idle_ttl.
     Config::from_toml("[redis]\nurl = \"redis://127.0.0.1:6379\"\n").expect("defaults");
 }
+
+const CHAINED: &str = r#"
+[targets.sonnet]
+model = "claude-sonnet-4-5"
+max_tokens = 4096
+timeout = "20s"
+context_window = 200000
+
+[targets.sonnet.breaker]
+consecutive_failures = 3
+
+[features.codegen]
+chain = ["sonnet", "haiku"]
+stop_before = "haiku"
+deadline = "45s"
+
+[features.codegen.canned]
+text = "The assistant is busy; please try again in a minute."
+retry_after = "1m"
+"#;
+
+/// The fallback chain's settings parse into what they say and round-trip through `check`.
+#[test]
+fn a_chained_feature_parses_and_round_trips() {
+    let c = Config::from_toml(CHAINED).unwrap_or_else(|e| panic!("{e}"));
+    let t = &c.targets["sonnet"];
+    assert_eq!(t.model.as_deref(), Some("claude-sonnet-4-5"));
+    assert_eq!(
+        (t.max_tokens, t.timeout, t.context_window),
+        (Some(4096), Some(20 * SEC), Some(200_000))
+    );
+    let f = &c.features["codegen"];
+    assert_eq!(f.chain, ["sonnet", "haiku"]);
+    assert_eq!(f.stop_before.as_deref(), Some("haiku"));
+    assert_eq!(f.deadline, Some(45 * SEC));
+    let canned = f.canned.as_ref().expect("canned");
+    assert_eq!(canned.retry_after, Some(60 * SEC));
+    let resolved = c.resolved();
+    let written = toml::to_string(&resolved).expect("serializes");
+    let back = Config::from_toml(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+    assert_eq!(back, resolved, "{written}");
+}
+
+/// Chain settings are checked with the field named.
+#[test]
+fn bad_chain_settings_name_their_field() {
+    for (text, field) in [
+        (
+            "[features.f]\nchain = [\"a\", \"a\"]\n",
+            "features.f.chain[1]",
+        ),
+        ("[features.f]\nchain = [\"a{b}\"]\n", "features.f.chain[0]"),
+        (
+            "[features.f]\nchain = [\"a\"]\nstop_before = \"b\"\n",
+            "features.f.stop_before",
+        ),
+        (
+            "[features.f]\nchain = [\"a\", \"b\"]\nstop_before = \"a\"\n",
+            "features.f.stop_before",
+        ),
+        ("[features.f]\ndeadline = \"0s\"\n", "features.f.deadline"),
+        (
+            "[features.f.canned]\ntext = \"\"\n",
+            "features.f.canned.text",
+        ),
+        ("[targets.t]\ntimeout = \"2h\"\n", "targets.t.timeout"),
+        ("[targets.t]\nmax_tokens = 0\n", "targets.t.max_tokens"),
+        ("[targets.t]\nmodel = \"\"\n", "targets.t.model"),
+    ] {
+        assert_eq!(from_toml_field(text).0, field, "{text}");
+    }
+}
