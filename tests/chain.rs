@@ -644,3 +644,79 @@ mod tower {
         );
     }
 }
+
+/// With the cache in use, a fresh answer is stored (in the background) and served, marked
+/// degraded, when every target of the chain fails; not after a final error.
+async fn the_cache_answers_when_every_target_fails(env: Env) {
+    use fusebox::cache::{Answer, Caller};
+    use fusebox::pipeline::{CacheUse, NoRetry};
+    use serde_json::json;
+
+    let mut config = env.config(&["a"]);
+    config.cache.enabled = true;
+    config.breaker.consecutive_failures = Some(100); // keep a closed: every call reaches it
+    let c = env.start(config).await;
+    let question = |text: &str| {
+        json!({"model": "x", "max_tokens": 100,
+               "messages": [{"role": "user", "content": text}]})
+    };
+    let q = question("What is the capital of France?");
+    let to_answer = |text: &String, t: &ChainTarget| {
+        Answer::success(
+            200,
+            t.model.clone(),
+            json!({"type": "message", "content": [{"type": "text", "text": text}]}),
+        )
+        .ok()
+    };
+    let caller = Caller {
+        api_key: Some("sk-test-tenant-a"),
+        tenant_id: None,
+    };
+    let use_cache = |request| CacheUse {
+        caller,
+        request,
+        answer: &to_answer,
+    };
+    let ok = |_: &ChainTarget, _: u32| std::future::ready(Ok::<String, Class>("Paris".into()));
+    let fresh = c
+        .guarded_call_cached("f", &NoRetry, Some(use_cache(&q)), ok, classify)
+        .await
+        .expect("a answers");
+    assert_eq!(fresh.tier, Tier::Primary);
+    // The write is in the background: wait until it landed.
+    let mut stored = false;
+    for _ in 0..200 {
+        if c.cache_get("f", caller, &q).await.expect("f").is_some() {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stored, "the fresh answer was stored");
+
+    let failing = |_: &ChainTarget, _: u32| std::future::ready(Err::<String, Class>(RETRYABLE));
+    let variant = question("what is the capital of france");
+    let served = c
+        .guarded_call_cached("f", &NoRetry, Some(use_cache(&variant)), failing, classify)
+        .await
+        .expect("the cache answers");
+    assert_eq!(
+        (served.tier, served.degraded, served.attempts),
+        (Tier::Cache, true, 1)
+    );
+    assert_eq!(served.model.as_deref(), Some("a"));
+    match &served.reply {
+        Reply::Cached(hit) => assert_eq!(hit.body["content"][0]["text"], "Paris"),
+        other => panic!("expected a cached answer, got {other:?}"),
+    }
+
+    let final_error =
+        |_: &ChainTarget, _: u32| std::future::ready(Err::<String, Class>(Class::Final));
+    let r = c
+        .guarded_call_cached("f", &NoRetry, Some(use_cache(&q)), final_error, classify)
+        .await;
+    assert!(matches!(r, Err(CallError::Inner(Class::Final))), "{r:?}");
+}
+
+on_all!(the_cache_answers_when_every_target_fails);

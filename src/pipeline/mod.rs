@@ -12,7 +12,9 @@
 //!   -> the next target (its `retry-after` sets the target's fleet-wide "not before");
 //!   context too large -> a later target with a larger `context_window`; final -> the end.
 //! * `stop_before` ends the chain with "retry later" instead of falling to a weaker model.
-//! * After the chain: the canned answer, when the feature has one.
+//! * After the chain: the degraded-response cache (with [`CacheUse`]: a fresh answer is
+//!   stored in the background, and an earlier one served when the chain ends without an
+//!   answer, except after a final error), then the canned answer, when the feature has one.
 
 mod plan;
 mod run;
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 pub use self::plan::ChainTarget;
 pub(crate) use self::plan::Plan;
-pub use self::run::{NoRetry, Retry};
+pub use self::run::{CacheUse, NoRetry, Retry};
 #[cfg(feature = "tower")]
 pub use self::tower::{Guarded, GuardedLayer, Routed};
 pub use crate::classify::Class;
@@ -36,18 +38,20 @@ pub enum Tier {
     Primary,
     /// A later target of the chain.
     Fallback,
-    /// A cached earlier answer (not built yet).
+    /// A cached earlier answer (the degraded-response cache).
     Cache,
     /// The feature's canned last resort.
     Canned,
 }
 
 /// The answer's content.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Reply<T> {
     /// A target's own answer.
     Fresh(T),
+    /// An earlier answer from the degraded-response cache (with its model, age and match).
+    Cached(crate::cache::Cached),
     /// The feature's canned text, with when to try again.
     Canned {
         /// The configured text.
@@ -59,7 +63,7 @@ pub enum Reply<T> {
 }
 
 /// An answer and what answered it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Answered<T> {
     /// The answer.
@@ -81,7 +85,7 @@ impl<T> Answered<T> {
     pub fn into_fresh(self) -> Option<T> {
         match self.reply {
             Reply::Fresh(v) => Some(v),
-            Reply::Canned { .. } => None,
+            Reply::Cached(_) | Reply::Canned { .. } => None,
         }
     }
 }

@@ -6,7 +6,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Answered, ChainTarget, Class, Reply, Tier};
+use serde_json::Value;
+
 use crate::breaker::CallOutcome;
+use crate::cache::{Answer, Caller};
 use crate::observer::Event;
 use crate::{CallError, Coordinator, Error, Rejection, Request};
 
@@ -26,6 +29,27 @@ pub struct NoRetry;
 impl Retry for NoRetry {
     fn delay(&self, _: &ChainTarget, _: u32, _: &Class) -> Option<Duration> {
         None
+    }
+}
+
+/// What the degraded-response cache needs from a guarded call
+/// ([`Coordinator::guarded_call_cached`]): who calls, the request as JSON (the cache key,
+/// model left out), and how to turn a target's answer into a storable [`Answer`] (`None`:
+/// not stored).
+pub struct CacheUse<'a, T> {
+    /// Who calls (the cache's tenant).
+    pub caller: Caller<'a>,
+    /// The request as a Messages request object.
+    pub request: &'a Value,
+    /// The storable form of an answer.
+    pub answer: &'a (dyn Fn(&T, &ChainTarget) -> Option<Answer> + Send + Sync),
+}
+
+impl<T> std::fmt::Debug for CacheUse<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheUse")
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,6 +105,28 @@ impl Coordinator {
         &self,
         feature: &str,
         retry: &dyn Retry,
+        call: F,
+        classify: C,
+    ) -> Result<Answered<T>, CallError<E>>
+    where
+        F: Fn(&ChainTarget, u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Fn(&E) -> Class,
+    {
+        self.guarded_call_cached(feature, retry, None, call, classify)
+            .await
+    }
+
+    /// [`Self::guarded_call_with`] with the feature's degraded-response cache: a fresh
+    /// answer is stored in the background (the call does not wait), and when the chain ends
+    /// without an answer (except after a [`Class::Final`] error, which no earlier answer
+    /// should paper over) the cached one is served ([`Reply::Cached`], [`Tier::Cache`])
+    /// before the canned text.
+    pub async fn guarded_call_cached<T, E, F, Fut, C>(
+        &self,
+        feature: &str,
+        retry: &dyn Retry,
+        cache: Option<CacheUse<'_, T>>,
         call: F,
         classify: C,
     ) -> Result<Answered<T>, CallError<E>>
@@ -163,6 +209,13 @@ impl Coordinator {
                     Ok(Ok(v)) => {
                         attempt.record(CallOutcome::Success);
                         drop(request);
+                        if let Some(c) = &cache {
+                            if let Some(a) = (c.answer)(&v, t) {
+                                // Reported as an event when dropped; never fails the call.
+                                let _ =
+                                    self.cache_put_in_background(feature, c.caller, c.request, &a);
+                            }
+                        }
                         let tier = if i == 0 {
                             Tier::Primary
                         } else {
@@ -228,6 +281,21 @@ impl Coordinator {
         }
         // The request's permit goes back before the last resorts.
         drop(request);
+        if let (Some(c), false) = (&cache, matches!(end, End::Final)) {
+            // A cache that cannot be read is a miss (reported as an event by the cache).
+            if let Ok(Some(hit)) = self.cache_get(feature, c.caller, c.request).await {
+                self.answered(feature, Tier::Cache, None, attempts);
+                let model = Some(hit.model.clone());
+                return Ok(Answered {
+                    reply: Reply::Cached(hit),
+                    target: None,
+                    model,
+                    tier: Tier::Cache,
+                    attempts,
+                    degraded: true,
+                });
+            }
+        }
         if let Some(c) = &plan.canned {
             self.answered(feature, Tier::Canned, None, attempts);
             return Ok(Answered {
