@@ -720,3 +720,56 @@ async fn the_cache_answers_when_every_target_fails(env: Env) {
 }
 
 on_all!(the_cache_answers_when_every_target_fails);
+
+/// An attempt that does not answer within its target's `timeout` is a breaker failure and the
+/// chain moves on; the overall `deadline` bounds the whole call (paused time: no real wait).
+#[tokio::test(start_paused = true)]
+async fn attempt_timeouts_move_on_and_the_deadline_bounds_the_call() {
+    let env = Env::Memory;
+    let mut config = env.config(&["hangs", "b"]);
+    config.targets.insert(
+        "hangs".into(),
+        TargetConfig {
+            timeout: Some(Duration::from_secs(15)),
+            ..TargetConfig::default()
+        },
+    );
+    let c = env.start(config.clone()).await;
+    let started = tokio::time::Instant::now();
+    let call = |t: &ChainTarget, _: u32| {
+        let hang = t.name == "hangs";
+        async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, Class>("B")
+        }
+    };
+    let answer = c
+        .guarded_call("f", call, classify)
+        .await
+        .expect("b answers");
+    assert_eq!((answer.target.as_deref(), answer.attempts), (Some("b"), 2));
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(15),
+        "one attempt timeout"
+    );
+    assert_eq!(
+        c.snapshot("hangs").await.expect("snapshot").state,
+        CircuitState::Open,
+        "the timeout counted as a failure"
+    );
+
+    // Both hang, deadline 20 s: b gets what is left of it, then the call ends.
+    config.features.get_mut("f").expect("f").deadline = Some(Duration::from_secs(20));
+    let c = env.start(config).await;
+    let started = tokio::time::Instant::now();
+    let hang_all = |_: &ChainTarget, _: u32| async {
+        std::future::pending::<()>().await;
+        Ok::<&str, Class>("never")
+    };
+    let r = c.guarded_call("f", hang_all, classify).await;
+    assert!(matches!(r, Err(CallError::TimedOut)), "{r:?}");
+    assert_eq!(started.elapsed(), Duration::from_secs(20), "the deadline");
+}
