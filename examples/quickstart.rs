@@ -57,7 +57,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
     }
     // A clean slate for the demo's target (a leftover from an earlier run on Redis).
-    fusebox.force("demo-model", fusebox::Force::Reset).await?;
+    // `force_create`: the target is not under `[targets]` and may have no state yet, which
+    // `force` would refuse as a likely typo (a reset of a fresh breaker writes nothing).
+    fusebox
+        .force_create("demo-model", fusebox::Force::Reset)
+        .await?;
 
     // 1. Three failures in a row trip the breaker of "demo-model".
     for i in 1..=3 {
@@ -100,7 +104,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     println!("call 5: the half-open probe answered {answer:?}");
-    fusebox.flush(Duration::from_secs(1)).await;
+    // Before shutting down: deliver what is queued, and see whether anything was lost.
+    let flushed = fusebox.flush(Duration::from_secs(1)).await;
+    println!(
+        "flush: {} outcomes delivered, {} dropped{}",
+        flushed.delivered,
+        flushed.dropped,
+        if flushed.timed_out { ", timed out" } else { "" }
+    );
     let s = fusebox.snapshot("demo-model").await?;
     println!(
         "breaker of demo-model: {:?} (generation {})",

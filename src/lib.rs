@@ -40,8 +40,8 @@ pub use config::{
     FeatureConfig, RateConfig, RedisConfig, StorePolicy, TargetConfig,
 };
 pub use coordinator::{
-    Attempt, Coordinator, CoordinatorBuilder, Heartbeat, KnownNames, Member, Permit, Reading,
-    Request, Source,
+    Attempt, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames, Member, Permit,
+    Reading, Request, Source,
 };
 pub use error::{CallError, Error, Rejection, StoreError};
 pub use observer::{Event, Observer};

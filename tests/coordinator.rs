@@ -155,10 +155,10 @@ macro_rules! on_redis {
     )*};
 }
 
-async fn flush(c: &Coordinator) {
-    let start = Instant::now();
-    c.flush(FLUSH).await;
-    assert!(start.elapsed() < FLUSH, "flush hit its timeout");
+async fn flush(c: &Coordinator) -> fusebox::FlushReport {
+    let report = c.flush(FLUSH).await;
+    assert!(!report.timed_out, "flush hit its timeout: {report:?}");
+    report
 }
 
 async fn snapshot(c: &Coordinator, target: &str) -> BreakerSnapshot {
@@ -1603,11 +1603,21 @@ async fn flush_delivers_queued_outcomes(env: Env) {
     for p in permits {
         p.failure();
     }
-    flush(&c).await;
+    let report = flush(&c).await;
+    // Nothing rode along with an admission (all five were admitted first): the background
+    // delivery sent all five. The embedded store has nothing to deliver.
+    let expected = if env.is_redis() { 5 } else { 0 };
+    assert_eq!(
+        (report.delivered, report.dropped, report.is_complete()),
+        (expected, 0, true),
+        "{report:?}"
+    );
     let s = snapshot(&c, "m").await;
     assert_eq!(s.state, CircuitState::Open, "{s:?}");
     assert_eq!(rec.transitions().len(), 1);
     assert_healthy(&c, &rec);
+    // Counted since the previous flush: nothing new.
+    assert_eq!(flush(&c).await.delivered, 0);
 }
 
 /// Regression (a misspelled target): `force` on a name that is neither configured nor known
@@ -1880,6 +1890,46 @@ fn config_and_builder_debug_do_not_show_the_redis_password() {
 
 /// `flush(timeout)` waits at most `timeout`, even when the settle queue is full and the store
 /// hangs (here: a SIGSTOPped Redis; each delivery attempt then takes the store timeout).
+/// `flush` says what it could not deliver: with Redis gone, the queued settles are dropped
+/// (and counted, as the `SettleDropped` events count them); with Redis stalled, the flush
+/// times out and says so, and the next flush counts what arrived after all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_reports_what_it_dropped_and_a_timeout() {
+    bounded(async {
+        let mut env = Env::redis();
+        let (c, rec) = env.start(env.config()).await;
+        let mut permits = Vec::new();
+        for t in ["a", "b", "c"] {
+            permits.push(c.admit("chat", t).await.expect("admitted"));
+        }
+        env.server.as_mut().expect("redis").kill();
+        for p in permits {
+            p.failure();
+        }
+        let report = c.flush(FLUSH).await;
+        assert_eq!(
+            (report.delivered, report.dropped, report.timed_out),
+            (0, 3, false),
+            "{report:?}"
+        );
+        assert!(!report.is_complete());
+        assert_eq!(rec.settle_dropped_items(), 3, "{:?}", rec.log());
+
+        let env = Env::redis();
+        let (c, _rec) = env.start(env.config()).await;
+        let p = c.admit("chat", "m").await.expect("admitted");
+        env.server().pause();
+        p.success();
+        let report = c.flush(Duration::from_millis(200)).await;
+        env.server().resume();
+        assert!(report.timed_out, "{report:?}");
+        assert!(!report.is_complete());
+        let report = flush(&c).await;
+        assert_eq!(report.delivered + report.dropped, 1, "{report:?}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flush_returns_within_its_timeout_when_the_queue_is_full() {
     bounded(async {

@@ -13,6 +13,7 @@
 //! spawned task instead, so nothing blocks and nothing is silently lost; on
 //! [`crate::Coordinator::flush`] the queue is delivered.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::Sink;
@@ -27,11 +28,38 @@ pub(crate) struct Batching {
     pub(crate) delay: Duration,
 }
 
+/// Settles (outcomes and releases) that background delivery handed to the store or gave up
+/// on, since the last flush took the counts.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Tally {
+    fn delivered(&self, n: usize) {
+        self.delivered.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    fn dropped(&self, n: usize) {
+        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The counts so far, reset to zero: (delivered, dropped).
+    pub(crate) fn take(&self) -> (u64, u64) {
+        (
+            self.delivered.swap(0, Ordering::AcqRel),
+            self.dropped.swap(0, Ordering::AcqRel),
+        )
+    }
+}
+
 /// Runs until the store's settle queue is closed (the last coordinator dropped) and empty.
 pub(crate) async fn run(sink: Sink, batching: Batching) {
     let queue = sink.store.settles();
     while let Some(batch) = queue.next_batch(batching.max, batching.delay).await {
         for (count, error) in &batch.dropped {
+            sink.tally.dropped(*count);
             sink.reporter.emit(crate::Event::SettleDropped {
                 count: *count,
                 error: error.clone(),
@@ -60,6 +88,9 @@ pub(crate) async fn deliver(sink: &Sink, batch: &[Settle]) {
     for t in report.transitions {
         sink.reporter.emit(crate::Event::Transition(t));
     }
+    sink.tally
+        .delivered(batch.len().saturating_sub(report.dropped));
+    sink.tally.dropped(report.dropped.min(batch.len()));
     if report.dropped < batch.len() {
         for s in batch.iter().filter(|s| s.permit) {
             if let Some(f) = sink.features.get(&s.feature.name) {

@@ -220,6 +220,7 @@ impl CoordinatorBuilder {
                     store: store.clone(),
                     reporter: reporter.clone(),
                     features: Arc::clone(&features),
+                    tally: Arc::default(),
                 };
                 flusher = Some((
                     sink.clone(),
@@ -718,14 +719,50 @@ impl Coordinator {
     }
 
     /// Delivers every queued outcome and release to the store, waiting at most `timeout`
-    /// (then what is left is delivered in the background as usual). Call it before a clean
-    /// shutdown; dropping the coordinator also delivers the queue if the runtime lives on.
-    pub async fn flush(&self, timeout: Duration) {
+    /// (then what is left is delivered in the background as usual), and says how it went:
+    /// see [`FlushReport`]. Call it before a clean shutdown; dropping the coordinator also
+    /// delivers the queue if the runtime lives on. Without `[redis]` there is nothing to
+    /// deliver (the embedded store applies a settle at once): an empty report.
+    pub async fn flush(&self, timeout: Duration) -> FlushReport {
         let Some(remote) = &self.shared.tiered.remote else {
-            return;
+            return FlushReport::default();
         };
         let done = remote.store.settles().flush();
-        let _ = tokio::time::timeout(timeout, done).await;
+        let timed_out = !matches!(tokio::time::timeout(timeout, done).await, Ok(Ok(())));
+        let (delivered, dropped) = remote.sink.tally.take();
+        FlushReport {
+            delivered,
+            dropped,
+            timed_out,
+        }
+    }
+}
+
+/// What [`Coordinator::flush`] found: the settles (a call's recorded outcome and its permit
+/// release, one per call) that this coordinator's background delivery sent to Redis or gave
+/// up on since the previous flush (or the start), including this flush's, and whether the
+/// queue was delivered within the timeout.
+///
+/// Counted per call. Settles that rode along with this replica's own next admission are
+/// delivered by that admission and not counted here. Each dropped settle was also reported
+/// as an [`Event::SettleDropped`] when it was dropped; its permit (if any) comes back when
+/// its lease ends, and its outcome is not counted by the breaker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Settles Redis confirmed.
+    pub delivered: u64,
+    /// Settles given up on (Redis unreachable, or a call that may or may not have run).
+    pub dropped: u64,
+    /// The timeout passed before the queue was delivered: what is left goes out in the
+    /// background (or, at shutdown, may be lost).
+    pub timed_out: bool,
+}
+
+impl FlushReport {
+    /// Everything queued was delivered in time and nothing was dropped.
+    pub fn is_complete(&self) -> bool {
+        !self.timed_out && self.dropped == 0
     }
 }
 

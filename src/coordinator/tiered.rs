@@ -68,6 +68,8 @@ pub(crate) struct Sink {
     pub(crate) store: RedisStore,
     pub(crate) reporter: Reporter,
     pub(crate) features: Arc<HashMap<String, Arc<FeatureRt>>>,
+    /// What background delivery did since the last [`crate::Coordinator::flush`].
+    pub(crate) tally: Arc<flusher::Tally>,
 }
 
 /// Sees every breaker transition to open (seeds local state with it).
