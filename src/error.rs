@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::breaker::CircuitState;
+use crate::classify::{AnthropicPolicy, Classification, Failure, Policy, StatusFailure};
 
 /// Everything fusebox can return instead of letting a call through.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,15 @@ pub enum Error {
     /// The shared store failed (connection, timeout, script error, corrupted value).
     #[error("store error: {0}")]
     Store(#[from] StoreError),
+    /// The upstream (the Anthropic API) failed; classified.
+    #[error("{0}")]
+    Upstream(Box<UpstreamError>),
+}
+
+impl From<UpstreamError> for Error {
+    fn from(e: UpstreamError) -> Self {
+        Error::Upstream(Box::new(e))
+    }
 }
 
 impl Error {
@@ -292,6 +302,129 @@ impl StoreError {
         }
     }
 }
+
+/// A failed call to the upstream (the Anthropic API), with what its status, body and headers
+/// said and what that means ([`UpstreamError::classification`]). Never carries the API key.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct UpstreamError {
+    /// How it failed.
+    pub kind: UpstreamErrorKind,
+    /// The HTTP status, when one arrived.
+    pub status: Option<u16>,
+    /// The body's (or the stream `error` event's) `error.type`.
+    pub error_type: Option<String>,
+    /// `error.details.error_code`.
+    pub error_code: Option<String>,
+    /// The upstream's message, or what went wrong on the way.
+    pub message: String,
+    /// The `request-id` header (or the body's `request_id`).
+    pub request_id: Option<String>,
+    /// The wait asked for (`retry-after-ms` / `retry-after`).
+    pub retry_after: Option<Duration>,
+    /// `x-should-retry`.
+    pub should_retry: Option<bool>,
+    /// What it means: retry, another target, or stop; and what the breaker records.
+    pub classification: Classification,
+}
+
+/// How an upstream call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpstreamErrorKind {
+    /// A non-2xx status.
+    Status,
+    /// An `error` event inside a stream, after the 200.
+    StreamError,
+    /// No connection (refused, reset before an answer, DNS, TLS).
+    Connect,
+    /// No answer within the attempt's timeout.
+    Timeout,
+    /// The answer was cut off (dropped mid-body, a stream ending before `message_stop`).
+    Interrupted,
+    /// A 2xx whose body is not the API's format.
+    InvalidResponse,
+}
+
+impl UpstreamErrorKind {
+    /// A stable, low-cardinality name: `status`, `stream_error`, `connect`, `timeout`,
+    /// `interrupted`, `invalid_response`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Status => "status",
+            UpstreamErrorKind::StreamError => "stream_error",
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Interrupted => "interrupted",
+            UpstreamErrorKind::InvalidResponse => "invalid_response",
+        }
+    }
+}
+
+impl UpstreamError {
+    /// An error of `kind` with `message`, classified by the default [`AnthropicPolicy`]
+    /// (the fields set afterwards call for [`UpstreamError::reclassify`]).
+    pub fn new(kind: UpstreamErrorKind, message: String) -> Self {
+        let mut e = UpstreamError {
+            kind,
+            status: None,
+            error_type: None,
+            error_code: None,
+            message,
+            request_id: None,
+            retry_after: None,
+            should_retry: None,
+            classification: Classification::final_(crate::classify::Reason::UnexpectedStatus),
+        };
+        e.reclassify(&AnthropicPolicy::new());
+        e
+    }
+
+    /// Classifies it again with `policy`.
+    pub fn reclassify(&mut self, policy: &dyn Policy) {
+        self.classification = policy.classify(&self.failure());
+    }
+
+    /// The failure as the classifier sees it.
+    pub fn failure(&self) -> Failure<'_> {
+        match self.kind {
+            UpstreamErrorKind::Status => Failure::Status(
+                StatusFailure::new(self.status.unwrap_or(0))
+                    .error_type(self.error_type.as_deref())
+                    .error_code(self.error_code.as_deref())
+                    .message(Some(self.message.as_str()))
+                    .retry_after(self.retry_after)
+                    .should_retry(self.should_retry),
+            ),
+            UpstreamErrorKind::StreamError => Failure::StreamError {
+                error_type: self.error_type.as_deref().unwrap_or("api_error"),
+            },
+            UpstreamErrorKind::Connect => Failure::Connect,
+            UpstreamErrorKind::Timeout => Failure::Timeout,
+            UpstreamErrorKind::Interrupted => Failure::Interrupted,
+            UpstreamErrorKind::InvalidResponse => Failure::InvalidResponse,
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upstream {}", self.kind.as_str())?;
+        if let Some(s) = self.status {
+            write!(f, " {s}")?;
+        }
+        if let Some(t) = &self.error_type {
+            write!(f, " {t}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(id) = &self.request_id {
+            write!(f, " (request {id})")?;
+        }
+        write!(f, " [{}]", self.classification.class.as_str())
+    }
+}
+
+impl std::error::Error for UpstreamError {}
 
 /// Classifies a redis-rs error by its cause, keeping the server's (or the OS's) message.
 /// `timeout` is the bound that was in force, for [`StoreError::Timeout`].

@@ -11,6 +11,8 @@ extern crate self as fusebox;
 // integration tests, differential tests and benchmark can reach them; they are not part of
 // the API and may change in any release.
 
+#[cfg(feature = "client")]
+pub mod anthropic;
 pub mod cache;
 pub mod classify;
 pub mod clock;
@@ -43,5 +45,5 @@ pub use coordinator::{
     Attempt, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames, Member, Permit,
     Reading, Request, Source,
 };
-pub use error::{CallError, Error, Rejection, StoreError};
+pub use error::{CallError, Error, Rejection, StoreError, UpstreamError, UpstreamErrorKind};
 pub use observer::{Event, Observer};

@@ -1,0 +1,12 @@
+//! The Anthropic Messages API (feature `client`): request and response types that read the
+//! fields fusebox needs and pass every other field through untouched, and the response
+//! headers fusebox reads.
+
+pub mod headers;
+mod types;
+
+pub use headers::{
+    parse_retry_after, parse_retry_after_ms, parse_rfc3339, HeaderError, HeaderProblem, RateLimit,
+    RateLimits, ResponseHeaders, RETRY_AFTER_CEILING,
+};
+pub use types::{ApiError, ErrorBody, MessagesRequest, MessagesResponse, Usage};
