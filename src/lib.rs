@@ -19,6 +19,8 @@ pub mod clock;
 pub mod config;
 mod coordinator;
 mod error;
+#[cfg(feature = "server")]
+pub mod mock;
 mod observer;
 pub mod pipeline;
 

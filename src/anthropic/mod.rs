@@ -1,11 +1,17 @@
 //! The Anthropic Messages API (feature `client`): request and response types that read the
 //! fields fusebox needs and pass every other field through untouched, the response headers
-//! fusebox reads, and the incremental SSE parser.
+//! fusebox reads, the incremental SSE parser, and a reqwest (rustls) client whose errors are
+//! classified by [`crate::classify`].
 
+mod client;
 pub mod headers;
 pub mod sse;
 mod types;
 
+pub use client::{
+    ApiKey, Client, ClientBuilder, MessageStream, Reply, DEFAULT_BASE_URL, DEFAULT_TIMEOUT,
+    DEFAULT_VERSION,
+};
 pub use headers::{
     parse_retry_after, parse_retry_after_ms, parse_rfc3339, HeaderError, HeaderProblem, RateLimit,
     RateLimits, ResponseHeaders, RETRY_AFTER_CEILING,

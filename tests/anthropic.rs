@@ -1,0 +1,438 @@
+//! The Anthropic client against the fake upstream (a real HTTP server on 127.0.0.1): every
+//! status class, headers, SSE, errors after the 200, dropped connections, garbage, truncation,
+//! huge headers.
+
+use std::time::Duration;
+
+use fusebox::anthropic::{ApiKey, Client, EventKind, MessagesRequest};
+use fusebox::classify::{Class, Classification, Reason};
+use fusebox::mock::{MockUpstream, Plan, Reply};
+use fusebox::{CallOutcome, UpstreamError, UpstreamErrorKind};
+
+const KEY: &str = "sk-ant-test-0123456789-secret";
+
+async fn mock() -> MockUpstream {
+    MockUpstream::builder().start().await.expect("mock binds")
+}
+
+fn client(mock: &MockUpstream) -> Client {
+    Client::builder()
+        .base_url(mock.url())
+        .api_key(ApiKey::new(KEY).expect("key"))
+        .beta("prompt-caching-2024-07-31")
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+fn ask(model: &str, text: &str) -> MessagesRequest {
+    MessagesRequest::user_text(model, 64, text)
+}
+
+async fn fail(mock: &MockUpstream, model: &str, reply: Reply) -> UpstreamError {
+    mock.set(model, Plan::always(reply));
+    match client(mock).send(&ask(model, "hello")).await {
+        Ok(r) => panic!("expected an error, got {r:?}"),
+        Err(e) => e,
+    }
+}
+
+#[tokio::test]
+async fn an_answer_echoes_the_request_and_carries_its_headers() {
+    let mock = mock().await;
+    let req = ask("claude-a", "what is two plus two")
+        .with("metadata", serde_json::json!({"user_id": "u1"}));
+    let reply = client(&mock).send(&req).await.expect("answer");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.message.model, "claude-a");
+    assert_eq!(reply.message.text(), "claude-a says: what is two plus two");
+    assert_eq!(reply.message.stop_reason.as_deref(), Some("end_turn"));
+    assert!(reply.message.usage.output_tokens > 0);
+    assert!(reply
+        .headers
+        .request_id
+        .as_deref()
+        .is_some_and(|id| id.starts_with("req_")));
+    let b = client(&mock)
+        .send(&ask("claude-b", "other"))
+        .await
+        .expect("answer");
+    assert_eq!(b.message.text(), "claude-b says: other");
+    assert_eq!(
+        (mock.requests("claude-a"), mock.requests("claude-b")),
+        (1, 1)
+    );
+    let seen = mock.seen();
+    assert_eq!(seen[0].api_key.as_deref(), Some(KEY));
+    assert_eq!(seen[0].version.as_deref(), Some("2023-06-01"));
+    assert_eq!(seen[0].beta.as_deref(), Some("prompt-caching-2024-07-31"));
+    assert!(!seen[0].stream);
+}
+
+#[tokio::test]
+async fn every_status_class_is_classified() {
+    let mock = mock().await;
+    let retryable = |reason| Classification::retryable(reason, None);
+    let cases = [
+        (400, Classification::final_(Reason::BadRequest)),
+        (401, Classification::final_(Reason::Credentials)),
+        (402, Classification::final_(Reason::Account)),
+        (403, Classification::final_(Reason::Permission)),
+        (404, Classification::final_(Reason::NotFound)),
+        (408, retryable(Reason::UpstreamTimeout)),
+        (
+            409,
+            retryable(Reason::Conflict).with_health(CallOutcome::Ignored),
+        ),
+        (
+            413,
+            Classification::new(Class::ContextTooLarge, Reason::ContextTooLarge),
+        ),
+        (429, Classification::overloaded(Reason::RateLimited, None)),
+        (500, retryable(Reason::ServerError)),
+        (502, retryable(Reason::ServerError)),
+        (503, retryable(Reason::ServerError)),
+        (504, retryable(Reason::UpstreamTimeout)),
+        (529, Classification::overloaded(Reason::Overloaded, None)),
+    ];
+    for (status, want) in cases {
+        let e = fail(&mock, "m", Reply::status(status)).await;
+        assert_eq!(e.kind, UpstreamErrorKind::Status, "{status}");
+        assert_eq!(e.status, Some(status));
+        assert!(e.error_type.is_some(), "{status}: body read");
+        assert!(e.request_id.is_some(), "{status}: request id read");
+        assert_eq!(e.classification, want, "{status}: {e}");
+    }
+    assert_eq!(mock.requests("m"), cases.len() as u64);
+}
+
+#[tokio::test]
+async fn retry_after_headers_reach_the_classification() {
+    let mock = mock().await;
+    let e = fail(&mock, "m", Reply::rate_limited(7)).await;
+    assert_eq!(
+        e.classification.class.retry_after(),
+        Some(Duration::from_secs(7))
+    );
+    let e = fail(
+        &mock,
+        "m",
+        Reply::overloaded().retry_after_ms("1500").retry_after("9"),
+    )
+    .await;
+    assert_eq!(e.retry_after, Some(Duration::from_millis(1500)));
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+    let e = fail(&mock, "m", Reply::rate_limited(0).retry_after(later)).await;
+    let d = e.retry_after.expect("an HTTP date is read");
+    assert!(
+        d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+        "{d:?}"
+    );
+    for bad in ["-1", "abc", ""] {
+        let e = fail(&mock, "m", Reply::status(429).retry_after(bad)).await;
+        assert_eq!(e.retry_after, None, "{bad:?}");
+        assert_eq!(
+            e.classification.class,
+            Class::Overloaded { retry_after: None },
+            "{bad:?}"
+        );
+    }
+    for (value, want) in [
+        ("1e12", fusebox::anthropic::RETRY_AFTER_CEILING),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", Duration::ZERO),
+    ] {
+        let e = fail(&mock, "m", Reply::status(529).retry_after(value)).await;
+        assert_eq!(e.retry_after, Some(want), "{value:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_spend_cap_and_context_errors_route_as_documented() {
+    let mock = mock().await;
+    let e = fail(&mock, "m", Reply::spend_cap()).await;
+    assert_eq!(
+        e.error_code.as_deref(),
+        Some("enforced_spend_limit_reached")
+    );
+    assert_eq!(e.classification, Classification::final_(Reason::Account));
+    assert_eq!(e.classification.health, CallOutcome::Ignored);
+    let e = fail(&mock, "m", Reply::prompt_too_long()).await;
+    assert_eq!(e.classification.class, Class::ContextTooLarge);
+    assert_eq!(e.classification.health, CallOutcome::Ignored);
+    // A proxy that already retried says "not again here": the next target at once.
+    let e = fail(&mock, "m", Reply::status(503).should_retry(false)).await;
+    assert_eq!(
+        e.classification.class,
+        Class::Overloaded { retry_after: None }
+    );
+    assert_eq!(e.classification.health, CallOutcome::Failure);
+}
+
+#[tokio::test]
+async fn a_stream_arrives_event_by_event() {
+    let mock = mock().await;
+    let events = client(&mock)
+        .stream(&ask("claude-s", "stream me"))
+        .await
+        .expect("200")
+        .collect()
+        .await
+        .expect("whole stream");
+    let kinds: Vec<_> = events.iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::MessageStart,
+            EventKind::ContentBlockStart,
+            EventKind::Ping,
+            EventKind::ContentBlockDelta,
+            EventKind::ContentBlockDelta,
+            EventKind::ContentBlockStop,
+            EventKind::MessageDelta,
+            EventKind::MessageStop,
+        ]
+    );
+    let text: String = events.iter().filter_map(|e| e.text_delta()).collect();
+    assert_eq!(text, "claude-s says: stream me");
+    assert_eq!(
+        events[0].message().map(|m| m.model),
+        Some("claude-s".into())
+    );
+    assert!(mock.seen()[0].stream, "stream: true was sent");
+}
+
+#[tokio::test]
+async fn an_error_event_after_the_200_is_a_classified_error() {
+    let mock = mock().await;
+    mock.set(
+        "m",
+        Plan::always(Reply::error_after_start("overloaded_error")),
+    );
+    let mut s = client(&mock)
+        .stream(&ask("m", "hi"))
+        .await
+        .expect("the 200");
+    assert_eq!(s.status, 200);
+    let first = s.next().await.expect("an event").expect("message_start");
+    assert_eq!(first.kind, EventKind::MessageStart);
+    let second = s.next().await.expect("an event").expect("ping");
+    assert_eq!(second.kind, EventKind::Ping);
+    let e = s
+        .next()
+        .await
+        .expect("the error")
+        .expect_err("an error event");
+    assert_eq!(e.kind, UpstreamErrorKind::StreamError);
+    assert_eq!(e.error_type.as_deref(), Some("overloaded_error"));
+    assert_eq!(
+        e.classification,
+        Classification::overloaded(Reason::Overloaded, None)
+    );
+    assert!(s.next().await.is_none(), "the stream ends after its error");
+    // Without a stream the same failure comes as its status.
+    let e = fail(&mock, "m", Reply::error_after_start("overloaded_error")).await;
+    assert_eq!((e.kind, e.status), (UpstreamErrorKind::Status, Some(529)));
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_interrupted_and_retryable() {
+    let mock = mock().await;
+    let e = fail(&mock, "m", Reply::DropMidBody).await;
+    assert_eq!(e.kind, UpstreamErrorKind::Interrupted, "{e}");
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::Interrupted, None)
+    );
+    let result = client(&mock)
+        .stream(&ask("m", "hi"))
+        .await
+        .expect("the 200")
+        .collect()
+        .await;
+    let e = result.expect_err("cut mid-stream");
+    assert_eq!(e.kind, UpstreamErrorKind::Interrupted, "{e}");
+    assert!(e.classification.health == CallOutcome::Failure);
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_bodies_are_classified() {
+    let mock = mock().await;
+    let e = fail(&mock, "m", Reply::Garbage).await;
+    assert_eq!(e.kind, UpstreamErrorKind::InvalidResponse);
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::InvalidResponse, None)
+    );
+    let e = fail(&mock, "m", Reply::Truncated).await;
+    assert_eq!(e.kind, UpstreamErrorKind::InvalidResponse, "{e}");
+    mock.set("m", Plan::always(Reply::Garbage));
+    let stream = client(&mock).stream(&ask("m", "x")).await.expect("200");
+    let e = stream.collect().await.expect_err("garbage event");
+    assert_eq!(e.kind, UpstreamErrorKind::InvalidResponse, "{e}");
+    mock.set("m", Plan::always(Reply::Truncated));
+    let e = client(&mock)
+        .stream(&ask("m", "x"))
+        .await
+        .expect("200")
+        .collect()
+        .await
+        .expect_err("no message_stop");
+    assert_eq!(e.kind, UpstreamErrorKind::Interrupted, "{e}");
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::Interrupted, None)
+    );
+    // An error status whose body is not JSON (a load balancer's HTML page).
+    let e = fail(
+        &mock,
+        "m",
+        Reply::Raw {
+            status: 502,
+            headers: vec![],
+            body: "<html>Bad Gateway</html>".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        (e.kind, e.status, e.error_type.as_deref()),
+        (UpstreamErrorKind::Status, Some(502), None)
+    );
+    assert!(e.message.contains("Bad Gateway"), "{e}");
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::ServerError, None)
+    );
+}
+
+#[tokio::test]
+async fn huge_headers_never_panic() {
+    let mock = mock().await;
+    let big = "9".repeat(20_000);
+    let e = fail(
+        &mock,
+        "m",
+        Reply::Raw {
+            status: 429,
+            headers: vec![
+                ("retry-after".into(), big.clone()),
+                ("request-id".into(), format!("req_{big}")),
+                ("anthropic-ratelimit-tokens-limit".into(), big.clone()),
+                ("x-filler".into(), "x".repeat(60_000)),
+            ],
+            body: "{}".into(),
+        },
+    )
+    .await;
+    assert_eq!(e.retry_after, Some(fusebox::anthropic::RETRY_AFTER_CEILING));
+    assert_eq!(e.request_id.as_ref().map(String::len), Some(256));
+    assert!(e.classification.health == CallOutcome::Failure);
+    // Past what the HTTP client accepts at all: a connection failure, not a panic.
+    let e = fail(
+        &mock,
+        "m",
+        Reply::Raw {
+            status: 200,
+            headers: vec![("x-filler".into(), "x".repeat(2_000_000))],
+            body: "{}".into(),
+        },
+    )
+    .await;
+    assert!(e.classification.health == CallOutcome::Failure, "{e}");
+}
+
+#[tokio::test]
+async fn timeouts_and_refused_connections_are_retryable() {
+    let mock = mock().await;
+    mock.set("m", Plan::always(Reply::Hang));
+    let c = Client::builder()
+        .base_url(mock.url())
+        .timeout(Duration::from_millis(200))
+        .build()
+        .expect("client");
+    let e = c.send(&ask("m", "hi")).await.expect_err("hangs");
+    assert_eq!(e.kind, UpstreamErrorKind::Timeout);
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::Timeout, None)
+    );
+    let e = c.stream(&ask("m", "hi")).await.expect_err("hangs");
+    assert_eq!(e.kind, UpstreamErrorKind::Timeout);
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let c = Client::builder()
+        .base_url(format!("http://{addr}"))
+        .build()
+        .expect("client");
+    let e = c.send(&ask("m", "hi")).await.expect_err("refused");
+    assert_eq!(e.kind, UpstreamErrorKind::Connect, "{e}");
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::Connect, None)
+    );
+}
+
+#[tokio::test]
+async fn the_failure_rate_is_seeded_and_counts_what_reached_the_upstream() {
+    async fn run(seed: u64) -> Vec<bool> {
+        let mock = MockUpstream::builder()
+            .model("flaky", Plan::answer().failing(0.5, Reply::status(503)))
+            .seed(seed)
+            .start()
+            .await
+            .expect("mock");
+        let c = client(&mock);
+        let mut out = Vec::new();
+        for i in 0..40 {
+            out.push(c.send(&ask("flaky", &format!("q{i}"))).await.is_ok());
+        }
+        assert_eq!(mock.requests("flaky"), 40);
+        assert_eq!(mock.total_requests(), 40);
+        out
+    }
+    let a = run(7).await;
+    assert_eq!(a, run(7).await, "same seed, same failures");
+    let ok = a.iter().filter(|x| **x).count();
+    assert!(
+        (5..=35).contains(&ok),
+        "about half fail: {ok} of 40 answered"
+    );
+}
+
+#[tokio::test]
+async fn queued_replies_come_first_and_plans_change_at_run_time() {
+    let mock = mock().await;
+    mock.push("m", [Reply::overloaded(), Reply::status(500)]);
+    let c = client(&mock);
+    assert_eq!(
+        c.send(&ask("m", "1")).await.expect_err("529").status,
+        Some(529)
+    );
+    assert_eq!(
+        c.send(&ask("m", "2")).await.expect_err("500").status,
+        Some(500)
+    );
+    assert!(c.send(&ask("m", "3")).await.is_ok());
+    mock.set("m", Plan::always(Reply::status(401)));
+    assert_eq!(
+        c.send(&ask("m", "4")).await.expect_err("401").status,
+        Some(401)
+    );
+    assert_eq!(mock.requests("m"), 4);
+}
+
+#[tokio::test]
+async fn the_api_key_never_shows_in_debug_or_errors() {
+    let mock = mock().await;
+    let c = client(&mock);
+    assert!(!format!("{c:?}").contains(KEY));
+    let e = fail(&mock, "m", Reply::status(401)).await;
+    assert!(!format!("{e} {e:?}").contains(KEY));
+    let bad = Client::builder()
+        .base_url("not a url")
+        .build()
+        .expect_err("bad url");
+    assert!(bad.to_string().contains("base_url"), "{bad}");
+    assert!(ApiKey::new("bad\nkey").is_err());
+}
