@@ -575,7 +575,7 @@ mod scenarios {
     pub(super) async fn not_before_refuses_until_its_instant<S: Store>(s: &S) {
         let t = target(tripping());
         let f = unlimited();
-        let set_at = std::time::Instant::now();
+        let set_at = tokio::time::Instant::now();
         s.set_not_before(&t, 400).await.expect("set_not_before");
         s.set_not_before(&t, 50).await.expect("set_not_before");
         for _ in 0..3 {
@@ -701,7 +701,7 @@ mod scenarios {
             }),
         );
         let mut calls = Vec::new();
-        let first_at = std::time::Instant::now();
+        let first_at = tokio::time::Instant::now();
         for _ in 0..3 {
             calls.push(let_in(s, &t, &f).await);
         }
@@ -995,10 +995,18 @@ mod scenarios {
 /// expression evaluates to `(keep_alive, store)` (the first is dropped after the store).
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
+        conformance!(@module $store, threaded, $make);
+    };
+    // The in-memory store on paused Tokio time (its clock is Tokio's): the scenarios' sleeps
+    // take no real time and cannot race a busy machine.
+    (paused $store:ident, $make:expr) => {
+        conformance!(@module $store, paused, $make);
+    };
+    (@module $store:ident, $mode:ident, $make:expr) => {
         mod $store {
             #[allow(unused_imports)]
             use super::*;
-            conformance!(@each $make;
+            conformance!(@each $mode $make;
                 admit_and_settle,
                 trips_on_consecutive_failures,
                 trips_on_failure_rate,
@@ -1020,9 +1028,18 @@ macro_rules! conformance {
             );
         }
     };
-    (@each $make:expr; $($scenario:ident),* $(,)?) => {
+    (@each threaded $make:expr; $($scenario:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let (_keep_alive, store) = $make;
+                super::scenarios::$scenario(&store).await;
+            }
+        )*
+    };
+    (@each paused $make:expr; $($scenario:ident),* $(,)?) => {
+        $(
+            #[tokio::test(start_paused = true)]
             async fn $scenario() {
                 let (_keep_alive, store) = $make;
                 super::scenarios::$scenario(&store).await;
@@ -1065,7 +1082,7 @@ async fn redis_cluster() -> (support::RedisCluster, RedisStore) {
 /// Generous: the scenarios test semantics, not latency, and CI machines stall.
 const STORE_TIMEOUT: Duration = Duration::from_secs(2);
 
-conformance!(memory, ((), MemoryStore::default()));
+conformance!(paused memory, ((), MemoryStore::new(Arc::new(fusebox::clock::TokioClock::new()))));
 conformance!(redis_single, redis_single().await);
 conformance!(redis_cluster, redis_cluster().await);
 // One node, but admission split in two script calls as on Cluster: the compensation path
@@ -1450,9 +1467,10 @@ mod sequential {
 
     macro_rules! on_every_store {
         ($($scenario:ident),* $(,)?) => {
+            // Paused Tokio time: the coordinator's embedded store reads Tokio's clock.
             mod memory {
                 $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    #[tokio::test(start_paused = true)]
                     async fn $scenario() {
                         super::$scenario(super::Backing::memory().await).await;
                     }
