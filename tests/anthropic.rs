@@ -436,3 +436,88 @@ async fn the_api_key_never_shows_in_debug_or_errors() {
     assert!(bad.to_string().contains("base_url"), "{bad}");
     assert!(ApiKey::new("bad\nkey").is_err());
 }
+
+#[tokio::test]
+async fn a_stream_that_stalls_times_out_between_chunks() {
+    let mock = mock().await;
+    mock.set("m", Plan::always(Reply::StallMidStream));
+    let c = Client::builder()
+        .base_url(mock.url())
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let mut s = c.stream(&ask("m", "hi")).await.expect("the 200");
+    let first = s.next().await.expect("an event").expect("message_start");
+    assert_eq!(first.kind, EventKind::MessageStart);
+    let e = s.next().await.expect("the stall").expect_err("a timeout");
+    assert_eq!(e.kind, UpstreamErrorKind::Timeout, "{e}");
+    assert_eq!(
+        e.classification,
+        Classification::retryable(Reason::Timeout, None)
+    );
+    assert!(s.next().await.is_none());
+}
+
+#[tokio::test]
+async fn latency_longer_than_the_attempt_timeout_is_a_timeout() {
+    let mock = MockUpstream::builder()
+        .model("slow", Plan::answer().latency(Duration::from_secs(30)))
+        .start()
+        .await
+        .expect("mock");
+    let c = Client::builder()
+        .base_url(mock.url())
+        .timeout(Duration::from_millis(200))
+        .build()
+        .expect("client");
+    let e = c.send(&ask("slow", "hi")).await.expect_err("too slow");
+    assert_eq!(e.kind, UpstreamErrorKind::Timeout);
+    assert_eq!(mock.requests("slow"), 1, "it reached the upstream");
+}
+
+#[tokio::test]
+async fn rate_limit_headers_of_an_answer_are_parsed() {
+    let mock = mock().await;
+    let body = serde_json::json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1, "output_tokens": 1}
+    });
+    let headers = [
+        ("request-id", "req_abc"),
+        ("anthropic-ratelimit-requests-limit", "1000"),
+        ("anthropic-ratelimit-requests-remaining", "999"),
+        ("anthropic-ratelimit-requests-reset", "2026-01-01T00:00:30Z"),
+        ("anthropic-ratelimit-tokens-limit", "80000"),
+        ("anthropic-ratelimit-input-tokens-remaining", "40000"),
+        ("anthropic-ratelimit-output-tokens-reset", "not a date"),
+    ];
+    mock.set(
+        "m",
+        Plan::always(Reply::Raw {
+            status: 200,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: body.to_string(),
+        }),
+    );
+    let r = client(&mock).send(&ask("m", "x")).await.expect("answer");
+    let h = &r.headers;
+    assert_eq!(h.request_id.as_deref(), Some("req_abc"));
+    assert_eq!(h.rate_limits.requests.limit, Some(1000));
+    assert_eq!(h.rate_limits.requests.remaining, Some(999));
+    assert_eq!(
+        h.rate_limits.requests.reset,
+        Some(std::time::UNIX_EPOCH + Duration::from_secs(1_767_225_630))
+    );
+    assert_eq!(h.rate_limits.tokens.limit, Some(80000));
+    assert_eq!(h.rate_limits.input_tokens.remaining, Some(40000));
+    assert_eq!(h.rate_limits.output_tokens.reset, None);
+    assert_eq!(h.problems.len(), 1, "{:?}", h.problems);
+    assert_eq!(
+        h.problems[0].header,
+        "anthropic-ratelimit-output-tokens-reset"
+    );
+}

@@ -80,8 +80,9 @@ impl ClientBuilder {
         self
     }
 
-    /// The per-attempt timeout: for a plain request the whole answer, for a stream until its
-    /// headers arrive. Default: [`DEFAULT_TIMEOUT`].
+    /// The per-attempt timeout: for a plain request the whole answer; for a stream, until its
+    /// headers arrive, and then the longest silence between two chunks (the API sends `ping`
+    /// events, so a healthy stream is never silent that long). Default: [`DEFAULT_TIMEOUT`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -381,8 +382,16 @@ impl MessageStream {
             if let Some(ev) = self.ready.pop_front() {
                 return Some(Ok(ev));
             }
+            let idle = self.client.shared.timeout;
             let resp = self.resp.as_mut()?;
-            let chunk = resp.chunk().await;
+            let Ok(chunk) = tokio::time::timeout(idle, resp.chunk()).await else {
+                self.resp = None;
+                let err = self.client.classify(UpstreamError::new(
+                    UpstreamErrorKind::Timeout,
+                    format!("stream stalled: nothing for {idle:?}"),
+                ));
+                return Some(Err(self.with_request_id(err)));
+            };
             let mut out = Vec::new();
             let step = match chunk {
                 Ok(Some(bytes)) => self.decoder.push(&bytes, &mut out),

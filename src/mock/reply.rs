@@ -31,6 +31,9 @@ pub enum Reply {
     Truncated,
     /// No answer at all (the client's timeout ends it).
     Hang,
+    /// A stream that sends its 200 and `message_start`, then nothing more (a non-streaming
+    /// request gets no answer at all).
+    StallMidStream,
     /// Exactly this status, headers and body.
     Raw {
         /// The status.

@@ -123,7 +123,14 @@ async fn messages(State(shared): State<Shared>, headers: HeaderMap, body: Bytes)
                 whole[..whole.len() / 2].to_owned(),
             )
         }
-        Reply::Hang => {
+        Reply::StallMidStream if asked.stream => {
+            let body = stream::iter([Ok(asked.message_start(&id))]).chain(stream::once(async {
+                tokio::time::sleep(HANG).await;
+                Err(std::io::Error::other("mock: stalled"))
+            }));
+            sse(&request_id, Body::from_stream(body))
+        }
+        Reply::Hang | Reply::StallMidStream => {
             tokio::time::sleep(HANG).await;
             plain(StatusCode::GATEWAY_TIMEOUT, "mock: hung")
         }
