@@ -521,3 +521,22 @@ async fn rate_limit_headers_of_an_answer_are_parsed() {
         "anthropic-ratelimit-output-tokens-reset"
     );
 }
+
+#[tokio::test]
+async fn the_mock_answers_a_body_that_is_not_a_request_with_a_json_400() {
+    let mock = mock().await;
+    let http = reqwest::Client::new();
+    for body in [&b"{not json"[..], b"\xff\xfe", b"{\"max_tokens\": 5}", b""] {
+        let resp = http
+            .post(format!("{}/v1/messages", mock.url()))
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(resp.status().as_u16(), 400);
+        let text = resp.text().await.expect("a body");
+        let e = fusebox::anthropic::ErrorBody::parse(text.as_bytes()).expect("a JSON error body");
+        assert_eq!(e.error.error_type, "invalid_request_error");
+    }
+    assert_eq!(mock.requests(""), 4, "counted under no model");
+}
