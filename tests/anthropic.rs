@@ -540,3 +540,30 @@ async fn the_mock_answers_a_body_that_is_not_a_request_with_a_json_400() {
     }
     assert_eq!(mock.requests(""), 4, "counted under no model");
 }
+
+#[tokio::test]
+async fn fields_fusebox_does_not_read_reach_the_upstream_untouched() {
+    let mock = mock().await;
+    let extra = serde_json::json!({
+        "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "thinking": {"type": "enabled", "budget_tokens": 2048},
+        "metadata": {"user_id": "u-1"},
+        "a_field_from_the_future": [1, 2.5, null]
+    });
+    let mut req = ask("m", "hi");
+    for (k, v) in extra.as_object().expect("an object") {
+        req = req.with(k.clone(), v.clone());
+    }
+    client(&mock).send(&req).await.expect("answer");
+    let body = &mock.seen()[0].body;
+    for (k, v) in extra.as_object().expect("an object") {
+        assert_eq!(body.get(k), Some(v), "{k}");
+    }
+    assert_eq!(body.get("max_tokens"), Some(&serde_json::json!(64)));
+    assert_eq!(
+        body.get("stream"),
+        None,
+        "a plain request sends no stream field"
+    );
+}

@@ -93,6 +93,8 @@ pub struct Seen {
     pub beta: Option<String>,
     /// Whether the body asked for a stream.
     pub stream: bool,
+    /// The body as JSON (`Null` when it was not JSON).
+    pub body: serde_json::Value,
 }
 
 #[derive(Debug)]

@@ -35,6 +35,7 @@ async fn messages(State(shared): State<Shared>, headers: HeaderMap, body: Bytes)
         version: header(&headers, "anthropic-version"),
         beta: header(&headers, "anthropic-beta"),
         stream: asked.as_ref().is_some_and(|a| a.stream),
+        body: parsed.clone().unwrap_or(Value::Null),
     };
     let (reply, latency, id) = shared.decide(seen);
     let request_id = id.replace("msg_", "req_");
