@@ -23,6 +23,7 @@ mod error;
 pub mod mock;
 mod observer;
 pub mod pipeline;
+pub mod retry;
 
 #[doc(hidden)]
 pub mod breaker;
