@@ -69,6 +69,12 @@ pub fn cache_keys(namespace: &str, feature: &str) -> CacheKeys {
     }
 }
 
+/// The key of `target`'s fleet-wide retry budget (a hash of window buckets), under the
+/// target's hash tag.
+pub fn budget_key(namespace: &str, target: &str) -> String {
+    format!("fusebox:{{{namespace}:t:{target}}}:{LAYOUT}:budget")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +96,10 @@ mod tests {
         let c = cache_keys("app", "chat");
         assert_eq!(tag(&c.index), tag(&f.rate));
         assert_eq!(tag(&c.entry("ab", "cd")), tag(&c.index));
+        assert_eq!(
+            tag(&budget_key("app", "claude-sonnet-4-5")),
+            tag(&t.breaker)
+        );
     }
 
     #[test]

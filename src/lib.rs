@@ -41,12 +41,13 @@ pub use breaker::{
     BreakerSnapshot, CallOutcome, CircuitState, Force, Transition, TransitionReason,
 };
 pub use config::{
-    BreakerConfig, BreakerOverrides, CacheConfig, CacheOverrides, CannedConfig, Config,
-    FeatureConfig, RateConfig, RedisConfig, StorePolicy, TargetConfig,
+    BreakerConfig, BreakerOverrides, BudgetConfig, CacheConfig, CacheOverrides, CannedConfig,
+    Config, FeatureConfig, RateConfig, RedisConfig, RetryConfig, RetryOverrides, StorePolicy,
+    TargetConfig,
 };
 pub use coordinator::{
     Attempt, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames, Member, Permit,
-    Reading, Request, Source,
+    Reading, Request, RetryBudget, Source, Withdrawal,
 };
 pub use error::{CallError, Error, Rejection, StoreError, UpstreamError, UpstreamErrorKind};
 pub use observer::{Event, Observer};

@@ -66,6 +66,14 @@ pub enum Event {
         /// Why ([`StoreError::Unavailable`] when the store was not asked).
         error: StoreError,
     },
+    /// A retry was not sent because the target's retry budget is spent (the call falls
+    /// through to its next tier).
+    RetryBudgetSpent {
+        /// The target.
+        target: String,
+        /// Which store decided ([`crate::Source::Local`]: this replica alone).
+        source: crate::Source,
+    },
 }
 
 /// Receives [`Event`]s. The default for `()` does nothing. Called inline on the hot path:
@@ -152,6 +160,13 @@ pub(crate) fn trace(event: &Event) {
             op = *op,
             error = %error,
             "degraded-response cache {op} failed"
+        ),
+        Event::RetryBudgetSpent { target, source } => tracing::debug!(
+            target: "fusebox",
+            event = "retry_budget_spent",
+            breaker.target = %target,
+            source = ?source,
+            "retry budget spent: retry not sent"
         ),
     }
 }

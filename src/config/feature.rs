@@ -78,6 +78,9 @@ pub struct FeatureConfig {
     /// Degraded-response cache fields that differ from `[cache]`
     /// (`[features."<name>".cache]`). Default: none (all inherited).
     pub cache: CacheOverrides,
+    /// Retry settings that differ from `[retry]` (`[features."<name>".retry]`), field by
+    /// field. Default: none (all inherited).
+    pub retry: super::RetryOverrides,
 }
 
 impl Default for FeatureConfig {
@@ -93,6 +96,7 @@ impl Default for FeatureConfig {
             deadline: None,
             canned: None,
             cache: CacheOverrides::default(),
+            retry: super::RetryOverrides::default(),
         }
     }
 }

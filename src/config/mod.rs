@@ -9,6 +9,7 @@ mod cache;
 mod chain;
 mod feature;
 mod redis;
+mod retry;
 mod switch;
 mod target;
 mod validate;
@@ -22,6 +23,7 @@ pub use self::cache::{CacheConfig, CacheOverrides, TenantSource};
 pub use self::chain::{CannedConfig, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE};
 pub use self::feature::{FeatureConfig, RateConfig, StorePolicy};
 pub use self::redis::{redact_url, RedisConfig};
+pub use self::retry::{BudgetConfig, RetryConfig, RetryOverrides};
 pub use self::target::{BreakerOverrides, TargetConfig};
 pub use self::validate::check_name;
 use crate::Error;
@@ -50,6 +52,9 @@ pub struct Config {
     /// (`[features."<name>".cache]`) changes single fields of it. Default: see
     /// [`CacheConfig`] (off).
     pub cache: CacheConfig,
+    /// Backoff and the fleet-wide retry budget; `[features."<name>".retry]` changes single
+    /// fields per feature. Default: see [`RetryConfig`].
+    pub retry: RetryConfig,
 }
 
 impl Default for Config {
@@ -61,6 +66,7 @@ impl Default for Config {
             targets: BTreeMap::new(),
             features: BTreeMap::new(),
             cache: CacheConfig::default(),
+            retry: RetryConfig::default(),
         }
     }
 }
@@ -147,6 +153,7 @@ impl Config {
             f.cache(&self.cache)
                 .validate(&format!("features.{name}.cache"))?;
         }
+        retry::validate(self)?;
         if let Some(r) = &self.redis {
             self.check_idle_ttl(r.idle_ttl)?;
         }

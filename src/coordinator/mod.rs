@@ -12,12 +12,14 @@ mod operator;
 mod permit;
 mod request;
 mod skip;
+mod retry;
 mod tiered;
 
 pub use fleet::Member;
 pub use operator::{KnownNames, Reading};
 pub use permit::{Heartbeat, Permit};
 pub use request::{Attempt, Request};
+pub use retry::{RetryBudget, Withdrawal};
 pub use tiered::Source;
 
 use std::collections::HashMap;
@@ -107,6 +109,8 @@ pub(crate) struct Shared {
     pub(crate) skips: skip::Skips,
     /// Each feature's degraded-response cache settings.
     caches: HashMap<String, Arc<cache::FeatureCache>>,
+    /// Retry settings per feature and retry budgets per target.
+    retries: retry::Retries,
 }
 
 /// Builds a [`Coordinator`]: configuration plus optional observer and clock.
@@ -254,6 +258,7 @@ impl CoordinatorBuilder {
                     (name.clone(), Arc::new(c))
                 })
                 .collect(),
+            retries: retry::Retries::new(&config),
         });
         let weak = Arc::downgrade(&shared);
         let _ = shared

@@ -7,5 +7,9 @@
 //! ("fall through to the next tier"), never a wait.
 
 pub mod backoff;
+pub mod budget;
+mod run;
 
 pub use self::backoff::{fits, Backoff, BackoffParams, GiveUp, Jitter, Plan};
+pub use self::run::{Attempts, Retried, Stop, Verdict};
+pub use crate::coordinator::{RetryBudget, Withdrawal};

@@ -8,6 +8,7 @@ use super::{Admission, AdmitRequest, Admitted, FeatureSpec, Settle, Store, Targe
 use crate::breaker::{BreakerSnapshot, BreakerState, Force, Transition, Verdict};
 use crate::bulkhead::Permits;
 use crate::clock::{Clock, SystemClock};
+use crate::retry::budget::{BudgetParams, BudgetWindow, Withdrawn};
 use crate::{Rejection, StoreError};
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ struct Inner {
     features: HashMap<String, FeatureState>,
     /// Fleet membership (the twin of `lua/member.lua`): key -> replica id -> expiry (ms).
     members: HashMap<String, HashMap<String, u64>>,
+    /// Retry budgets (the twin of `lua/budget_*.lua`): key -> window.
+    budgets: HashMap<String, BudgetWindow>,
     ops: u64,
 }
 
@@ -466,5 +469,39 @@ impl Store for MemoryStore {
             .features
             .get(&feature.keys.permits)
             .map_or(0, |f| f.permits.in_flight(now)))
+    }
+}
+
+/// Budgets kept at most before idle ones are forgotten (as Redis expires their hashes).
+const MAX_BUDGETS: usize = 10_000;
+
+impl MemoryStore {
+    fn budget<R>(
+        &self,
+        key: &str,
+        p: &BudgetParams,
+        f: impl FnOnce(&mut BudgetWindow, u64) -> R,
+    ) -> R {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        if inner.budgets.len() >= MAX_BUDGETS && !inner.budgets.contains_key(key) {
+            let window = p.window().as_millis() as u64 + p.bucket_ms;
+            inner
+                .budgets
+                .retain(|_, w| w.touched_ms.saturating_add(window) > now);
+        }
+        let w = inner.budgets.entry(key.to_owned()).or_default();
+        f(w, now)
+    }
+
+    /// Counts `n` requests in the retry budget at `key` (`lua/budget_deposit.lua`).
+    pub fn budget_deposit_now(&self, key: &str, p: &BudgetParams, n: u64) {
+        self.budget(key, p, |w, now| w.deposit(p, now, n));
+    }
+
+    /// Counts `n` requests, then takes one retry from the budget at `key` if it allows one
+    /// (`lua/budget_withdraw.lua`).
+    pub fn budget_withdraw_now(&self, key: &str, p: &BudgetParams, n: u64) -> Withdrawn {
+        self.budget(key, p, |w, now| w.withdraw(p, now, n))
     }
 }

@@ -21,6 +21,7 @@ mod admit;
 mod attempt;
 mod batch;
 mod cache;
+mod budget;
 mod compensate;
 mod conn;
 mod connect;
