@@ -11,8 +11,8 @@ mod health;
 mod operator;
 mod permit;
 mod request;
-mod skip;
 mod retry;
+mod skip;
 mod tiered;
 
 pub use fleet::Member;

@@ -20,8 +20,8 @@
 mod admit;
 mod attempt;
 mod batch;
-mod cache;
 mod budget;
+mod cache;
 mod compensate;
 mod conn;
 mod connect;
