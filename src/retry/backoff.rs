@@ -160,31 +160,11 @@ impl Backoff {
         self.attempts
     }
 
-    /// The next computed (jittered) delay, without hints: advances the retry count.
+    /// The next computed (jittered) delay, without hints.
     fn jittered(&mut self) -> Duration {
-        let p = self.params;
         let n = self.attempts.saturating_sub(1);
-        let step = p.step(n);
-        let d = match p.jitter {
-            Jitter::None => step,
-            Jitter::Full => between(&mut self.rng, Duration::ZERO, step),
-            Jitter::Proportional => {
-                let lo = step.mul_f64(0.75);
-                let hi = step.mul_f64(1.25);
-                // [0.75, 1.25) × step: the upper end open (a nanosecond short).
-                between(
-                    &mut self.rng,
-                    lo,
-                    hi.saturating_sub(Duration::from_nanos(1)).max(lo),
-                )
-                .min(p.cap)
-            }
-            Jitter::Decorrelated => {
-                let hi = self.prev.saturating_mul(3).max(p.base);
-                between(&mut self.rng, p.base, hi).min(p.cap)
-            }
-        };
-        self.prev = d.max(p.base);
+        let d = jitter(&self.params, n, self.prev, &mut self.rng);
+        self.prev = d.max(self.params.base);
         d
     }
 
@@ -240,8 +220,28 @@ pub fn fits(remaining: Option<Duration>, attempt_timeout: Duration) -> bool {
     remaining.is_none_or(|left| attempt_timeout <= left)
 }
 
+/// The jittered delay before retry `n` (`prev`: the previous delay, which decorrelated
+/// jitter grows from; `base` before the first).
+pub(crate) fn jitter(p: &BackoffParams, n: u32, prev: Duration, rng: &mut impl Rng) -> Duration {
+    let step = p.step(n);
+    match p.jitter {
+        Jitter::None => step,
+        Jitter::Full => between(rng, Duration::ZERO, step),
+        Jitter::Proportional => {
+            let lo = step.mul_f64(0.75);
+            let hi = step.mul_f64(1.25);
+            // [0.75, 1.25) × step: the upper end open (a nanosecond short).
+            between(rng, lo, hi.saturating_sub(Duration::from_nanos(1)).max(lo)).min(p.cap)
+        }
+        Jitter::Decorrelated => {
+            let hi = prev.saturating_mul(3).max(p.base);
+            between(rng, p.base, hi).min(p.cap)
+        }
+    }
+}
+
 /// A uniform duration in `[lo, hi]` (nanosecond resolution; `lo` when `hi <= lo`).
-fn between(rng: &mut StdRng, lo: Duration, hi: Duration) -> Duration {
+fn between(rng: &mut impl Rng, lo: Duration, hi: Duration) -> Duration {
     if hi <= lo {
         return lo;
     }

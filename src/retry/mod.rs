@@ -8,8 +8,10 @@
 
 pub mod backoff;
 pub mod budget;
+mod policy;
 mod run;
 
 pub use self::backoff::{fits, Backoff, BackoffParams, GiveUp, Jitter, Plan};
+pub use self::policy::BackoffPolicy;
 pub use self::run::{Attempts, Retried, Stop, Verdict};
 pub use crate::coordinator::{RetryBudget, Withdrawal};
