@@ -129,45 +129,40 @@ pub struct BreakerOverrides {
     pub probe_timeout: Option<Duration>,
 }
 
-impl BreakerOverrides {
-    /// Every field set from `b`.
-    pub fn all(b: &BreakerConfig) -> Self {
-        BreakerOverrides {
-            consecutive_failures: Some(b.consecutive_failures),
-            failure_rate: Some(b.failure_rate),
-            minimum_calls: Some(b.minimum_calls),
-            window: Some(b.window),
-            window_buckets: Some(b.window_buckets),
-            slow_call_duration: Some(b.slow_call_duration),
-            slow_call_rate: Some(b.slow_call_rate),
-            open_duration: Some(b.open_duration),
-            open_duration_multiplier: Some(b.open_duration_multiplier),
-            max_open_duration: Some(b.max_open_duration),
-            half_open_probes: Some(b.half_open_probes),
-            half_open_successes: Some(b.half_open_successes),
-            probe_timeout: Some(b.probe_timeout),
-        }
-    }
+/// `BreakerOverrides::all` and `apply` from one list of the fields (both build every field
+/// of their struct, so a field added to one struct and not listed here does not compile).
+macro_rules! overrides {
+    ($($field:ident),* $(,)?) => {
+        impl BreakerOverrides {
+            /// Every field set from `b`.
+            pub fn all(b: &BreakerConfig) -> Self {
+                BreakerOverrides {
+                    $($field: Some(b.$field),)*
+                }
+            }
 
-    /// `base` with the fields set here over it.
-    pub fn apply(&self, base: &BreakerConfig) -> BreakerConfig {
-        let b = base.clone();
-        BreakerConfig {
-            consecutive_failures: self.consecutive_failures.unwrap_or(b.consecutive_failures),
-            failure_rate: self.failure_rate.unwrap_or(b.failure_rate),
-            minimum_calls: self.minimum_calls.unwrap_or(b.minimum_calls),
-            window: self.window.unwrap_or(b.window),
-            window_buckets: self.window_buckets.unwrap_or(b.window_buckets),
-            slow_call_duration: self.slow_call_duration.unwrap_or(b.slow_call_duration),
-            slow_call_rate: self.slow_call_rate.unwrap_or(b.slow_call_rate),
-            open_duration: self.open_duration.unwrap_or(b.open_duration),
-            open_duration_multiplier: self
-                .open_duration_multiplier
-                .unwrap_or(b.open_duration_multiplier),
-            max_open_duration: self.max_open_duration.unwrap_or(b.max_open_duration),
-            half_open_probes: self.half_open_probes.unwrap_or(b.half_open_probes),
-            half_open_successes: self.half_open_successes.unwrap_or(b.half_open_successes),
-            probe_timeout: self.probe_timeout.unwrap_or(b.probe_timeout),
+            /// `base` with the fields set here over it.
+            pub fn apply(&self, base: &BreakerConfig) -> BreakerConfig {
+                BreakerConfig {
+                    $($field: self.$field.unwrap_or(base.$field),)*
+                }
+            }
         }
-    }
+    };
 }
+
+overrides!(
+    consecutive_failures,
+    failure_rate,
+    minimum_calls,
+    window,
+    window_buckets,
+    slow_call_duration,
+    slow_call_rate,
+    open_duration,
+    open_duration_multiplier,
+    max_open_duration,
+    half_open_probes,
+    half_open_successes,
+    probe_timeout,
+);
