@@ -46,6 +46,52 @@ async fn connect(server: &RedisServer) -> RedisStore {
         .expect("connect")
 }
 
+/// `tr` went `from` -> `to` at `generation`, for `reason`.
+#[track_caller]
+fn assert_transition(
+    tr: &Transition,
+    from: CircuitState,
+    to: CircuitState,
+    generation: u64,
+    reason: TransitionReason,
+) {
+    assert_eq!(
+        (tr.from, tr.to, tr.generation, tr.reason),
+        (from, to, generation, reason),
+        "{tr:?}"
+    );
+}
+
+/// A bulkhead of `limit` permits with a 30 s lease.
+fn bulkhead(limit: u32) -> BulkheadParams {
+    BulkheadParams {
+        limit,
+        lease_ms: 30_000,
+    }
+}
+
+/// [`fast_breaker`] with one half-open probe whose success closes it.
+fn one_probe_breaker() -> BreakerConfig {
+    BreakerConfig {
+        half_open_probes: 1,
+        half_open_successes: 1,
+        ..fast_breaker()
+    }
+}
+
+/// The setup most breaker tests share: a fresh server, a store on it, target "m" with
+/// [`fast_breaker`] and feature "chat" without limits.
+async fn breaker_setup() -> (RedisServer, RedisStore, Arc<TargetSpec>, Arc<FeatureSpec>) {
+    let server = RedisServer::start();
+    let store = connect(&server).await;
+    (
+        server,
+        store,
+        target("m", &fast_breaker()),
+        plain_feature("chat"),
+    )
+}
+
 /// Consecutive failures 3, open 300 ms doubling per re-open, 2 probes, 2 successes to close.
 fn fast_breaker() -> BreakerConfig {
     BreakerConfig {
@@ -205,14 +251,7 @@ async fn admit_then_settle_round_trip() {
     assert!(!store.is_cluster());
     store.ping().await.expect("ping");
     let t = target("m", &fast_breaker());
-    let f = feature(
-        "chat",
-        Some(BulkheadParams {
-            limit: 5,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let f = feature("chat", Some(bulkhead(5)), None);
 
     let a = admitted(&store, &t, &f, "c1").await;
     assert_eq!(
@@ -250,10 +289,7 @@ async fn admit_then_settle_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_trips_after_consecutive_failures_and_refuses() {
-    let server = RedisServer::start();
-    let store = connect(&server).await;
-    let t = target("m", &fast_breaker());
-    let f = plain_feature("chat");
+    let (_server, store, t, f) = breaker_setup().await;
 
     assert!(call(&store, &t, &f, "f1", CallOutcome::Failure)
         .await
@@ -263,14 +299,12 @@ async fn breaker_trips_after_consecutive_failures_and_refuses() {
         .is_empty());
     let tr = call(&store, &t, &f, "f3", CallOutcome::Failure).await;
     assert_eq!(tr.len(), 1, "{tr:?}");
-    assert_eq!(
-        (tr[0].from, tr[0].to, tr[0].generation, tr[0].reason),
-        (
-            CircuitState::Closed,
-            CircuitState::Open,
-            1,
-            TransitionReason::ConsecutiveFailures
-        )
+    assert_transition(
+        &tr[0],
+        CircuitState::Closed,
+        CircuitState::Open,
+        1,
+        TransitionReason::ConsecutiveFailures,
     );
     assert_eq!(tr[0].target, "m");
     assert!(tr[0].at_ms > 1_600_000_000_000, "server time in ms");
@@ -427,10 +461,7 @@ async fn slow_calls_trip_the_slow_call_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_admits_exactly_n_probes_then_closes() {
-    let server = RedisServer::start();
-    let store = connect(&server).await;
-    let t = target("m", &fast_breaker());
-    let f = plain_feature("chat");
+    let (_server, store, t, f) = breaker_setup().await;
     trip(&store, &t, &f).await;
     tokio::time::sleep(Duration::from_millis(350)).await;
 
@@ -500,14 +531,12 @@ async fn half_open_admits_exactly_n_probes_then_closes() {
         .await
         .expect("settle");
     assert_eq!(tr.len(), 1, "{tr:?}");
-    assert_eq!(
-        (tr[0].from, tr[0].to, tr[0].generation, tr[0].reason),
-        (
-            CircuitState::HalfOpen,
-            CircuitState::Closed,
-            3,
-            TransitionReason::ProbesSucceeded
-        )
+    assert_transition(
+        &tr[0],
+        CircuitState::HalfOpen,
+        CircuitState::Closed,
+        3,
+        TransitionReason::ProbesSucceeded,
     );
     let snap = store.snapshot(&t).await.expect("snapshot");
     assert_eq!(snap.state, CircuitState::Closed);
@@ -517,10 +546,7 @@ async fn half_open_admits_exactly_n_probes_then_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_probe_reopens_for_longer() {
-    let server = RedisServer::start();
-    let store = connect(&server).await;
-    let t = target("m", &fast_breaker());
-    let f = plain_feature("chat");
+    let (_server, store, t, f) = breaker_setup().await;
     trip(&store, &t, &f).await;
     tokio::time::sleep(Duration::from_millis(350)).await;
     let p1 = admitted(&store, &t, &f, "p1").await;
@@ -534,14 +560,12 @@ async fn failed_probe_reopens_for_longer() {
         .await
         .expect("settle");
     assert_eq!(tr.len(), 1, "one transition for two failed probes: {tr:?}");
-    assert_eq!(
-        (tr[0].from, tr[0].to, tr[0].generation, tr[0].reason),
-        (
-            CircuitState::HalfOpen,
-            CircuitState::Open,
-            3,
-            TransitionReason::ProbeFailed
-        )
+    assert_transition(
+        &tr[0],
+        CircuitState::HalfOpen,
+        CircuitState::Open,
+        3,
+        TransitionReason::ProbeFailed,
     );
     let snap = store.snapshot(&t).await.expect("snapshot");
     assert_eq!(snap.opens, 2);
@@ -565,10 +589,7 @@ async fn failed_probe_reopens_for_longer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_of_an_old_generation_change_nothing() {
-    let server = RedisServer::start();
-    let store = connect(&server).await;
-    let t = target("m", &fast_breaker());
-    let f = plain_feature("chat");
+    let (_server, store, t, f) = breaker_setup().await;
     let old = admitted(&store, &t, &f, "old").await;
     assert_eq!(old.generation, 0);
     trip(&store, &t, &f).await; // generation 1
@@ -596,10 +617,7 @@ async fn outcomes_of_an_old_generation_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_before_refuses_until_the_instant_and_only_moves_later() {
-    let server = RedisServer::start();
-    let store = connect(&server).await;
-    let t = target("m", &fast_breaker());
-    let f = plain_feature("chat");
+    let (server, store, t, f) = breaker_setup().await;
     store.set_not_before(&t, 2_000).await.expect("not_before");
     store.set_not_before(&t, 100).await.expect("not_before"); // earlier: ignored
     match rejected(&store, &t, &f, "x").await {
@@ -632,10 +650,7 @@ async fn not_before_refuses_until_the_instant_and_only_moves_later() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_open_closed_disable_and_reset() {
-    let server = RedisServer::start();
-    let store = connect(&server).await;
-    let t = target("m", &fast_breaker());
-    let f = plain_feature("chat");
+    let (server, store, t, f) = breaker_setup().await;
 
     // Reset of a closed breaker: nothing to do, no key created.
     assert_eq!(store.force(&t, Force::Reset).await.expect("force"), None);
@@ -858,10 +873,7 @@ async fn admission_is_all_or_nothing() {
     let t = target("m", &fast_breaker());
     let f = feature(
         "chat",
-        Some(BulkheadParams {
-            limit: 1,
-            lease_ms: 30_000,
-        }),
+        Some(bulkhead(1)),
         Some(RateParams {
             emission_us: 1_000,
             burst: 100,
@@ -878,14 +890,7 @@ async fn admission_is_all_or_nothing() {
     }
     assert_eq!(server.cli(&["GET", &f.keys.rate]), tat_before);
     // A refusing breaker refuses before the bulkhead is touched.
-    let g = feature(
-        "other",
-        Some(BulkheadParams {
-            limit: 5,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let g = feature("other", Some(bulkhead(5)), None);
     store.force(&t, Force::Open).await.expect("force");
     rejected(&store, &t, &g, "y").await;
     assert_eq!(store.in_flight(&g).await.expect("in_flight"), 0);
@@ -903,10 +908,7 @@ async fn split_admit_releases_permit_and_refunds_rate_when_the_breaker_refuses()
     let t = target("m", &fast_breaker());
     let f = feature(
         "chat",
-        Some(BulkheadParams {
-            limit: 1,
-            lease_ms: 30_000,
-        }),
+        Some(bulkhead(1)),
         Some(RateParams {
             emission_us: 10_000_000,
             burst: 1,
@@ -940,21 +942,10 @@ async fn a_refusal_with_a_transition_is_reported_when_its_caller_was_dropped() {
     store.set_transition_sink(Arc::new(move |t| {
         sink.lock().unwrap_or_else(|p| p.into_inner()).push(t)
     }));
-    let cfg = BreakerConfig {
-        half_open_probes: 1,
-        half_open_successes: 1,
-        ..fast_breaker()
-    };
+    let cfg = one_probe_breaker();
     let t = target("m", &cfg);
     let healthy = target("h", &cfg);
-    let f = feature(
-        "chat",
-        Some(BulkheadParams {
-            limit: 1,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let f = feature("chat", Some(bulkhead(1)), None);
     trip(&store, &t, &plain_feature("plain")).await;
     tokio::time::sleep(Duration::from_millis(350)).await;
     let _holder = admitted(&store, &healthy, &f, "holder").await;
@@ -993,21 +984,10 @@ async fn a_refusal_with_a_transition_is_reported_when_its_caller_was_dropped() {
 async fn split_admit_frees_the_probe_when_the_feature_refuses() {
     let server = RedisServer::start();
     let store = connect(&server).await.with_split_admit(true);
-    let cfg = BreakerConfig {
-        half_open_probes: 1,
-        half_open_successes: 1,
-        ..fast_breaker()
-    };
+    let cfg = one_probe_breaker();
     let t = target("m", &cfg);
     let healthy = target("h", &cfg);
-    let f = feature(
-        "chat",
-        Some(BulkheadParams {
-            limit: 1,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let f = feature("chat", Some(bulkhead(1)), None);
     let plain = plain_feature("plain");
     trip(&store, &t, &plain).await;
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -1064,14 +1044,7 @@ async fn script_flush_mid_run_is_survived() {
     let server = RedisServer::start();
     let store = connect(&server).await;
     let t = target("m", &fast_breaker());
-    let f = feature(
-        "chat",
-        Some(BulkheadParams {
-            limit: 5,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let f = feature("chat", Some(bulkhead(5)), None);
     call(&store, &t, &f, "a", CallOutcome::Success).await;
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]), "OK");
     call(&store, &t, &f, "b", CallOutcome::Failure).await;
@@ -1098,10 +1071,7 @@ async fn take_backs_after_script_flush_still_land() {
     let t = target("m", &fast_breaker());
     let f = feature(
         "chat",
-        Some(BulkheadParams {
-            limit: 1,
-            lease_ms: 30_000,
-        }),
+        Some(bulkhead(1)),
         Some(RateParams {
             emission_us: 10_000_000,
             burst: 1,
@@ -1208,14 +1178,7 @@ async fn a_key_of_the_wrong_type_is_a_command_error_not_a_panic() {
     let server = RedisServer::start();
     let store = connect(&server).await;
     let t = target("m", &fast_breaker());
-    let f = feature(
-        "chat",
-        Some(BulkheadParams {
-            limit: 5,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let f = feature("chat", Some(bulkhead(5)), None);
     assert_eq!(server.cli(&["SET", &t.keys.breaker, "not a hash"]), "OK");
     let is_command = |r: &Result<_, StoreError>| matches!(r, Err(StoreError::Command(_)));
     let r = store
@@ -1271,14 +1234,7 @@ async fn a_permit_that_never_expires_is_refused_sanely_and_deletes_nothing() {
     let server = RedisServer::start();
     let store = connect(&server).await;
     let t = target("m", &fast_breaker());
-    let f = feature(
-        "chat",
-        Some(BulkheadParams {
-            limit: 1,
-            lease_ms: 30_000,
-        }),
-        None,
-    );
+    let f = feature("chat", Some(bulkhead(1)), None);
     assert_eq!(server.cli(&["ZADD", &f.keys.permits, "+inf", "ghost"]), "1");
     let r = store
         .admit(AdmitRequest {
@@ -1946,10 +1902,7 @@ async fn cluster_runs_admit_and_settle_split() {
     let t = target("m", &fast_breaker());
     let f = feature(
         "chat",
-        Some(BulkheadParams {
-            limit: 2,
-            lease_ms: 30_000,
-        }),
+        Some(bulkhead(2)),
         Some(RateParams {
             emission_us: 1_000,
             burst: 100,
