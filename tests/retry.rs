@@ -201,14 +201,25 @@ struct Reached {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_across_four_coordinators_stays_within_the_budget() {
+    let server = RedisServer::start();
+    storm("redis", |c| on_redis(c, Some(server.url()), vec![])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_across_four_coordinators_on_cluster_stays_within_the_budget() {
+    let cluster = RedisCluster::start(3);
+    storm("cluster", |c| on_redis(c, None, cluster.urls())).await;
+}
+
+/// Four coordinators, every attempt failing, retries as fast as the budget allows.
+async fn storm(name: &str, store: impl Fn(Config) -> Config) {
     const REPLICAS: usize = 4;
     const TASKS: usize = 8;
     const REQUESTS: usize = 25;
-    let server = RedisServer::start();
     // A window longer than the storm: every request and retry counts against one window, so
     // the bound is exact: retries <= 20% of requests.
     let ratio = 0.2;
-    let config = on_redis(config(budget(ratio, 600, 0.0)), Some(server.url()), vec![]);
+    let config = store(config(budget(ratio, 600, 0.0)));
     let mut fleet = Vec::new();
     for _ in 0..REPLICAS {
         fleet.push(Coordinator::new(config.clone()).await.expect("builds"));
@@ -263,7 +274,7 @@ async fn a_storm_across_four_coordinators_stays_within_the_budget() {
     let requests = reached.requests.load(SeqCst);
     let retries = reached.retries.load(SeqCst);
     eprintln!(
-        "storm: {REPLICAS} coordinators, {requests} requests, {retries} retries reached the \
+        "storm on {name}: {REPLICAS} coordinators, {requests} requests, {retries} retries reached the \
          call ({:.3} per request; budget {ratio}, without it {}), {} requests stopped by the \
          budget",
         retries as f64 / requests as f64,
