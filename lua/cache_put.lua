@@ -9,8 +9,11 @@
 -- Invariants:
 --   * time comes only from redis.call('TIME'); stored_at is the server's;
 --   * the entry is replaced whole (DEL first: a foreign value of another type under the key
---     is overwritten, never an error) and expires after ttl_ms (PEXPIRE);
---   * the index holds at most max_entries members: expired members are dropped first, then
+--     is overwritten, never an error) and expires after ttl_ms (PEXPIRE, and its field x
+--     holds the expiry instant, which cache_get.lua checks too);
+--   * entry hash fields: b body, m model, e exact digest, at stored-at ms, x expiry ms;
+--   * the index holds at most max_entries members: expired members (and what is left of
+--     their entries) are dropped first, then
 --     the members closest to expiry (ties: lowest key), and their entries deleted. The
 --     evicted keys come from the index, so they cannot be passed in KEYS; they share the
 --     feature's hash tag, hence the slot;
@@ -28,9 +31,13 @@ local expiry = now + ttl
 
 redis.call('DEL', entry)
 redis.call('HSET', entry, 'b', ARGV[1], 'm', ARGV[2], 'e', ARGV[3],
-  'at', string.format('%d', now))
+  'at', string.format('%d', now), 'x', string.format('%d', expiry))
 redis.call('PEXPIRE', entry, ttl)
 
+local expired = redis.call('ZRANGEBYSCORE', index, '-inf', string.format('%d', now))
+for _, v in ipairs(expired) do
+  if v ~= entry then redis.call('DEL', v) end
+end
 redis.call('ZREMRANGEBYSCORE', index, '-inf', string.format('%d', now))
 redis.call('ZADD', index, string.format('%d', expiry), entry)
 local evicted = 0

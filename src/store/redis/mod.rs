@@ -22,6 +22,8 @@ mod attempt;
 mod batch;
 mod budget;
 mod cache;
+#[cfg(test)]
+mod cache_difftest;
 mod compensate;
 mod conn;
 mod connect;
