@@ -2127,8 +2127,9 @@ async fn store_errors_are_logged_without_the_password() {
 }
 
 /// `keep_alive` on a permit that holds no bulkhead slot (the feature has no max_concurrent)
-/// has nothing to extend: it must not report the lease as lost.
-#[tokio::test(flavor = "current_thread")]
+/// has nothing to extend: it must not report the lease as lost. Embedded store: paused time
+/// (three leases pass in no real time).
+#[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn keep_alive_without_a_bulkhead_reports_no_lost_lease() {
     bounded(async {
         let logs = LogBuffer::default();
