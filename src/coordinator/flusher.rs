@@ -4,10 +4,12 @@
 //! store's settle queue (`store/redis/pending.rs`). This replica's next admission on the same
 //! target or feature takes the queued pieces along in its own script call (so a replica always
 //! sees its own writes); this task sends what no admission took: a batch once its oldest
-//! settle has waited `redis.settle_delay`, at once when 16 or more are
-//! queued (under load the queue batches by itself, and holding a batch back then
-//! only makes the script call that carries it longer, in front of the admissions Redis runs
-//! next: measured, a 2 ms wait for every batch cost 10–14% of throughput at concurrency 64),
+//! settle has waited `redis.settle_delay`; the outcomes at once when 16 or more are queued
+//! (under load the queue batches by itself, and holding a batch back then only makes the
+//! script call that carries it longer, in front of the admissions Redis runs next: measured,
+//! a 2 ms wait for every batch cost 10–14% of throughput at concurrency 64), their releases
+//! left for the next admission on their feature (a release in flight here is one that
+//! admission would wait for: measured at concurrency 64, half the admission batches did);
 //! when a flush is asked for, or when an item is urgent (a release of a feature that has
 //! callers waiting on this replica). When the queue is full the caller's settle is sent by a
 //! spawned task instead, so nothing blocks and nothing is silently lost; on

@@ -3,7 +3,11 @@
 //! parsing of `admit.lua`'s reply. What an admission that will not be used gives back is
 //! decided and carried out in `compensate.rs`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use redis::Value;
@@ -49,16 +53,31 @@ impl RedisStore {
             reply,
             queued: tokio::time::Instant::now(),
         };
-        if let Err(e) = self.admissions.try_send(job) {
-            let job = match e {
-                mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job) => {
-                    job
+        let in_progress = InProgress::enter(&self.core);
+        // Alone (no other admission in progress, none in flight): no batcher hop.
+        let admitting = if in_progress.alone && !job.split {
+            Arc::clone(&self.core.admitting).try_lock_owned().ok()
+        } else {
+            None
+        };
+        let mut alone = match admitting {
+            Some(admitting) => Alone::new(
+                &self.core.runtime,
+                batch::admit_alone(Arc::clone(&self.core), job, admitting),
+            ),
+            None => {
+                if let Err(e) = self.admissions.try_send(job) {
+                    let job = match e {
+                        mpsc::error::TrySendError::Full(job)
+                        | mpsc::error::TrySendError::Closed(job) => job,
+                    };
+                    self.core
+                        .runtime
+                        .spawn(admit_direct(Arc::clone(&self.core), job));
                 }
-            };
-            self.core
-                .runtime
-                .spawn(admit_direct(Arc::clone(&self.core), job));
-        }
+                Alone::none(&self.core.runtime)
+            }
+        };
         let t = self.core.timeout;
         // If this future is dropped while waiting (the caller was cancelled), the guard
         // settles the race with the batcher the same way as a timeout does below.
@@ -73,7 +92,11 @@ impl RedisStore {
         // The batcher bounds the queue wait (a timeout) and each script call (a timeout
         // each: two on Cluster); this only guards against a stuck batcher.
         let parts = if self.splits_admit() { 2 } else { 1 };
-        let waited = tokio::time::timeout(t * (2 + parts), &mut *answer).await;
+        let waited = tokio::time::timeout(t * (2 + parts), async {
+            (&mut alone).await;
+            (&mut *answer).await
+        })
+        .await;
         let Some(mut answer) = pending.answer.take() else {
             return Err(StoreError::Timeout(t));
         };
@@ -95,6 +118,83 @@ impl RedisStore {
                 answer.close();
                 answer.try_recv().unwrap_or(Err(StoreError::Timeout(t)))
             }
+        }
+    }
+}
+
+/// Counts an admission in progress (see `Core::admissions_in_progress`) until dropped.
+struct InProgress<'a> {
+    core: &'a Core,
+    /// No other admission was in progress when this one entered.
+    alone: bool,
+}
+
+impl<'a> InProgress<'a> {
+    fn enter(core: &'a Core) -> Self {
+        let before = core.admissions_in_progress.fetch_add(1, Ordering::AcqRel);
+        InProgress {
+            core,
+            alone: before == 0,
+        }
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.core
+            .admissions_in_progress
+            .fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A lone admission's own script call, run from its caller's task. Dropped before it is
+/// done (the caller stopped waiting), the rest runs on a task of its own, which finds the
+/// answer channel closed and gives back what the call was granted, as the batcher does.
+struct Alone {
+    run: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Alone {
+    fn new(
+        runtime: &tokio::runtime::Handle,
+        run: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        Alone {
+            run: Some(Box::pin(run)),
+            runtime: runtime.clone(),
+        }
+    }
+
+    fn none(runtime: &tokio::runtime::Handle) -> Self {
+        Alone {
+            run: None,
+            runtime: runtime.clone(),
+        }
+    }
+}
+
+impl Future for Alone {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(run) = self.run.as_mut() else {
+            return Poll::Ready(());
+        };
+        match run.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.run = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            self.runtime.spawn(run);
         }
     }
 }

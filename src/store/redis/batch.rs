@@ -25,6 +25,14 @@
 //! smaller and the whole slower). The queue is bounded ([`QUEUE`]); when it is full, or the
 //! task is gone, a caller makes its own script call.
 //!
+//! On a single node, a caller that finds no other admission in progress (a lone, sequential
+//! caller) skips the queue: it runs its batch of one from its own task ([`admit_alone`]),
+//! holding the same "one in flight" lock as the batcher, which saves two task hops per call
+//! (to the batcher and back; measured at concurrency 1 on a loaded 2-core machine, p50
+//! 129.5 µs with the hops, 76.5 µs without, same run). If it stops waiting, the rest of its
+//! call is finished by a task of its own. Split admissions (Cluster) always go through the
+//! batcher: their second part must not wait for the caller to poll again.
+//!
 //! The task holds no reference to the store's sender: it ends when every clone of the store
 //! is dropped (the queue closes), after answering what was queued.
 
@@ -117,20 +125,23 @@ struct Group {
 pub(super) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(BATCH_MAX);
     while rx.recv_many(&mut jobs, BATCH_MAX).await > 0 {
+        // One admission call in flight at a time: wait for a lone caller's own call (at most
+        // the timeout: a caller that stopped polling its admission does not stall the rest),
+        // then take what queued up meanwhile.
+        let _admitting = tokio::time::timeout(core.timeout, core.admitting.lock())
+            .await
+            .ok();
+        while jobs.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
         // A caller that already gave up needs no admission (and must not get one).
         jobs.retain(|j| !j.reply.is_closed());
         if jobs.is_empty() {
             continue;
         }
-        // Settles of these keys that the flusher has in flight land first.
-        let keys: Vec<&str> = jobs
-            .iter()
-            .flat_map(|j| {
-                let Specs { target, feature } = &*j.specs;
-                [target.keys.breaker.as_str(), feature.keys.permits.as_str()]
-            })
-            .collect();
-        core.settles.wait_landed(&keys, core.timeout).await;
         // The queue wait is bounded on its own (by the timeout): a job that could not be
         // sent in time is answered unsent; one that is sent gets a whole timeout for its
         // script call(s).
@@ -145,6 +156,21 @@ pub(super) async fn run(core: Arc<Core>, mut rx: mpsc::Receiver<Job>) {
             admit_batch(&core, ready).await;
         }
     }
+}
+
+/// One admission decided from its caller's own task (no other admission was in progress):
+/// the same grouping, riding and answering as a batch of one, holding `admitting` so that
+/// no batch is in flight at the same time. Owns what it needs, so that a caller that stops
+/// waiting can hand it to a task of its own to finish (`admit.rs`).
+pub(super) async fn admit_alone(
+    core: Arc<Core>,
+    job: Job,
+    admitting: tokio::sync::OwnedMutexGuard<()>,
+) {
+    if !job.reply.is_closed() {
+        admit_batch(&core, vec![job]).await;
+    }
+    drop(admitting);
 }
 
 /// Groups, runs and answers one drained batch.

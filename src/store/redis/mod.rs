@@ -93,6 +93,13 @@ struct Core {
     /// Whether Redis may have lost the scripts (not loaded yet, or it was unreachable since
     /// they were): the next call that gets an answer loads them again, in the background.
     scripts_stale: Arc<AtomicBool>,
+    /// Held by whoever has an admission script call in flight (the batcher for a batch, or
+    /// a lone caller for its own): one at a time, so that settles riding with admissions
+    /// land in the order they were taken (`batch.rs`).
+    admitting: Arc<tokio::sync::Mutex<()>>,
+    /// Admissions in progress through [`RedisStore::admit`](Store::admit): a caller that
+    /// finds none makes its script call from its own task, without the batcher's task hop.
+    admissions_in_progress: std::sync::atomic::AtomicUsize,
 }
 
 /// Receives breaker transitions that a store operation made but could not return.
@@ -160,6 +167,8 @@ impl RedisStore {
             lost: std::sync::OnceLock::new(),
             takebacks: takeback::TakeBacks::default(),
             scripts_stale: Arc::new(AtomicBool::new(true)),
+            admitting: Arc::new(tokio::sync::Mutex::new(())),
+            admissions_in_progress: std::sync::atomic::AtomicUsize::new(0),
         });
         // Connect and load the scripts now, in the background, so the first call does not
         // pay for it.
