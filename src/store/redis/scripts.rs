@@ -40,7 +40,7 @@ pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
 pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
 
 /// Every script, to load on connect and after a reconnect.
-pub(super) fn all() -> [&'static Script; 12] {
+pub(super) fn all() -> [&'static Script; 14] {
     [
         &ADMIT,
         &super::ride::SETTLE_ADMIT,
@@ -54,6 +54,8 @@ pub(super) fn all() -> [&'static Script; 12] {
         &super::membership::MEMBER,
         &super::membership::MEMBERS,
         &super::reconcile::ADOPT,
+        &super::budget::DEPOSIT,
+        &super::budget::WITHDRAW,
     ]
 }
 

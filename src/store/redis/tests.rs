@@ -117,6 +117,19 @@ async fn a_direct_admission_cancelled_after_its_script_ran_holds_nothing() {
     }
 }
 
+/// The retry budget's scripts are loaded with the others (a withdrawal after a Redis
+/// restart must not be the first to meet an empty script cache).
+#[test]
+fn every_script_is_in_the_load_list() {
+    let loaded: Vec<String> = super::scripts::all()
+        .iter()
+        .map(|s| s.get_hash().to_owned())
+        .collect();
+    for s in [&*super::budget::DEPOSIT, &*super::budget::WITHDRAW] {
+        assert!(loaded.iter().any(|h| h == s.get_hash()), "{}", s.get_hash());
+    }
+}
+
 /// Whether Redis has every script of the store cached.
 fn all_scripts_loaded(server: &support::RedisServer) -> bool {
     let mut args = vec!["SCRIPT", "EXISTS"];
