@@ -288,6 +288,35 @@ impl Classification {
     }
 }
 
+/// What the guarded call needs from a classifier's answer: how to route the failure, and
+/// what the target's breaker records. A bare [`Class`] records [`Class::outcome`]; a
+/// [`Classification`] records its own `health` (a 409: retryable, yet not the target's fault;
+/// an unexpected 3xx: final, yet the target's).
+pub trait Classified {
+    /// How to route the failure.
+    fn class(&self) -> Class;
+    /// What the target's breaker records.
+    fn health(&self) -> CallOutcome {
+        self.class().outcome()
+    }
+}
+
+impl Classified for Class {
+    fn class(&self) -> Class {
+        *self
+    }
+}
+
+impl Classified for Classification {
+    fn class(&self) -> Class {
+        self.class
+    }
+
+    fn health(&self) -> CallOutcome {
+        self.health
+    }
+}
+
 /// Turns a [`Failure`] into a [`Classification`]. Implement it to change the policy; delegate
 /// to [`AnthropicPolicy`] for what you do not change.
 pub trait Policy: Send + Sync + std::fmt::Debug {

@@ -11,11 +11,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fusebox::classify::Class;
-use fusebox::pipeline::{ChainTarget, Reply, Tier};
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+use fusebox::classify::{Class, Classification, Reason};
+use fusebox::pipeline::{ChainTarget, NoRetry, Reply, Tier};
+use fusebox::retry::Jitter;
 use fusebox::{
-    BreakerConfig, CallError, CannedConfig, CircuitState, Config, Coordinator, Error,
-    FeatureConfig, Force, RedisConfig, Rejection, TargetConfig,
+    BreakerConfig, BudgetConfig, CallError, CallOutcome, CannedConfig, CircuitState, Config,
+    Coordinator, Error, FeatureConfig, Force, RedisConfig, Rejection, RetryConfig, TargetConfig,
 };
 use support::cluster::RedisCluster;
 use support::RedisServer;
@@ -275,8 +278,9 @@ async fn the_canned_answer_when_every_target_fails(env: Env) {
     });
     let c = env.start(config).await;
     let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Err(OVERLOADED))]);
+    // No retry: a retry of a would meet its open breaker, whose time left is a better hint.
     let answer = c
-        .guarded_call("f", up.call(), classify)
+        .guarded_call_with("f", &NoRetry, up.call(), classify)
         .await
         .expect("canned");
     assert_eq!(answer.tier, Tier::Canned);
@@ -649,7 +653,7 @@ mod tower {
 /// degraded, when every target of the chain fails; not after a final error.
 async fn the_cache_answers_when_every_target_fails(env: Env) {
     use fusebox::cache::{Answer, Caller};
-    use fusebox::pipeline::{CacheUse, NoRetry};
+    use fusebox::pipeline::CacheUse;
     use serde_json::json;
 
     let mut config = env.config(&["a"]);
@@ -734,6 +738,7 @@ async fn attempt_timeouts_move_on_and_the_deadline_bounds_the_call() {
             ..TargetConfig::default()
         },
     );
+    config.retry.max_attempts = 1;
     let c = env.start(config.clone()).await;
     let started = tokio::time::Instant::now();
     let call = |t: &ChainTarget, _: u32| {
@@ -761,15 +766,254 @@ async fn attempt_timeouts_move_on_and_the_deadline_bounds_the_call() {
         "the timeout counted as a failure"
     );
 
-    // Both hang, deadline 20 s: b gets what is left of it, then the call ends.
+    // Both hang, deadline 20 s: after a's 15 s, b's 15 s attempt could not finish before
+    // the deadline, so it is never started and the call ends.
     config.features.get_mut("f").expect("f").deadline = Some(Duration::from_secs(20));
     let c = env.start(config).await;
     let started = tokio::time::Instant::now();
-    let hang_all = |_: &ChainTarget, _: u32| async {
-        std::future::pending::<()>().await;
-        Ok::<&str, Class>("never")
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let hang_all = |t: &ChainTarget, _: u32| {
+        asked.lock().expect("lock").push(t.name.clone());
+        async {
+            std::future::pending::<()>().await;
+            Ok::<&str, Class>("never")
+        }
     };
     let r = c.guarded_call("f", hang_all, classify).await;
     assert!(matches!(r, Err(CallError::TimedOut)), "{r:?}");
-    assert_eq!(started.elapsed(), Duration::from_secs(20), "the deadline");
+    assert_eq!(*asked.lock().expect("lock"), ["hangs"], "b did not fit");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(15),
+        "a's timeout only"
+    );
 }
+
+/// A retry is only started when its wait plus its whole attempt timeout fits before the
+/// deadline; otherwise the chain moves on (paused time).
+#[tokio::test(start_paused = true)]
+async fn a_retry_that_cannot_finish_before_the_deadline_is_not_started() {
+    let env = Env::Memory;
+    let mut config = env.config(&["a", "b"]);
+    config.breaker.consecutive_failures = Some(100);
+    config.retry = RetryConfig {
+        base: Duration::from_secs(6),
+        cap: Duration::from_secs(6),
+        jitter: Jitter::None,
+        budget: None,
+        ..RetryConfig::default()
+    };
+    config.features.get_mut("f").expect("f").deadline = Some(Duration::from_secs(20));
+    for (name, secs) in [("a", 15), ("b", 1)] {
+        config.targets.insert(
+            name.into(),
+            TargetConfig {
+                timeout: Some(Duration::from_secs(secs)),
+                ..TargetConfig::default()
+            },
+        );
+    }
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Ok("B"))]);
+    let started = tokio::time::Instant::now();
+    let answer = c.guarded_call("f", up.call(), classify).await.expect("b");
+    // 6 s wait + 15 s attempt > 20 s: no retry of a.
+    assert_eq!(up.asked(), ["a", "b"]);
+    assert_eq!(answer.target.as_deref(), Some("b"));
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "no wait for a retry never made"
+    );
+
+    // With a 30 s deadline the retry fits, after its 6 s wait.
+    let mut config = env.config(&["a", "b"]);
+    config.breaker.consecutive_failures = Some(100);
+    config.retry = RetryConfig {
+        base: Duration::from_secs(6),
+        cap: Duration::from_secs(6),
+        jitter: Jitter::None,
+        max_attempts: 2,
+        budget: None,
+        ..RetryConfig::default()
+    };
+    config.features.get_mut("f").expect("f").deadline = Some(Duration::from_secs(30));
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Ok("B"))]);
+    let started = tokio::time::Instant::now();
+    c.guarded_call("f", up.call(), classify).await.expect("b");
+    assert_eq!(up.asked(), ["a", "a", "b"]);
+    assert_eq!(started.elapsed(), Duration::from_secs(6));
+}
+
+/// A spent retry budget falls through to the next target at once instead of waiting for a
+/// retry (paused time: nothing elapses); without a budget the same call retries a.
+#[tokio::test(start_paused = true)]
+async fn a_spent_budget_moves_to_the_fallback_without_waiting() {
+    let env = Env::Memory;
+    let mut config = env.config(&["a", "b"]);
+    config.breaker.consecutive_failures = Some(100);
+    config.retry = RetryConfig {
+        base: Duration::from_secs(1),
+        jitter: Jitter::None,
+        max_attempts: 3,
+        budget: Some(BudgetConfig {
+            ratio: 0.0,
+            window: Duration::from_secs(10),
+            min_per_second: 0.1,
+        }),
+        ..RetryConfig::default()
+    };
+    let c = env.start(config.clone()).await;
+    // The window's one retry (its floor) is taken: the budget is spent.
+    let budget = c.retry_budget("f", "a").expect("budget");
+    assert!(budget.withdraw().await.is_granted());
+    assert!(!budget.withdraw().await.is_granted());
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Ok("B"))]);
+    let started = tokio::time::Instant::now();
+    let answer = c.guarded_call("f", up.call(), classify).await.expect("b");
+    assert_eq!(up.asked(), ["a", "b"], "no retry of a: the budget is spent");
+    assert_eq!((answer.tier, answer.attempts), (Tier::Fallback, 2));
+    assert_eq!(started.elapsed(), Duration::ZERO, "no wait");
+
+    config.retry.budget = None;
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Ok("B"))]);
+    let started = tokio::time::Instant::now();
+    c.guarded_call("f", up.call(), classify).await.expect("b");
+    assert_eq!(up.asked(), ["a", "a", "a", "b"], "max_attempts on a");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(3),
+        "1 s + 2 s backoff"
+    );
+}
+
+/// Four coordinators on one Redis, every attempt failing retryably (not counted on the
+/// breaker, so nothing opens): what reaches the upstream stays within the fleet budget,
+/// retries <= 20% of requests (a window longer than the storm), and some retries happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_through_guarded_calls_stays_within_the_budget() {
+    let server = RedisServer::start();
+    let env = Env::Redis(server);
+    let mut config = env.config(&["a"]);
+    config.retry = RetryConfig {
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(4),
+        max_attempts: 4,
+        budget: Some(BudgetConfig {
+            ratio: 0.2,
+            window: Duration::from_secs(600),
+            min_per_second: 0.0,
+        }),
+        ..RetryConfig::default()
+    };
+    let mut fleet = Vec::new();
+    for _ in 0..4 {
+        fleet.push(env.start(config.clone()).await);
+    }
+    let requests = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in &fleet {
+        for _ in 0..8 {
+            let (c, requests, retries) = (c.clone(), requests.clone(), retries.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    let call = |_: &ChainTarget, n: u32| {
+                        let counter = if n == 1 { &requests } else { &retries };
+                        counter.fetch_add(1, SeqCst);
+                        std::future::ready(Err::<(), Class>(RETRYABLE))
+                    };
+                    // A 409-like failure: retryable, not the target's fault.
+                    let conflict = |c: &Class| {
+                        Classification::new(*c, Reason::Conflict).with_health(CallOutcome::Ignored)
+                    };
+                    let r = c.guarded_call("f", call, conflict).await;
+                    assert!(matches!(r, Err(CallError::Inner(_))), "{r:?}");
+                }
+            }));
+        }
+    }
+    bounded(async {
+        for t in tasks {
+            t.await.expect("task");
+        }
+    })
+    .await;
+    let (requests, retries) = (requests.load(SeqCst), retries.load(SeqCst));
+    assert_eq!(requests, 4 * 8 * 25);
+    assert!(retries > 0, "the budget allowed some retries");
+    assert!(
+        retries as f64 <= 0.2 * requests as f64,
+        "{retries} retries for {requests} requests"
+    );
+}
+
+/// What the breaker records comes from the classification: a retryable failure that is not
+/// the target's fault (409) leaves it closed; a final one that is (an unexpected 302) opens it.
+async fn breaker_health_comes_from_the_classification(env: Env) {
+    let c = env.start(env.config(&["a", "b"])).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Ok("B"))]);
+    let conflict =
+        |c: &Class| Classification::new(*c, Reason::Conflict).with_health(CallOutcome::Ignored);
+    let answer = c
+        .guarded_call_with("f", &NoRetry, up.call(), conflict)
+        .await
+        .expect("b");
+    assert_eq!(answer.target.as_deref(), Some("b"));
+    c.flush(Duration::from_secs(5)).await;
+    assert_eq!(
+        c.snapshot("a").await.expect("snapshot").state,
+        CircuitState::Closed,
+        "a 409 is not the target's fault"
+    );
+
+    let up = Upstream::with(&[("a", Err(Class::Final))]);
+    let redirect = |c: &Class| {
+        Classification::new(*c, Reason::UnexpectedStatus).with_health(CallOutcome::Failure)
+    };
+    let r = c
+        .guarded_call_with("f", &NoRetry, up.call(), redirect)
+        .await;
+    assert!(matches!(r, Err(CallError::Inner(Class::Final))), "{r:?}");
+    // The failure reaches the store with the flusher.
+    c.flush(Duration::from_secs(5)).await;
+    assert_eq!(
+        c.snapshot("a").await.expect("snapshot").state,
+        CircuitState::Open,
+        "a 302 is the target's fault"
+    );
+}
+
+on_all!(breaker_health_comes_from_the_classification);
+
+/// A final error that is the request's or the caller's (400, 401: not recorded on the
+/// breaker) ends with the error even with a canned answer configured; a final error that is
+/// the target's fault is an availability failure, and gets the canned answer.
+async fn final_errors_of_the_caller_are_not_canned(env: Env) {
+    let mut config = env.config(&["a", "b"]);
+    config.features.get_mut("f").expect("f").canned = Some(CannedConfig {
+        text: "Busy".into(),
+        retry_after: None,
+    });
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("a", Err(Class::Final)), ("b", Ok("B"))]);
+    let bad_key = |c: &Class| Classification::new(*c, Reason::Credentials);
+    let r = c.guarded_call("f", up.call(), bad_key).await;
+    assert!(matches!(r, Err(CallError::Inner(Class::Final))), "{r:?}");
+    let r = c.guarded_call("f", up.call(), classify).await;
+    assert!(matches!(r, Err(CallError::Inner(Class::Final))), "{r:?}");
+    assert_eq!(up.asked(), ["a", "a"], "the chain ended at a");
+
+    let redirect = |c: &Class| {
+        Classification::new(*c, Reason::UnexpectedStatus).with_health(CallOutcome::Failure)
+    };
+    let answer = c
+        .guarded_call("f", up.call(), redirect)
+        .await
+        .expect("canned");
+    assert_eq!(answer.tier, Tier::Canned);
+}
+
+on_all!(final_errors_of_the_caller_are_not_canned);

@@ -8,9 +8,13 @@
 //! * Targets whose breaker is open are skipped without an upstream call (and, while this
 //!   replica knows they are open, without a store round trip).
 //! * A failed attempt is routed by its [`Class`]: retryable -> the same target again while
-//!   the [`Retry`] policy allows (none by default), then the next; overloaded / rate limited
+//!   the [`Retry`] policy (the feature's `[retry]` backoff by default) and the target's
+//!   fleet-wide retry budget allow, then the next; overloaded / rate limited
 //!   -> the next target (its `retry-after` sets the target's fleet-wide "not before");
 //!   context too large -> a later target with a larger `context_window`; final -> the end.
+//! * An attempt starts only when its whole timeout fits before the call's deadline.
+//! * A final error that is the request's or the caller's ends with the error, never the
+//!   cached or canned answer (those are for availability failures).
 //! * `stop_before` ends the chain with "retry later" instead of falling to a weaker model.
 //! * After the chain: the degraded-response cache (with [`CacheUse`]: a fresh answer is
 //!   stored in the background, and an earlier one served when the chain ends without an

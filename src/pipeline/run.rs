@@ -10,11 +10,15 @@ use serde_json::Value;
 
 use crate::breaker::CallOutcome;
 use crate::cache::{Answer, Caller};
+use crate::classify::Classified;
+use crate::coordinator::Withdrawal;
 use crate::observer::Event;
+use crate::retry::BackoffPolicy;
 use crate::{CallError, Coordinator, Error, Rejection, Request};
 
-/// When to try the same target again after a retryable failure. The retry lane's backoff and
-/// fleet retry budget plug in here; the default, [`NoRetry`], makes one attempt per target.
+/// When to try the same target again after a retryable failure. [`Coordinator::guarded_call`]
+/// uses the feature's `[retry]` backoff ([`BackoffPolicy`]); [`NoRetry`] makes one attempt per
+/// target. Whatever the policy, each retry also draws on the target's fleet-wide retry budget.
 pub trait Retry: Send + Sync {
     /// The wait before another attempt at `target`, whose last `failed` attempts (in a row)
     /// failed, the last with `class`; `None`: go on to the next target. An attempt that
@@ -61,7 +65,7 @@ enum End {
     Refused,
     /// `stop_before` reached.
     StopBefore,
-    /// A final error.
+    /// A final error whose blame is the request or the caller (not the target's health).
     Final,
     /// The overall deadline passed.
     Deadline,
@@ -80,12 +84,24 @@ impl Coordinator {
     /// returns the best answer available, with what answered it (see [`crate::pipeline`]).
     ///
     /// `call(target, n)` makes attempt `n` (1-based, over the whole chain) at `target`;
-    /// `classify` says what an error means ([`Class`]). The request holds one permit and rate
-    /// slot of the feature throughout; each attempt takes only its target's breaker
-    /// admission, and reports to it (success, or [`Class::outcome`]; a timed-out attempt is a
-    /// failure). With a canned answer configured, every ending but a fusebox error
-    /// (unknown feature, invalid name) gives it.
-    pub async fn guarded_call<T, E, F, Fut, C>(
+    /// `classify` says what an error means: a [`Class`], or a
+    /// [`Classification`](crate::classify::Classification) that also says what the breaker
+    /// records ([`Classified`]). The request holds one permit and rate slot of the feature
+    /// throughout; each attempt takes only its target's breaker admission, and reports to it
+    /// (success, or the classification's health; a timed-out attempt is a failure).
+    ///
+    /// Retryable failures are retried on the same target as the feature's `[retry]` backoff
+    /// says (`max_attempts`, jitter, `retry-after` as a floor, none over its cap), each retry
+    /// drawing on the target's fleet-wide retry budget ([`Coordinator::retry_budget`]): a
+    /// spent budget goes on to the next target at once. An attempt (first or retry) is only
+    /// started when its whole timeout fits before the call's deadline (a target timeout
+    /// longer than the deadline counts as the deadline); a target that does not fit is
+    /// passed over.
+    ///
+    /// With a canned answer configured, every ending but a fusebox error (unknown feature,
+    /// invalid name) and a final error that is the request's or the caller's (recorded as
+    /// not the target's fault, e.g. a 400 or a 401) gives it; those end with the error.
+    pub async fn guarded_call<T, E, F, Fut, C, K>(
         &self,
         feature: &str,
         call: F,
@@ -94,14 +110,16 @@ impl Coordinator {
     where
         F: Fn(&ChainTarget, u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        C: Fn(&E) -> Class,
+        C: Fn(&E) -> K,
+        K: Classified,
     {
-        self.guarded_call_with(feature, &NoRetry, call, classify)
+        let retry = BackoffPolicy::new(self.retry_backoff(feature).map_err(CallError::Fusebox)?);
+        self.guarded_call_with(feature, &retry, call, classify)
             .await
     }
 
     /// [`Self::guarded_call`] with a [`Retry`] policy for retryable failures.
-    pub async fn guarded_call_with<T, E, F, Fut, C>(
+    pub async fn guarded_call_with<T, E, F, Fut, C, K>(
         &self,
         feature: &str,
         retry: &dyn Retry,
@@ -111,7 +129,8 @@ impl Coordinator {
     where
         F: Fn(&ChainTarget, u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        C: Fn(&E) -> Class,
+        C: Fn(&E) -> K,
+        K: Classified,
     {
         self.guarded_call_cached(feature, retry, None, call, classify)
             .await
@@ -122,7 +141,7 @@ impl Coordinator {
     /// without an answer (except after a [`Class::Final`] error, which no earlier answer
     /// should paper over) the cached one is served ([`Reply::Cached`], [`Tier::Cache`])
     /// before the canned text.
-    pub async fn guarded_call_cached<T, E, F, Fut, C>(
+    pub async fn guarded_call_cached<T, E, F, Fut, C, K>(
         &self,
         feature: &str,
         retry: &dyn Retry,
@@ -133,7 +152,8 @@ impl Coordinator {
     where
         F: Fn(&ChainTarget, u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        C: Fn(&E) -> Class,
+        C: Fn(&E) -> K,
+        K: Classified,
     {
         let plan = self.plan(feature)?;
         if plan.targets.is_empty() {
@@ -150,6 +170,7 @@ impl Coordinator {
         let mut hint: Option<Duration> = None;
         let mut need_context: Option<u32> = None;
         let mut end = End::Exhausted;
+        let mut passed_over = false;
         let mut i = 0;
         'chain: while let Some(t) = plan.targets.get(i) {
             if plan.stop_before == Some(i) {
@@ -162,11 +183,22 @@ impl Coordinator {
                     continue;
                 }
             }
+            let budget = self
+                .retry_budget(feature, &t.name)
+                .map_err(CallError::Fusebox)?;
+            // No attempt starts that could not finish before the deadline.
+            let timeout = t.timeout.min(plan.deadline);
             let mut failed_here = 0u32;
             loop {
-                if Instant::now() >= deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
                     end = End::Deadline;
                     break 'chain;
+                }
+                if timeout > left {
+                    passed_over = true;
+                    i += 1;
+                    continue 'chain;
                 }
                 let admitted = match &request {
                     Some(r) => self.admit_attempt(r, &t.name).await,
@@ -197,10 +229,10 @@ impl Coordinator {
                     Err(e) => return Err(CallError::Fusebox(e)),
                 };
                 attempts += 1;
-                let limit = t
-                    .timeout
-                    .min(deadline.saturating_duration_since(Instant::now()));
-                let run = tokio::time::timeout(limit, call(t, attempts));
+                if failed_here == 0 {
+                    budget.deposit();
+                }
+                let run = tokio::time::timeout(timeout, call(t, attempts));
                 let result = match &request {
                     Some(r) => r.guard(run).await,
                     None => run.await,
@@ -232,9 +264,17 @@ impl Coordinator {
                         });
                     }
                     Ok(Err(e)) => {
-                        let class = classify(&e);
-                        attempt.record(class.outcome());
+                        let k = classify(&e);
+                        let health = k.health();
+                        attempt.record(health);
                         last_err = Some(e);
+                        let class = k.class();
+                        if matches!(class, Class::Final) && health != CallOutcome::Ignored {
+                            // Final, yet the target's fault: an availability failure, which
+                            // the cache or the canned answer may cover.
+                            end = End::Exhausted;
+                            break 'chain;
+                        }
                         class
                     }
                     Err(_) => {
@@ -267,20 +307,39 @@ impl Coordinator {
                         i += 1;
                         continue 'chain;
                     }
-                    Class::Retryable { .. } => match retry.delay(t, failed_here, &class) {
-                        Some(d) if Instant::now() + d < deadline => {
-                            tokio::time::sleep(d).await;
-                        }
-                        _ => {
+                    Class::Retryable { .. } => {
+                        let Some(d) = retry.delay(t, failed_here, &class) else {
+                            i += 1;
+                            continue 'chain;
+                        };
+                        if Instant::now() + d + timeout > deadline {
+                            // The retry could not finish before the deadline.
+                            passed_over = true;
                             i += 1;
                             continue 'chain;
                         }
-                    },
+                        if let Withdrawal::Spent { .. } = budget.withdraw().await {
+                            // Falls through to the next tier instead of waiting.
+                            i += 1;
+                            continue 'chain;
+                        }
+                        tokio::time::sleep(d).await;
+                    }
                 }
             }
         }
         // The request's permit goes back before the last resorts.
         drop(request);
+        if passed_over && matches!(end, End::Exhausted) {
+            end = End::Deadline;
+        }
+        // A final error that is the request's or the caller's is theirs to see: a "try
+        // later" would hide it, and no later call can fix it.
+        if matches!(end, End::Final) {
+            if let Some(e) = last_err.take() {
+                return Err(CallError::Inner(e));
+            }
+        }
         if let (Some(c), false) = (&cache, matches!(end, End::Final)) {
             // A cache that cannot be read is a miss (reported as an event by the cache).
             if let Ok(Some(hit)) = self.cache_get(feature, c.caller, c.request).await {
