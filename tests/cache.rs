@@ -618,3 +618,52 @@ fn bad_cache_settings_are_refused_naming_the_field() {
         }
     }
 }
+
+/// A cache call that outlasts its own bound (a large write over a slow link) is a dropped
+/// write, not an outage: it must not switch the replica's admissions to local mode (with the
+/// default `failure_threshold = 1`, one counted timeout would). Before the cache used its own
+/// routing (`Tiered::remote_side`), this replica went local on the first slow write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_cache_write_does_not_send_admissions_to_local_mode() {
+    let server = RedisServer::start();
+    // 40 ms each way: an 80 ms round trip, over the cache's 20 ms bound and well under the
+    // hot path's 2 s.
+    let proxy = support::delay_proxy::start(
+        std::net::SocketAddr::from(([127, 0, 0, 1], server.port())),
+        Duration::from_millis(40),
+    );
+    let mut config = Env::Memory.config(CacheConfig {
+        timeout: Duration::from_millis(20),
+        ..on()
+    });
+    config.redis = Some(RedisConfig {
+        url: Some(format!("redis://{proxy}")),
+        timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
+    });
+    let rec = Arc::new(Recorder::default());
+    let c = Coordinator::builder(config)
+        .observer(rec.clone())
+        .require_store(true)
+        .build()
+        .await
+        .expect("valid configuration");
+    let q = ask("What is the capital of France?");
+    let s = c
+        .cache_put("chat", a(), &q, &answer("m", "Paris."))
+        .await
+        .expect("feature");
+    assert!(
+        matches!(s, Stored::Dropped(fusebox::StoreError::Timeout(_))),
+        "the write outlasted the cache's bound: {s:?}"
+    );
+    assert!(
+        !c.is_degraded(),
+        "a slow cache write sent the replica to local mode: {:?}",
+        rec.events()
+    );
+    let permit = c.admit("chat", "t").await.expect("admitted");
+    assert!(!c.is_degraded(), "{:?}", rec.events());
+    drop(permit);
+}

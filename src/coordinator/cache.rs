@@ -111,7 +111,7 @@ impl Shared {
         let bound = w.cache.config.timeout;
         let tried = self
             .tiered
-            .remote(|s| s.cache_put(spec, &w.key, &w.model, &w.exact, &w.body, bound))
+            .remote_side(|s| s.cache_put(spec, &w.key, &w.model, &w.exact, &w.body, bound))
             .await;
         let error = match tried {
             Tried::Done(_) => return Stored::Yes,
@@ -153,7 +153,7 @@ impl Coordinator {
         };
         let key = cache.spec.keys.entry(tenant.as_str(), &rk.lookup);
         let bound = cache.config.timeout;
-        let entry = match s.tiered.remote(|st| st.cache_get(&key, bound)).await {
+        let entry = match s.tiered.remote_side(|st| st.cache_get(&key, bound)).await {
             Tried::Done(e) => e,
             Tried::Embedded => s.tiered.local.cache_get(&cache.spec, &key),
             Tried::Failed(e) => {

@@ -355,6 +355,42 @@ impl Tiered {
         }
     }
 
+    /// Like [`Self::remote`] for side traffic that does not run on the hot path's connection
+    /// (the degraded-response cache, on its own pool, with its own bound and values up to
+    /// megabytes): gated by health the same way, but a **timeout** is not reported to health.
+    /// A slow 100 KB write says nothing about the admissions' connection, and counting it
+    /// would switch the whole replica to local mode; an unreachable Redis (refused, reset,
+    /// DNS, auth) is still reported, and the hot path sees a hang on its own connection.
+    pub(crate) async fn remote_side<'a, T, Fut>(
+        &'a self,
+        op: impl FnOnce(&'a RedisStore) -> Fut,
+    ) -> Tried<T>
+    where
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let Some(r) = &self.remote else {
+            return Tried::Embedded;
+        };
+        if self.health().map_or(Route::Remote, |h| h.route()) == Route::Local {
+            return Tried::Skipped;
+        }
+        let token = self.reporter.token();
+        match op(&r.store).await {
+            Ok(v) => {
+                self.reporter.store_ok_since(token);
+                Tried::Done(v)
+            }
+            Err(e @ StoreError::Timeout(_)) => {
+                tracing::debug!(target: "fusebox", event = "store_error", error = %e, "side operation timed out (not counted toward local mode)");
+                Tried::Failed(e)
+            }
+            Err(e) => {
+                self.reporter.store_failed(&e);
+                Tried::Failed(e)
+            }
+        }
+    }
+
     async fn ask<'a, T, Fut>(
         &self,
         store: &'a RedisStore,
