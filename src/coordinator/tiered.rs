@@ -87,6 +87,7 @@ pub(crate) struct Reporter {
 impl Reporter {
     pub(crate) fn emit(&self, event: Event) {
         if let Event::Transition(t) = &event {
+            crate::pipeline::metrics::transition(t);
             if t.to == crate::CircuitState::Open {
                 if let Some(f) = self.on_open.get() {
                     f(t);

@@ -20,6 +20,7 @@
 //!   stored in the background, and an earlier one served when the chain ends without an
 //!   answer, except after a final error), then the canned answer, when the feature has one.
 
+pub(crate) mod metrics;
 mod plan;
 mod run;
 #[cfg(feature = "tower")]
@@ -46,6 +47,18 @@ pub enum Tier {
     Cache,
     /// The feature's canned last resort.
     Canned,
+}
+
+impl Tier {
+    /// A stable lower-case name (metrics, logs): `primary`, `fallback`, `cache`, `canned`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Primary => "primary",
+            Tier::Fallback => "fallback",
+            Tier::Cache => "cache",
+            Tier::Canned => "canned",
+        }
+    }
 }
 
 /// The answer's content.

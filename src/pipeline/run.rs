@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Answered, ChainTarget, Class, Reply, Tier};
+use super::{metrics, Answered, ChainTarget, Class, Reply, Tier};
 use serde_json::Value;
 
 use crate::breaker::CallOutcome;
@@ -155,6 +155,30 @@ impl Coordinator {
         C: Fn(&E) -> K,
         K: Classified,
     {
+        let started = Instant::now();
+        let r = self.chain(feature, retry, cache, call, classify).await;
+        let outcome = match &r {
+            Ok(a) => a.tier.as_str(),
+            Err(_) => "error",
+        };
+        metrics::call(feature, outcome, started.elapsed());
+        r
+    }
+
+    async fn chain<T, E, F, Fut, C, K>(
+        &self,
+        feature: &str,
+        retry: &dyn Retry,
+        cache: Option<CacheUse<'_, T>>,
+        call: F,
+        classify: C,
+    ) -> Result<Answered<T>, CallError<E>>
+    where
+        F: Fn(&ChainTarget, u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Fn(&E) -> K,
+        K: Classified,
+    {
         let plan = self.plan(feature)?;
         if plan.targets.is_empty() {
             return Err(CallError::Fusebox(Error::config(
@@ -232,6 +256,8 @@ impl Coordinator {
                 if failed_here == 0 {
                     budget.deposit();
                 }
+                metrics::attempt(feature, &t.name, failed_here > 0);
+                let sent = Instant::now();
                 let run = tokio::time::timeout(timeout, call(t, attempts));
                 let result = match &request {
                     Some(r) => r.guard(run).await,
@@ -239,6 +265,7 @@ impl Coordinator {
                 };
                 let class = match result {
                     Ok(Ok(v)) => {
+                        metrics::attempt_ended(feature, &t.name, sent.elapsed(), None);
                         attempt.record(CallOutcome::Success);
                         drop(request);
                         if let Some(c) = &cache {
@@ -253,6 +280,9 @@ impl Coordinator {
                         } else {
                             Tier::Fallback
                         };
+                        if tier == Tier::Fallback {
+                            metrics::fallback(feature, &t.name);
+                        }
                         self.answered(feature, tier, Some(&t.name), attempts);
                         return Ok(Answered {
                             reply: Reply::Fresh(v),
@@ -269,6 +299,12 @@ impl Coordinator {
                         attempt.record(health);
                         last_err = Some(e);
                         let class = k.class();
+                        metrics::attempt_ended(
+                            feature,
+                            &t.name,
+                            sent.elapsed(),
+                            Some(class.as_str()),
+                        );
                         if matches!(class, Class::Final) && health != CallOutcome::Ignored {
                             // Final, yet the target's fault: an availability failure, which
                             // the cache or the canned answer may cover.
@@ -278,6 +314,8 @@ impl Coordinator {
                         class
                     }
                     Err(_) => {
+                        let timeout = Some("timeout");
+                        metrics::attempt_ended(feature, &t.name, sent.elapsed(), timeout);
                         attempt.record(CallOutcome::Failure);
                         Class::Retryable { retry_after: None }
                     }
@@ -319,6 +357,7 @@ impl Coordinator {
                             continue 'chain;
                         }
                         if let Withdrawal::Spent { .. } = budget.withdraw().await {
+                            metrics::budget_spent(feature, &t.name);
                             // Falls through to the next tier instead of waiting.
                             i += 1;
                             continue 'chain;
@@ -343,6 +382,7 @@ impl Coordinator {
         if let (Some(c), false) = (&cache, matches!(end, End::Final)) {
             // A cache that cannot be read is a miss (reported as an event by the cache).
             if let Ok(Some(hit)) = self.cache_get(feature, c.caller, c.request).await {
+                metrics::degraded(feature, "cache");
                 self.answered(feature, Tier::Cache, None, attempts);
                 let model = Some(hit.model.clone());
                 return Ok(Answered {
@@ -356,6 +396,7 @@ impl Coordinator {
             }
         }
         if let Some(c) = &plan.canned {
+            metrics::degraded(feature, "canned");
             self.answered(feature, Tier::Canned, None, attempts);
             return Ok(Answered {
                 reply: Reply::Canned {
