@@ -414,6 +414,11 @@ impl MessageStream {
         }
     }
 
+    /// Puts back an event taken with [`Self::next`]: the next call returns it first.
+    pub(crate) fn unread(&mut self, ev: StreamEvent) {
+        self.ready.push_front(ev);
+    }
+
     /// Reads the whole stream, returning its events in order, or the first failure.
     pub async fn collect(mut self) -> Result<Vec<StreamEvent>, UpstreamError> {
         let mut events = Vec::new();

@@ -4,6 +4,7 @@
 //! classified by [`crate::classify`].
 
 mod client;
+mod guarded;
 pub mod headers;
 pub mod sse;
 mod types;
@@ -12,6 +13,7 @@ pub use client::{
     ApiKey, Client, ClientBuilder, MessageStream, Reply, DEFAULT_BASE_URL, DEFAULT_TIMEOUT,
     DEFAULT_VERSION,
 };
+pub use guarded::{Guarded, GuardedReply, GuardedStream};
 pub use headers::{
     parse_retry_after, parse_retry_after_ms, parse_rfc3339, HeaderError, HeaderProblem, RateLimit,
     RateLimits, ResponseHeaders, RETRY_AFTER_CEILING,

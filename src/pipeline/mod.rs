@@ -105,4 +105,12 @@ impl<T> Answered<T> {
             Reply::Cached(_) | Reply::Canned { .. } => None,
         }
     }
+
+    /// The age of a cached answer (`None` for every other tier).
+    pub fn cache_age(&self) -> Option<Duration> {
+        match &self.reply {
+            Reply::Cached(c) => Some(c.age),
+            Reply::Fresh(_) | Reply::Canned { .. } => None,
+        }
+    }
 }
