@@ -75,6 +75,12 @@ pub fn budget_key(namespace: &str, target: &str) -> String {
     format!("fusebox:{{{namespace}:t:{target}}}:{LAYOUT}:budget")
 }
 
+/// The key of `feature`'s fleet-wide fallback rate window (the health signal), under the
+/// feature's hash tag.
+pub fn fallback_rate_key(namespace: &str, feature: &str) -> String {
+    format!("fusebox:{{{namespace}:f:{feature}}}:{LAYOUT}:fallback-rate")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

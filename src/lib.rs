@@ -42,8 +42,8 @@ pub use breaker::{
 };
 pub use config::{
     BreakerConfig, BreakerOverrides, BudgetConfig, CacheConfig, CacheOverrides, CannedConfig,
-    Config, FeatureConfig, RateConfig, RedisConfig, RetryConfig, RetryOverrides, StorePolicy,
-    TargetConfig,
+    Config, FallbackAlertConfig, FeatureConfig, RateConfig, RedisConfig, RetryConfig,
+    RetryOverrides, StorePolicy, TargetConfig,
 };
 pub use coordinator::{
     Attempt, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames, Member, Permit,

@@ -66,6 +66,27 @@ pub enum Event {
         /// Why ([`StoreError::Unavailable`] when the store was not asked).
         error: StoreError,
     },
+    /// The fleet health signal: more than `[fallback_alert] threshold` of `feature`'s
+    /// answered guarded calls over the window, fleet-wide, were not answered by its primary
+    /// target. Fires once per episode fleet-wide (on the replica whose counts tipped it).
+    FallbackAlert {
+        /// The feature.
+        feature: String,
+        /// Answered calls in the window.
+        calls: u64,
+        /// Those not answered by the primary.
+        fallbacks: u64,
+    },
+    /// The episode of a [`Event::FallbackAlert`] ended: the rate is back at or below the
+    /// threshold (once fleet-wide).
+    FallbackRecovered {
+        /// The feature.
+        feature: String,
+        /// Answered calls in the window.
+        calls: u64,
+        /// Those not answered by the primary.
+        fallbacks: u64,
+    },
     /// A retry was not sent because the target's retry budget is spent (the call falls
     /// through to its next tier).
     RetryBudgetSpent {
@@ -167,6 +188,30 @@ pub(crate) fn trace(event: &Event) {
             breaker.target = %target,
             source = ?source,
             "retry budget spent: retry not sent"
+        ),
+        Event::FallbackAlert {
+            feature,
+            calls,
+            fallbacks,
+        } => tracing::warn!(
+            target: "fusebox",
+            event = "fallback_alert",
+            feature = %feature,
+            calls = *calls,
+            fallbacks = *fallbacks,
+            "fleet fallback rate over the threshold"
+        ),
+        Event::FallbackRecovered {
+            feature,
+            calls,
+            fallbacks,
+        } => tracing::info!(
+            target: "fusebox",
+            event = "fallback_recovered",
+            feature = %feature,
+            calls = *calls,
+            fallbacks = *fallbacks,
+            "fleet fallback rate back under the threshold"
         ),
     }
 }

@@ -20,6 +20,55 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 /// Longest canned text, in bytes.
 pub(super) const MAX_CANNED_BYTES: usize = 64 * 1024;
 
+/// The fleet health signal (`[fallback_alert]`): an [`crate::Event::FallbackAlert`] fires
+/// once per episode when, fleet-wide, more than `threshold` of a feature's answered guarded
+/// calls over `window` were not answered by its primary target, with at least `min_calls`
+/// calls in the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackAlertConfig {
+    /// The fallback rate to pass (a fraction, 0 to 1). Default: `0.05`.
+    pub threshold: f64,
+    /// The sliding window (10 buckets). 1 s to 1 day. Default: `1h`.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Calls the window needs before it can alert. 1 to 10^9. Default: `100`.
+    pub min_calls: u64,
+}
+
+impl Default for FallbackAlertConfig {
+    fn default() -> Self {
+        FallbackAlertConfig {
+            threshold: 0.05,
+            window: HOUR,
+            min_calls: 100,
+        }
+    }
+}
+
+impl FallbackAlertConfig {
+    pub(super) fn validate(&self, field: &str) -> Result<(), Error> {
+        if !(0.0..=1.0).contains(&self.threshold) {
+            return Err(Error::config(
+                format!("{field}.threshold"),
+                "must be a fraction from 0 to 1",
+            ));
+        }
+        check_range(
+            &format!("{field}.window"),
+            self.window,
+            Duration::from_secs(1),
+            DAY,
+        )?;
+        check_count(
+            &format!("{field}.min_calls"),
+            self.min_calls,
+            1,
+            1_000_000_000,
+        )
+    }
+}
+
 /// The last resort of a feature: what the caller gets when no target (and no cached answer)
 /// could answer, with the retry guidance to show. With one configured, a chained call never
 /// ends in a bare failure.

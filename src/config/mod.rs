@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 
 pub use self::breaker::BreakerConfig;
 pub use self::cache::{CacheConfig, CacheOverrides, TenantSource};
-pub use self::chain::{CannedConfig, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE};
+pub use self::chain::{
+    CannedConfig, FallbackAlertConfig, DEFAULT_ATTEMPT_TIMEOUT, DEFAULT_DEADLINE,
+};
 pub use self::feature::{FeatureConfig, RateConfig, StorePolicy};
 pub use self::redis::{redact_url, RedisConfig};
 pub use self::retry::{BudgetConfig, RetryConfig, RetryOverrides};
@@ -55,6 +57,8 @@ pub struct Config {
     /// Backoff and the fleet-wide retry budget; `[features."<name>".retry]` changes single
     /// fields per feature. Default: see [`RetryConfig`].
     pub retry: RetryConfig,
+    /// The fleet health signal. Default: see [`FallbackAlertConfig`].
+    pub fallback_alert: FallbackAlertConfig,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             features: BTreeMap::new(),
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),
+            fallback_alert: FallbackAlertConfig::default(),
         }
     }
 }
@@ -154,6 +159,7 @@ impl Config {
                 .validate(&format!("features.{name}.cache"))?;
         }
         retry::validate(self)?;
+        self.fallback_alert.validate("fallback_alert")?;
         if let Some(r) = &self.redis {
             self.check_idle_ttl(r.idle_ttl)?;
         }

@@ -4,6 +4,7 @@
 //! Redis-down mode, a breaker around Redis itself (`health`) and the background settle
 //! queue (`flusher`).
 
+mod alert;
 mod cache;
 mod fleet;
 mod flusher;
@@ -111,6 +112,8 @@ pub(crate) struct Shared {
     caches: HashMap<String, Arc<cache::FeatureCache>>,
     /// Retry settings per feature and retry budgets per target.
     retries: retry::Retries,
+    /// The fleet health signal's counters.
+    alerts: alert::Alerts,
 }
 
 /// Builds a [`Coordinator`]: configuration plus optional observer and clock.
@@ -259,6 +262,7 @@ impl CoordinatorBuilder {
                 })
                 .collect(),
             retries: retry::Retries::new(&config),
+            alerts: alert::Alerts::new(&config),
         });
         let weak = Arc::downgrade(&shared);
         let _ = shared

@@ -20,6 +20,7 @@
 //!   stored in the background, and an earlier one served when the chain ends without an
 //!   answer, except after a final error), then the canned answer, when the feature has one.
 
+pub mod alert;
 pub(crate) mod metrics;
 mod plan;
 mod run;

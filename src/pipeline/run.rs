@@ -162,6 +162,9 @@ impl Coordinator {
             Err(_) => "error",
         };
         metrics::call(feature, outcome, started.elapsed());
+        if let Ok(a) = &r {
+            self.count_call(feature, a.tier != Tier::Primary);
+        }
         r
     }
 

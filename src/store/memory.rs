@@ -8,6 +8,7 @@ use super::{Admission, AdmitRequest, Admitted, FeatureSpec, Settle, Store, Targe
 use crate::breaker::{BreakerSnapshot, BreakerState, Force, Transition, Verdict};
 use crate::bulkhead::Permits;
 use crate::clock::{Clock, SystemClock};
+use crate::pipeline::alert::{AlertParams, RateReading, RateWindow};
 use crate::retry::budget::{BudgetParams, BudgetWindow, Withdrawn};
 use crate::{Rejection, StoreError};
 use std::time::Duration;
@@ -26,6 +27,8 @@ struct Inner {
     members: HashMap<String, HashMap<String, u64>>,
     /// Retry budgets (the twin of `lua/budget_*.lua`): key -> window.
     budgets: HashMap<String, BudgetWindow>,
+    /// Fallback rate windows (the twin of `lua/fallback_rate.lua`): key -> window.
+    rates: HashMap<String, RateWindow>,
     ops: u64,
 }
 
@@ -503,5 +506,23 @@ impl MemoryStore {
     /// (`lua/budget_withdraw.lua`).
     pub fn budget_withdraw_now(&self, key: &str, p: &BudgetParams, n: u64) -> Withdrawn {
         self.budget(key, p, |w, now| w.withdraw(p, now, n))
+    }
+
+    /// Counts `calls` guarded calls of which `fallbacks` fell back in the window at `key`
+    /// (`lua/fallback_rate.lua`). One window per feature: configured features only.
+    pub fn fallback_rate_now(
+        &self,
+        key: &str,
+        p: &AlertParams,
+        calls: u64,
+        fallbacks: u64,
+    ) -> RateReading {
+        let now = self.clock.now_ms();
+        let mut inner = self.lock();
+        inner
+            .rates
+            .entry(key.to_owned())
+            .or_default()
+            .add(p, now, calls, fallbacks)
     }
 }

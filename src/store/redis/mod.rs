@@ -18,6 +18,7 @@
 //! run; see the notes on [`RedisStore::admit`](Store::admit) and `settle` below.
 
 mod admit;
+mod alert;
 mod attempt;
 mod batch;
 mod budget;

@@ -40,7 +40,7 @@ pub(super) static SNAPSHOT: LazyLock<Script> = script!("snapshot.lua");
 pub(super) static IN_FLIGHT: LazyLock<Script> = script!("in_flight.lua");
 
 /// Every script, to load on connect and after a reconnect.
-pub(super) fn all() -> [&'static Script; 14] {
+pub(super) fn all() -> [&'static Script; 15] {
     [
         &ADMIT,
         &super::ride::SETTLE_ADMIT,
@@ -56,6 +56,7 @@ pub(super) fn all() -> [&'static Script; 14] {
         &super::reconcile::ADOPT,
         &super::budget::DEPOSIT,
         &super::budget::WITHDRAW,
+        &super::alert::FALLBACK_RATE,
     ]
 }
 
