@@ -9,7 +9,8 @@
 --   {now_ms, from, to, generation, reason} (reason 7, operator).
 -- Invariants: operator states (3, 4, 5) PERSIST until an operator resets; reset closes with
 -- an empty window and forgets the open count; any other command also frees the probes,
--- clears the window and the counters, and keeps not_before.
+-- clears the window and the counters. Reset (0) and forced closed (4) also clear not_before
+-- (an operator who closes a target wants calls sent to it); open and disable keep it.
 
 local now = now_ms()
 local breaker_key, probes_key = KEYS[1], KEYS[2]
@@ -20,11 +21,21 @@ if to ~= CLOSED and to ~= FORCED_OPEN and to ~= FORCED_CLOSED and to ~= DISABLED
 end
 
 local st = load_breaker(breaker_key)
+if (to == CLOSED or to == FORCED_CLOSED) and st.nb ~= 0 then
+  st.nb = 0
+  if st.s == to then
+    -- no transition, but the cleared not_before is written
+    st.dirty = true
+    if to == FORCED_CLOSED then
+      save_breaker(breaker_key, st, now, idle)
+    end
+  end
+end
 if st.s == to then
   if to == CLOSED then
     -- reset of a closed breaker: no transition, but start from an empty window (written
     -- only if there was something to forget: a fresh breaker gets no key)
-    st.dirty = st.o ~= 0 or st.ou ~= 0 or st.hs ~= 0 or st.cf ~= 0 or st.wn > 0
+    st.dirty = st.dirty or st.o ~= 0 or st.ou ~= 0 or st.hs ~= 0 or st.cf ~= 0 or st.wn > 0
     st.o = 0
     st.ou = 0
     st.hs = 0

@@ -467,6 +467,75 @@ async fn an_overload_retry_after_holds_the_target_for_the_fleet() {
     .await
 }
 
+/// How long `c` refuses target `t` of feature `f` with `NotBefore` (`None`: admitted),
+/// waiting up to 2 s for a not-before set in the background to land.
+async fn not_before_of(c: &Coordinator, t: &str, wait_for_it: bool) -> Option<Duration> {
+    for _ in 0..100 {
+        match c.admit_request("f", t).await {
+            Err(Error::Rejected(r @ Rejection::NotBefore { .. })) => return r.retry_after(),
+            Ok(_) if wait_for_it => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(_) => return None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    None
+}
+
+/// A hostile `retry-after` (the client clamps `1e12` to a day) does not shut the target for
+/// the fleet for longer than the feature's `retry_after_cap`; and an operator's forced close
+/// or reset clears the not-before (regression: a day, and `force closed` did not lift it).
+async fn a_hostile_retry_after_is_capped_and_operators_can_lift_it(env: Env) {
+    let mut config = env.config(&["a", "b"]);
+    config.retry.retry_after_cap = Duration::from_secs(60);
+    let c = env.start(config).await;
+    let up = Upstream::with(&[
+        (
+            "a",
+            Err(Class::Overloaded {
+                retry_after: Some(Duration::from_secs(86_399)),
+            }),
+        ),
+        ("b", Ok("B")),
+    ]);
+    // consecutive_failures = 1 would open a anyway: count the not-before alone.
+    let _ = c.force("a", Force::Closed).await.expect("force");
+    let answer = c.guarded_call("f", up.call(), classify).await.expect("b");
+    assert_eq!(answer.target.as_deref(), Some("b"));
+    let held = not_before_of(&c, "a", true).await.expect("a is held");
+    assert!(held <= Duration::from_secs(60), "held for {held:?}");
+
+    // Already forced closed: the command still lifts the not-before.
+    let _ = c.force("a", Force::Closed).await.expect("force");
+    assert_eq!(not_before_of(&c, "a", false).await, None, "forced closed");
+    c.set_not_before("a", Duration::from_secs(30))
+        .await
+        .expect("not before");
+    assert!(not_before_of(&c, "a", false).await.is_some());
+    let _ = c.force("a", Force::Reset).await.expect("force");
+    assert_eq!(not_before_of(&c, "a", false).await, None, "reset");
+    // Reset of a closed breaker too.
+    c.set_not_before("a", Duration::from_secs(30))
+        .await
+        .expect("not before");
+    assert!(not_before_of(&c, "a", false).await.is_some());
+    let _ = c.force("a", Force::Reset).await.expect("force");
+    assert_eq!(
+        not_before_of(&c, "a", false).await,
+        None,
+        "reset when closed"
+    );
+    // Forced open and disable keep it.
+    c.set_not_before("a", Duration::from_secs(30))
+        .await
+        .expect("not before");
+    let _ = c.force("a", Force::Open).await.expect("force");
+    let _ = c.force("a", Force::Disable).await.expect("force");
+    let snap = c.snapshot("a").await.expect("snapshot");
+    assert!(snap.not_before_ms.is_some(), "disable keeps it: {snap:?}");
+}
+
+on_all!(a_hostile_retry_after_is_capped_and_operators_can_lift_it);
+
 /// Lines MONITOR shows from now on.
 struct Monitor {
     lines: Arc<Mutex<Vec<String>>>,

@@ -301,6 +301,11 @@ impl BreakerState {
     /// a reset of a closed breaker still empties its window and counters).
     pub fn force(&mut self, target: &str, cmd: Force, now_ms: u64) -> Option<Transition> {
         let to = cmd.target_state();
+        if matches!(cmd, Force::Reset | Force::Closed) {
+            // An operator who closes a target means "send calls to it": an upstream's
+            // "not before" (however long it asked for) no longer holds.
+            self.not_before = 0;
+        }
         if self.state == to {
             if cmd == Force::Reset {
                 // No transition, but a reset always starts from an empty window.

@@ -75,6 +75,12 @@ impl Skips {
         );
     }
 
+    /// Forgets what this replica learnt about `target` (an operator command changed it).
+    pub(crate) fn forget(&self, target: &str) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(target);
+    }
+
     /// The refusal to give without asking the store, while a skip of `target` holds.
     pub(crate) fn check(&self, target: &str) -> Option<Rejection> {
         let now = Instant::now();

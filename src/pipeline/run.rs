@@ -190,6 +190,12 @@ impl Coordinator {
             )));
         }
         let deadline = Instant::now() + plan.deadline;
+        // The longest fleet-wide "not before" an upstream's retry-after may set: one hostile
+        // or broken header must not shut a target for the whole fleet for a day.
+        let not_before_cap = self
+            .retry_backoff(feature)
+            .map_err(CallError::Fusebox)?
+            .retry_after_cap;
         let mut request: Option<Request> = None;
         let mut attempts = 0u32;
         let mut last_err: Option<E> = None;
@@ -337,6 +343,7 @@ impl Coordinator {
                     }
                     Class::Overloaded { retry_after } => {
                         if let Some(d) = retry_after {
+                            let d = d.min(not_before_cap);
                             hint = sooner(hint, Some(d));
                             // Fleet-wide, in the background: the fallback does not wait for it.
                             let c = self.clone();

@@ -162,6 +162,10 @@ impl Coordinator {
     /// expiry would silently let traffic back to a target someone shut off. So a misspelled
     /// name must not get one: it would be a forced key that never expires and that no call
     /// ever uses. Use [`Self::force_create`] for a target that has no state yet on purpose.
+    ///
+    /// [`Force::Reset`] and [`Force::Closed`] also clear the target's "not before" (an
+    /// upstream's `retry-after`, [`Self::set_not_before`]): an operator who closes a target
+    /// wants calls to reach it. [`Force::Open`] and [`Force::Disable`] keep it.
     pub async fn force(&self, target: &str, cmd: Force) -> Result<Option<Transition>, Error> {
         self.force_checked(target, cmd, false).await
     }
@@ -206,6 +210,8 @@ impl Coordinator {
                 self.shared.tiered.local.force(&t, cmd).await?
             }
         };
+        // This replica sees its own command at once (others within the skip's hold).
+        self.shared.skips.forget(target);
         if let Some(tr) = &tr {
             self.shared.emit(Event::Transition(tr.clone()));
         }
