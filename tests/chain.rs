@@ -858,6 +858,55 @@ async fn attempt_timeouts_move_on_and_the_deadline_bounds_the_call() {
     );
 }
 
+/// Waiting for a permit eats into the deadline: an attempt that no longer fits once admitted
+/// is not started (regression: the 600 ms wait, then a full 900 ms attempt, past a 1 s
+/// deadline). Paused time.
+#[tokio::test(start_paused = true)]
+async fn an_attempt_that_no_longer_fits_after_waiting_for_a_permit_is_not_started() {
+    let env = Env::Memory;
+    let mut config = env.config(&["a"]);
+    config.targets.insert(
+        "a".into(),
+        TargetConfig {
+            timeout: Some(Duration::from_millis(900)),
+            ..TargetConfig::default()
+        },
+    );
+    let f = config.features.get_mut("f").expect("f");
+    f.max_concurrent = Some(1);
+    f.max_wait = Duration::from_millis(600);
+    f.deadline = Some(Duration::from_secs(1));
+    let c = env.start(config).await;
+    let held = c.admit("f", "other").await.expect("the only permit");
+    let holder = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        held.record(CallOutcome::Success);
+    });
+    let started = tokio::time::Instant::now();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let slow = |t: &ChainTarget, _: u32| {
+        asked.lock().expect("lock").push(t.name.clone());
+        async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<&str, Class>("late")
+        }
+    };
+    let r = c.guarded_call("f", slow, classify).await;
+    let elapsed = started.elapsed();
+    holder.await.expect("holder");
+    assert!(matches!(r, Err(CallError::TimedOut)), "{r:?}");
+    assert!(asked.lock().expect("lock").is_empty(), "no attempt started");
+    assert!(
+        elapsed <= Duration::from_secs(1),
+        "past the deadline: {elapsed:?}"
+    );
+    assert_eq!(
+        c.snapshot("a").await.expect("snapshot").window.calls,
+        0,
+        "nothing recorded on a"
+    );
+}
+
 /// A retry is only started when its wait plus its whole attempt timeout fits before the
 /// deadline; otherwise the chain moves on (paused time).
 #[tokio::test(start_paused = true)]

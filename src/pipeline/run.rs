@@ -94,7 +94,8 @@ impl Coordinator {
     /// says (`max_attempts`, jitter, `retry-after` as a floor, none over its cap), each retry
     /// drawing on the target's fleet-wide retry budget ([`Coordinator::retry_budget`]): a
     /// spent budget goes on to the next target at once. An attempt (first or retry) is only
-    /// started when its whole timeout fits before the call's deadline (a target timeout
+    /// started when its whole timeout fits before the call's deadline, checked again once the
+    /// feature's permit is granted (after any `max_wait` for it) (a target timeout
     /// longer than the deadline counts as the deadline); a target that does not fit is
     /// passed over.
     ///
@@ -261,6 +262,15 @@ impl Coordinator {
                     }
                     Err(e) => return Err(CallError::Fusebox(e)),
                 };
+                // The first admission may have waited (up to the feature's `max_wait`) for a
+                // permit: the attempt starts only if it still fits. A dropped attempt gives
+                // its probe slot back and records nothing.
+                if timeout > deadline.saturating_duration_since(Instant::now()) {
+                    drop(attempt);
+                    passed_over = true;
+                    i += 1;
+                    continue 'chain;
+                }
                 attempts += 1;
                 if failed_here == 0 {
                     budget.deposit();
