@@ -567,3 +567,70 @@ async fn fields_fusebox_does_not_read_reach_the_upstream_untouched() {
         "a plain request sends no stream field"
     );
 }
+
+/// A redirect is never followed: the upstream's `location` could name another host, and the
+/// request carries the caller's `x-api-key` (reqwest strips `authorization` on a cross-host
+/// redirect, not `x-api-key`). Before the fix, a 302/307/308 from the upstream sent the key
+/// to the host it named and returned that host's reply as a success.
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_the_key_goes_nowhere_else() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    // The host a redirect points at: records whatever reaches it.
+    let elsewhere = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let elsewhere_addr = elsewhere.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let seen_w = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = elsewhere.accept().await {
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if let Ok(mut v) = seen_w.lock() {
+                v.extend_from_slice(buf.get(..n).unwrap_or_default());
+            }
+            let body = r#"{"id":"x","type":"message","role":"assistant","model":"m","content":[],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":1}}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(reply.as_bytes()).await;
+        }
+    });
+
+    for code in [
+        "302 Found",
+        "307 Temporary Redirect",
+        "308 Permanent Redirect",
+    ] {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream_addr = upstream.local_addr().expect("addr");
+        let location = format!("http://localhost:{}/steal", elsewhere_addr.port());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = upstream.accept().await {
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = s.read(&mut buf).await;
+                let reply = format!(
+                    "HTTP/1.1 {code}\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            }
+        });
+        let c = Client::builder()
+            .base_url(format!("http://{upstream_addr}"))
+            .api_key(ApiKey::new(KEY).expect("key"))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let result = c.send(&ask("m", "hi")).await;
+        let e = result.expect_err("a redirect is an error, not the other host's answer");
+        assert_eq!(e.status.map(|s| s / 100), Some(3), "{code}: {e}");
+        assert_eq!(e.classification.class, Class::Final, "{code}: {e}");
+    }
+    // Had a redirect been followed, the other host recorded the request before it answered.
+    let seen = String::from_utf8_lossy(&seen.lock().expect("lock")).into_owned();
+    assert!(
+        seen.is_empty(),
+        "a request reached the host the redirect named: {seen}"
+    );
+}

@@ -117,7 +117,11 @@ impl ClientBuilder {
                 .map_err(|_| Error::config("beta", "not a valid header value"))?;
             fixed.insert("anthropic-beta", betas);
         }
+        // Never follow a redirect: its `location` could name another host, and the request
+        // carries the caller's `x-api-key` (reqwest strips only `authorization` across hosts).
+        // A 3xx is the upstream's answer, classified like any other status.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::config("client", e.to_string()))?;
         Ok(Client {
