@@ -725,6 +725,83 @@ fn status_lists_configured_and_known_targets_and_features() {
     drop((permit, batch));
 }
 
+/// Regression: one stray key (a name with an escape sequence, a key of the wrong type) made
+/// the whole listing fail (exit 3 / exit 4, nothing shown); and a target named only in a
+/// feature's chain was not listed as configured. Now every other entry is listed, the bad
+/// ones marked (escaped) with what is wrong, and the command exits 6 after printing.
+#[test]
+fn status_lists_everything_else_when_one_key_is_bad() {
+    let server = RedisServer::start();
+    let file = TempToml::new(&format!(
+        "namespace = \"stray\"\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
+         [targets.good]\n[features.chat]\nchain = [\"good\", \"chained\"]\nmax_concurrent = 2\n\
+         [features.broken]\nmax_concurrent = 2\n",
+        server.url()
+    ));
+    let mut redis = support::sync_connection(&server.url());
+    let evil = "fusebox:{stray:t:evil\x1b[31m}:v1:breaker";
+    let _: () = redis::cmd("HSET")
+        .arg(evil)
+        .arg("s")
+        .arg("1")
+        .query(&mut redis)
+        .expect("HSET");
+    let _: () = redis::cmd("SET")
+        .arg("fusebox:{stray:t:wrongtype}:v1:breaker")
+        .arg("x")
+        .query(&mut redis)
+        .expect("SET");
+    let _: () = redis::cmd("SET")
+        .arg("fusebox:{stray:f:broken}:v1:permits")
+        .arg("x")
+        .query(&mut redis)
+        .expect("SET");
+
+    let run = fb(&file, &["status"]);
+    run.assert_exit(6);
+    assert!(
+        !run.stdout.contains('\x1b'),
+        "the escape is escaped: {run:#?}"
+    );
+    for shown in [
+        "good ",
+        "chained ",
+        "evil\\u{1b}[31m",
+        "broken",
+        "0 of 2 in flight",
+    ] {
+        assert!(run.stdout.contains(shown), "{shown:?} missing: {run:#?}");
+    }
+    assert!(
+        !run.stdout.contains("chained (default breaker)"),
+        "{run:#?}"
+    );
+    assert!(
+        run.stderr.contains("3 entries could not be read"),
+        "{run:#?}"
+    );
+
+    let run = fusebox(&["-c", file.path(), "--json", "status"]);
+    run.assert_exit(6);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("one JSON document: {e}: {run:#?}"));
+    let targets = v["targets"].as_array().expect("targets");
+    let by_name = |n: &str| {
+        targets
+            .iter()
+            .find(|t| t["name"] == n)
+            .unwrap_or_else(|| panic!("{n} missing: {v}"))
+    };
+    assert_eq!(by_name("chained")["configured"], true, "{v}");
+    assert_eq!(by_name("good")["state"], "closed", "{v}");
+    assert!(by_name("evil\x1b[31m")["error"].is_string(), "{v}");
+    assert!(by_name("wrongtype")["error"].is_string(), "{v}");
+    let broken = &v["features"][0];
+    assert_eq!(broken["name"], "broken", "{v}");
+    assert!(broken["error"].is_string(), "{v}");
+    assert_eq!(v["features"][1]["in_flight"], 0, "{v}");
+}
+
 /// On Redis Cluster, known names are found on every master (targets hash to different
 /// slots, hence different nodes), and `force` / `status` work through the cluster client.
 #[test]

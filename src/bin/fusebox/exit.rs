@@ -11,7 +11,9 @@ pub(crate) const HELP: &str = "Exit codes:
   4  the shared store could not be read or written (the message names the cause:
      connection refused, authentication, DNS, TLS, timeout, protocol, script)
   5  refused: the command cannot work with this configuration (force without [redis],
-     force on a target neither configured nor known: use --create if that is meant)";
+     force on a target neither configured nor known: use --create if that is meant)
+  6  status printed everything it could, but some entries could not be read (each is
+     marked in the listing with what is wrong, e.g. a stray key of the wrong type)";
 
 /// Why the command failed, and with which exit code.
 #[derive(Debug)]
@@ -63,6 +65,15 @@ impl Failure {
         }
     }
 
+    /// Everything was printed (with `--json`, as JSON), but some entries could not be read.
+    pub(crate) fn partial(message: impl Into<String>) -> Self {
+        Failure {
+            code: 6,
+            message: message.into(),
+            cause: None,
+        }
+    }
+
     /// Sorts a library error: store failures exit 4, configuration errors 3.
     pub(crate) fn from_error(context: &str, e: fusebox::Error) -> Self {
         let message = format!("{context}: {e}");
@@ -83,7 +94,8 @@ impl Failure {
     /// returns the exit code.
     pub(crate) fn report(self, json: bool) -> ExitCode {
         eprintln!("fusebox: {}", self.message);
-        if json {
+        // A partial listing already printed its JSON document: no second one on stdout.
+        if json && self.code != 6 {
             self.report_json_only()
         } else {
             ExitCode::from(self.code)

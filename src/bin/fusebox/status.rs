@@ -1,9 +1,13 @@
 //! `fusebox status [NAME]`: breakers and bulkheads as the shared store holds them. Never
 //! shows this process's own state as the fleet's: without `[redis]` it says the state is not
-//! visible from here; when Redis cannot be read it fails with the cause (exit 4).
+//! visible from here; when Redis cannot be read it fails with the cause (exit 4). One entry
+//! that cannot be read (a stray key: a name no configuration could hold, a key of the wrong
+//! type) does not hide the others: it is listed, escaped, with what is wrong, and the command
+//! exits 6 after printing everything.
 
 use std::collections::BTreeSet;
 
+use fusebox::breaker::BreakerSnapshot;
 use fusebox::config::redact_url;
 use fusebox::{Config, Coordinator};
 use serde_json::{json, Value};
@@ -40,12 +44,13 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
         }
         Some(n) => (BTreeSet::from([n.to_owned()]), BTreeSet::new()),
         None => {
+            // Configured targets: under [targets] and in every feature's chain.
             let known = coordinator
                 .known_names()
                 .await
                 .map_err(|e| Failure::from_error(&format!("cannot list {store}"), e))?;
             let mut targets = known.value.targets;
-            targets.extend(config.targets.keys().cloned());
+            targets.extend(configured_targets(&config));
             let mut features = known.value.features;
             features.extend(config.features.keys().cloned());
             (targets, features)
@@ -63,35 +68,66 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
     } else {
         None
     };
-    let mut target_rows = Vec::new();
+    let mut target_rows: Vec<(String, bool, Row)> = Vec::new();
     let mut now = 0;
     let mut source = "shared";
+    let mut unreadable = 0usize;
+    let configured = configured_targets(&config);
     for t in &targets {
-        let r = coordinator.read_breaker(t).await.map_err(|e| {
-            Failure::from_error(&format!("cannot read target {t:?} from {store}"), e)
-        })?;
-        now = r.now_ms;
-        source = source_name(r.source);
-        target_rows.push((t.clone(), config.targets.contains_key(t), r.value));
+        let value = match coordinator.read_breaker(t).await {
+            Ok(r) => {
+                now = r.now_ms;
+                source = source_name(r.source);
+                Ok(r.value)
+            }
+            Err(e) if name.is_none() && this_entry_only(&e) => {
+                unreadable += 1;
+                Err(printable(&e.to_string()))
+            }
+            Err(e) => {
+                return Err(Failure::from_error(
+                    &format!("cannot read target {t:?} from {store}"),
+                    e,
+                ))
+            }
+        };
+        target_rows.push((t.clone(), configured.contains(t), value));
     }
     let mut feature_rows = Vec::new();
     for f in &features {
         let cfg = config.features.get(f);
         let in_flight = match cfg {
-            Some(_) => {
-                let r = coordinator.read_in_flight(f).await.map_err(|e| {
-                    Failure::from_error(&format!("cannot read feature {f:?} from {store}"), e)
-                })?;
-                source = source_name(r.source);
-                Some(r.value)
-            }
+            Some(_) => match coordinator.read_in_flight(f).await {
+                Ok(r) => {
+                    source = source_name(r.source);
+                    Some(Ok(r.value))
+                }
+                Err(e) if name.is_none() && this_entry_only(&e) => {
+                    unreadable += 1;
+                    Some(Err(printable(&e.to_string())))
+                }
+                Err(e) => {
+                    return Err(Failure::from_error(
+                        &format!("cannot read feature {f:?} from {store}"),
+                        e,
+                    ))
+                }
+            },
             None => None,
         };
         feature_rows.push((f.clone(), cfg.cloned(), in_flight));
     }
 
+    let partial = || {
+        (unreadable > 0).then(|| {
+            Failure::partial(format!(
+                "{unreadable} entr{} could not be read (marked in the listing)",
+                if unreadable == 1 { "y" } else { "ies" }
+            ))
+        })
+    };
     if cli.json {
-        return print_json(&json!({
+        print_json(&json!({
             "store": source,
             "redis": store,
             "namespace": namespace,
@@ -102,7 +138,10 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
                 "expires_in_ms": m.expires_in.as_millis() as u64,
             })).collect::<Vec<Value>>()),
             "targets": target_rows.iter().map(|(n, configured, s)| {
-                let mut v = breaker_json(s, now);
+                let mut v = match s {
+                    Ok(s) => breaker_json(s, now),
+                    Err(e) => json!({ "error": e }),
+                };
                 v["name"] = json!(n);
                 v["configured"] = json!(configured);
                 v
@@ -110,7 +149,8 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
             "features": feature_rows.iter().map(|(n, cfg, in_flight)| json!({
                 "name": n,
                 "configured": cfg.is_some(),
-                "in_flight": in_flight,
+                "in_flight": in_flight.as_ref().and_then(|r| r.as_ref().ok()),
+                "error": in_flight.as_ref().and_then(|r| r.as_ref().err()),
                 "limit": cfg.as_ref().and_then(|c| c.max_concurrent),
                 "rate": cfg.as_ref().and_then(|c| c.rate.as_ref()).map(|r| json!({
                     "requests": r.requests,
@@ -118,7 +158,8 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
                     "burst": r.burst.unwrap_or(r.requests),
                 })),
             })).collect::<Vec<Value>>(),
-        }));
+        }))?;
+        return partial().map_or(Ok(()), Err);
     }
     let mut out = format!("store: {source} ({store}), namespace {namespace:?}\n");
     if let Some(r) = &replicas {
@@ -131,12 +172,16 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
         let rows: Vec<[String; 3]> = target_rows
             .iter()
             .map(|(n, configured, s)| {
-                let name = if *configured || name.is_some() {
-                    n.clone()
+                let shown = escaped(n);
+                let shown = if *configured || name.is_some() {
+                    shown
                 } else {
-                    format!("{n} (default breaker)")
+                    format!("{shown} (default breaker)")
                 };
-                [name, breaker_line(s, now), window_line(s)]
+                match s {
+                    Ok(s) => [shown, breaker_line(s, now), window_line(s)],
+                    Err(e) => [shown, "unreadable (see next column)".to_owned(), e.clone()],
+                }
             })
             .collect();
         out.push('\n');
@@ -145,14 +190,22 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
     if !feature_rows.is_empty() {
         let rows: Vec<[String; 3]> = feature_rows
             .iter()
-            .map(|(n, cfg, in_flight)| match cfg {
-                Some(c) => [
-                    n.clone(),
-                    permits_line(*in_flight, c.max_concurrent),
+            .map(|(n, cfg, in_flight)| match (cfg, in_flight) {
+                (Some(_), Some(Err(e))) => [
+                    escaped(n),
+                    "unreadable (see next column)".to_owned(),
+                    e.clone(),
+                ],
+                (Some(c), in_flight) => [
+                    escaped(n),
+                    permits_line(
+                        in_flight.as_ref().and_then(|r| r.as_ref().ok()).copied(),
+                        c.max_concurrent,
+                    ),
                     rate_line(c.rate.as_ref()),
                 ],
-                None => [
-                    n.clone(),
+                (None, _) => [
+                    escaped(n),
                     "(not in this configuration)".to_owned(),
                     String::new(),
                 ],
@@ -164,7 +217,57 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
     if target_rows.is_empty() && feature_rows.is_empty() {
         out.push_str("\nno targets or features configured or known in this namespace\n");
     }
-    print(&out)
+    print(&out)?;
+    partial().map_or(Ok(()), Err)
+}
+
+/// A breaker read, or why this one entry could not be read.
+type Row = Result<BreakerSnapshot, String>;
+
+/// Targets the configuration names: under `[targets]` and in every feature's `chain`.
+fn configured_targets(config: &Config) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = config.targets.keys().cloned().collect();
+    for f in config.features.values() {
+        names.extend(f.chain.iter().cloned());
+    }
+    names
+}
+
+/// An error that concerns one entry (a stray key found by SCAN: a name no configuration
+/// could hold, a key of the wrong type) rather than the store: listed, not fatal (in the
+/// whole listing; `status NAME` fails with it as before).
+fn this_entry_only(e: &fusebox::Error) -> bool {
+    match e {
+        fusebox::Error::Config { .. }
+        | fusebox::Error::UnknownTarget(_)
+        | fusebox::Error::UnknownFeature(_) => true,
+        fusebox::Error::Store(s) => matches!(s.kind(), "command" | "reply"),
+        _ => false,
+    }
+}
+
+/// A name as the terminal may show it: anything but printable ASCII escaped (valid names
+/// are printable ASCII, so they are shown as they are).
+fn escaped(name: &str) -> String {
+    if name.chars().all(|c| c.is_ascii_graphic()) {
+        name.to_owned()
+    } else {
+        format!("{:?}", name)
+    }
+}
+
+/// A message with its control characters escaped (it may quote what a stray key holds).
+fn printable(message: &str) -> String {
+    message
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// No `[redis]`: the state lives inside each process that embeds fusebox. List what is
@@ -178,7 +281,7 @@ fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failur
             "store": "embedded",
             "state_visible": false,
             "note": note,
-            "targets": config.targets.keys().filter(|n| keep(n)).map(|n| json!({"name": n, "configured": true})).collect::<Vec<_>>(),
+            "targets": configured_targets(config).iter().filter(|n| keep(n)).map(|n| json!({"name": n, "configured": true})).collect::<Vec<_>>(),
             "features": config.features.iter().filter(|(n, _)| keep(n)).map(|(n, c)| json!({
                 "name": n,
                 "configured": true,
@@ -192,9 +295,8 @@ fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failur
         }));
     }
     let mut out = format!("store: embedded ({note})\n");
-    let targets: Vec<[String; 2]> = config
-        .targets
-        .keys()
+    let targets: Vec<[String; 2]> = configured_targets(config)
+        .iter()
         .filter(|n| keep(n))
         .map(|n| [n.clone(), "configured".to_owned()])
         .collect();
