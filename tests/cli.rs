@@ -1045,6 +1045,22 @@ fn timeout_flag_bounds_a_stalled_store() {
     assert!(run.stderr.contains("--timeout"), "{run:#?}");
 }
 
+/// Regression: against a stalled Redis, `status` ran 3.04 s and said only "timed out after
+/// 1s". The bound is per store call (README); the message now says so, and how long the
+/// command ran.
+#[test]
+fn a_timeout_message_says_the_bound_is_per_store_call() {
+    let server = RedisServer::start();
+    let file = redis_toml(&server, "stall-message");
+    server.pause();
+    let run = fb(&file, &["--timeout", "300ms", "status"]);
+    server.resume();
+    run.assert_exit(4);
+    assert!(run.stderr.contains("timed out after 300ms"), "{run:#?}");
+    assert!(run.stderr.contains("each store call"), "{run:#?}");
+    assert!(run.stderr.contains("the whole command ran "), "{run:#?}");
+}
+
 /// Regression (issue 5 §3): the CLI used the hot path's 50 ms timeout, so over a 70 ms link
 /// `force` failed and `status` showed local state. Its store calls now have the operator's
 /// bound (default: `connect_timeout`): over a real 70 ms round trip both work while

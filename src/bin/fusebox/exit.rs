@@ -74,6 +74,17 @@ impl Failure {
         }
     }
 
+    /// A store call timed out.
+    pub(crate) fn is_timeout(&self) -> bool {
+        self.cause == Some("timeout")
+    }
+
+    /// The message with `note` appended.
+    pub(crate) fn noting(mut self, note: &str) -> Self {
+        self.message.push_str(note);
+        self
+    }
+
     /// Sorts a library error: store failures exit 4, configuration errors 3.
     pub(crate) fn from_error(context: &str, e: fusebox::Error) -> Self {
         let message = format!("{context}: {e}");

@@ -176,8 +176,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
     let config = load(cli)?;
-    match &cli.command {
+    let done = match &cli.command {
         // `check` prints the configuration as the file says it, not with the operator's
         // bounds applied (a hot-path `redis.timeout` of 2 s copied from it would be wrong).
         Command::Check => check::run(cli, &read(cli)?),
@@ -187,7 +188,21 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             action,
             create,
         } => force::run(cli, config, target, *action, *create).await,
-    }
+    };
+    // The bound is per store call (README): say so, since the command as a whole may have
+    // run longer than the one timeout the message names.
+    done.map_err(|f| {
+        if f.is_timeout() {
+            f.noting(&format!(
+                " (the bound applies to each store call: --timeout, else \
+                 redis.operator_timeout, else redis.connect_timeout; the whole command ran \
+                 {:.2} s)",
+                started.elapsed().as_secs_f64()
+            ))
+        } else {
+            f
+        }
+    })
 }
 
 /// Reads and validates the configuration as the file says it.
