@@ -4,7 +4,8 @@
 //!
 //! It covers what the integration suites cannot reach: one `admit.lua` call deciding k > 1
 //! calls (against k `admit_now` calls in a row), run-length encoded settles, several window
-//! buckets aging, and the rate rules with every kind of run. Decisions, retry-after values,
+//! buckets aging, the rate rules with every kind of run, and operator commands after an
+//! upstream's "not before" (`not_before.lua`, `force.lua`). Decisions, retry-after values,
 //! transitions (with their instants), snapshots and permits in flight must be equal.
 //!
 //! A second test checks that admissions whose callers stop waiting hold nothing afterwards.
@@ -74,6 +75,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
 static SETTLE_ADMIT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&on_test_clock(super::ride::TEXT)));
 static FORCE: LazyLock<Script> = LazyLock::new(|| with_lib(include_str!("../../../lua/force.lua")));
+static NOT_BEFORE: LazyLock<Script> =
+    LazyLock::new(|| with_lib(include_str!("../../../lua/not_before.lua")));
 static SNAPSHOT: LazyLock<Script> =
     LazyLock::new(|| with_lib(include_str!("../../../lua/snapshot.lua")));
 static IN_FLIGHT: LazyLock<Script> =
@@ -320,6 +323,21 @@ impl World {
         (trs.pop(), memory)
     }
 
+    /// An upstream's retry-after on target `t`, in both stores.
+    fn not_before(&mut self, t: usize, retry_after_ms: u64) {
+        let t = Arc::clone(&self.targets[t]);
+        let mut inv = NOT_BEFORE.prepare_invoke();
+        inv.key(&t.keys.breaker)
+            .arg(retry_after_ms)
+            .arg(t.params.idle_ttl_ms);
+        let _ = self.run(&inv);
+        self.memory
+            .set_not_before(&t, retry_after_ms)
+            .now_or_never()
+            .expect("sync")
+            .expect("not before");
+    }
+
     fn check_views(&mut self, step: usize) {
         for t in self.targets.clone() {
             let mut inv = SNAPSHOT.prepare_invoke();
@@ -481,8 +499,14 @@ fn scripts_decide_as_the_memory_store_does() {
                     Force::Closed,
                     Force::Disable,
                 ][rng.random_range(0..5)];
+                if rng.random_bool(0.5) {
+                    // An upstream's retry-after first: reset and forced closed clear it,
+                    // open and disable keep it (compared by the next snapshot).
+                    world.not_before(t, [50, 1_000, 60_000][rng.random_range(0..3)]);
+                }
                 let (redis, memory) = world.force(t, cmd);
                 assert_eq!(redis, memory, "round {round} step {step}: force {cmd:?}");
+                world.check_views(step);
             } else {
                 world.check_views(step);
             }
