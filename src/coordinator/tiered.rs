@@ -48,6 +48,13 @@ pub(crate) enum Tried<T> {
     Embedded,
 }
 
+/// Whether a timeout of an operation counts toward local mode (see [`Tiered::remote_side`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timeouts {
+    Count,
+    Ignore,
+}
+
 /// The shared store (which holds the queue of settles waiting to be delivered to it).
 pub(crate) struct Remote {
     pub(crate) store: RedisStore,
@@ -325,19 +332,29 @@ impl Tiered {
     where
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let Some(r) = &self.remote else {
-            return Tried::Embedded;
+        let r = match self.gate() {
+            Ok(r) => r,
+            Err(not) => return not,
         };
-        if self.health().map_or(Route::Remote, |h| h.route()) == Route::Local {
-            return Tried::Skipped;
-        }
         if self.reconcile_pending.load(Ordering::Acquire) {
             if let Err(e) = self.reconcile(r).await {
                 self.reporter.store_failed(&e);
                 return Tried::Failed(e);
             }
         }
-        self.ask(&r.store, op).await
+        self.ask(&r.store, op, Timeouts::Count).await
+    }
+
+    /// The shared store if there is one and health lets this call ask it; else what the
+    /// call comes to without asking.
+    fn gate<T>(&self) -> Result<&Remote, Tried<T>> {
+        let Some(r) = &self.remote else {
+            return Err(Tried::Embedded);
+        };
+        if self.health().map_or(Route::Remote, |h| h.route()) == Route::Local {
+            return Err(Tried::Skipped);
+        }
+        Ok(r)
     }
 
     /// Like [`Self::remote`] without asking health first: for state that exists only in the
@@ -352,7 +369,7 @@ impl Tiered {
     {
         match &self.remote {
             None => Tried::Embedded,
-            Some(r) => self.ask(&r.store, op).await,
+            Some(r) => self.ask(&r.store, op, Timeouts::Count).await,
         }
     }
 
@@ -369,26 +386,9 @@ impl Tiered {
     where
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let Some(r) = &self.remote else {
-            return Tried::Embedded;
-        };
-        if self.health().map_or(Route::Remote, |h| h.route()) == Route::Local {
-            return Tried::Skipped;
-        }
-        let token = self.reporter.token();
-        match op(&r.store).await {
-            Ok(v) => {
-                self.reporter.store_ok_since(token);
-                Tried::Done(v)
-            }
-            Err(e @ StoreError::Timeout(_)) => {
-                tracing::debug!(target: "fusebox", event = "store_error", error = %e, "side operation timed out (not counted toward local mode)");
-                Tried::Failed(e)
-            }
-            Err(e) => {
-                self.reporter.store_failed(&e);
-                Tried::Failed(e)
-            }
+        match self.gate() {
+            Ok(r) => self.ask(&r.store, op, Timeouts::Ignore).await,
+            Err(not) => not,
         }
     }
 
@@ -396,6 +396,7 @@ impl Tiered {
         &self,
         store: &'a RedisStore,
         op: impl FnOnce(&'a RedisStore) -> Fut,
+        timeouts: Timeouts,
     ) -> Tried<T>
     where
         Fut: Future<Output = Result<T, StoreError>>,
@@ -404,6 +405,9 @@ impl Tiered {
         let res = op(store).await;
         match &res {
             Ok(_) => self.reporter.store_ok_since(token),
+            Err(e @ StoreError::Timeout(_)) if timeouts == Timeouts::Ignore => {
+                tracing::debug!(target: "fusebox", event = "store_error", error = %e, "side operation timed out (not counted toward local mode)");
+            }
             Err(e) => self.reporter.store_failed(e),
         }
         match res {
