@@ -522,6 +522,43 @@ fn force_without_redis_refuses_and_says_why() {
     assert!(!run.stdout.contains("forced_open"), "{run:#?}");
 }
 
+/// Regression (a misspelled target): `status nosuch` printed `nosuch closed 0 calls`, exit 0,
+/// a typo shown as a healthy breaker. Now a name neither configured nor with state in the
+/// store is refused as `force` refuses it (exit 5), with and without `[redis]`; configured
+/// targets without state, features and targets known only to the store are shown as before.
+#[test]
+fn status_refuses_a_name_neither_configured_nor_known() {
+    let server = RedisServer::start();
+    let file = TempToml::new(&format!(
+        "namespace = \"typo\"\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
+         [targets.claude-sonnet-4-5.breaker]\nconsecutive_failures = 2\n[features.chat]\n",
+        server.url()
+    ));
+    let run = fb(&file, &["status", "claude-sonet-4-5"]);
+    run.assert_exit(5);
+    assert!(run.stderr.contains("neither configured"), "{run:#?}");
+    assert!(run.stderr.contains("claude-sonet-4-5"), "{run:#?}");
+    assert!(!run.stdout.contains("closed"), "{run:#?}");
+    let run = fusebox(&["-c", file.path(), "--json", "status", "nosuch"]);
+    run.assert_exit(5);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON error");
+    assert_eq!(v["error"]["exit_code"], 5, "{run:#?}");
+
+    // Configured (no state yet), a feature, and a target known only to the store: shown.
+    assert_eq!(state_of(&file, "claude-sonnet-4-5"), "closed");
+    fb(&file, &["status", "chat"]).assert_ok();
+    fb(&file, &["force", "--create", "other", "open"]).assert_ok();
+    assert_eq!(state_of(&file, "other"), "forced_open");
+
+    // Without [redis]: the configured names only.
+    let file = TempToml::new("[targets.m.breaker]\n[features.chat]\n");
+    let run = fb(&file, &["status", "nosuch"]);
+    run.assert_exit(5);
+    assert!(run.stderr.contains("neither configured"), "{run:#?}");
+    fb(&file, &["status", "m"]).assert_ok();
+    fb(&file, &["status", "chat"]).assert_ok();
+}
+
 /// Regression (a misspelled target): `force` on a name neither under `[targets]` nor with
 /// state in Redis printed a transition, exit 0, and left a forced key that never expires.
 /// Now it is refused (exit 5, nothing written) unless `--create`; configured and known
@@ -576,7 +613,9 @@ fn force_and_status_against_redis() {
     let server = RedisServer::start();
     let file = redis_toml(&server, "cli-test");
 
-    assert_eq!(state_of(&file, "m"), "closed");
+    // "m" is neither configured nor in the store yet: status refuses it (see
+    // status_refuses_a_name_neither_configured_nor_known).
+    fb(&file, &["status", "m"]).assert_exit(5);
     let run = fb(&file, &["force", "--create", "m", "open"]);
     run.assert_ok();
     assert!(run.stdout.contains("m: closed -> forced_open"), "{run:#?}");
@@ -642,9 +681,11 @@ fn force_and_status_against_redis() {
         assert_eq!(state_of(&file, "m"), state);
     }
 
-    // Another namespace on the same Redis is not affected.
+    // Another namespace on the same Redis is not affected: "m" has no state there.
     let other_ns = redis_toml(&server, "cli-test-2");
-    assert_eq!(state_of(&other_ns, "m"), "closed");
+    let run = fb(&other_ns, &["status", "m"]);
+    run.assert_exit(5);
+    assert!(run.stderr.contains("\"cli-test-2\""), "{run:#?}");
 }
 
 /// `status` with no name lists every configured and every known target and feature: known =

@@ -42,7 +42,29 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
         Some(n) if config.features.contains_key(n) && !config.targets.contains_key(n) => {
             (BTreeSet::new(), BTreeSet::from([n.to_owned()]))
         }
-        Some(n) => (BTreeSet::from([n.to_owned()]), BTreeSet::new()),
+        Some(n) => {
+            if !configured_targets(&config).contains(n) {
+                // A name no configuration could hold is a configuration error (exit 3).
+                fusebox::config::check_name("target", n)
+                    .map_err(|e| Failure::from_error("status", e))?;
+                // Neither configured nor a feature: a typo shown as a healthy "closed"
+                // breaker misleads; ask the store whether the name has state at all.
+                let known = coordinator
+                    .known_names()
+                    .await
+                    .map_err(|e| Failure::from_error(&format!("cannot list {store}"), e))?;
+                if !known.value.targets.contains(n) && !known.value.features.contains(n) {
+                    return Err(unknown_name(n, Some(&namespace)));
+                }
+                if !known.value.targets.contains(n) {
+                    (BTreeSet::new(), BTreeSet::from([n.to_owned()]))
+                } else {
+                    (BTreeSet::from([n.to_owned()]), BTreeSet::new())
+                }
+            } else {
+                (BTreeSet::from([n.to_owned()]), BTreeSet::new())
+            }
+        }
         None => {
             // Configured targets: under [targets] and in every feature's chain.
             let known = coordinator
@@ -233,6 +255,23 @@ fn configured_targets(config: &Config) -> BTreeSet<String> {
     names
 }
 
+/// `status NAME` on a name neither configured (under `[targets]`, in a feature's `chain`,
+/// under `[features]`) nor with state in the store: refused like `force` refuses one (exit 5).
+fn unknown_name(name: &str, namespace: Option<&str>) -> Failure {
+    const WHERE: &str = "under [targets], in a feature's chain or under [features]";
+    let name = escaped(name);
+    Failure::refused(match namespace {
+        Some(ns) => format!(
+            "unknown name {name}: neither configured ({WHERE}) nor known to the store (no \
+             state under namespace {ns:?}); check the name"
+        ),
+        None => format!(
+            "unknown name {name}: neither configured ({WHERE}) nor known to a store (no \
+             [redis] table to ask); check the name"
+        ),
+    })
+}
+
 /// An error that concerns one entry (a stray key found by SCAN: a name no configuration
 /// could hold, a key of the wrong type) rather than the store: listed, not fatal (in the
 /// whole listing; `status NAME` fails with it as before).
@@ -275,6 +314,13 @@ fn printable(message: &str) -> String {
 fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failure> {
     let note = "no [redis] table: each process that embeds fusebox keeps its own state, which \
                 this command cannot see";
+    if let Some(n) = name {
+        if !configured_targets(config).contains(n) && !config.features.contains_key(n) {
+            fusebox::config::check_name("target", n)
+                .map_err(|e| Failure::from_error("status", e))?;
+            return Err(unknown_name(n, None));
+        }
+    }
     let keep = |n: &String| name.is_none_or(|want| want == n);
     if cli.json {
         return print_json(&json!({
