@@ -14,9 +14,11 @@ pub enum Error {
     #[error("call rejected: {0}")]
     Rejected(Rejection),
     /// The configuration is invalid; `field` is the dotted path of the offending field.
-    #[error("invalid configuration: {field}: {reason}")]
+    #[error("invalid configuration: {}{reason}", field_prefix(.field))]
     Config {
-        /// Dotted path of the field, e.g. `features.chat.max_concurrent`.
+        /// Dotted path of the field, e.g. `features.chat.max_concurrent`; empty when the
+        /// error is about the document as a whole (a TOML syntax error), and then left out
+        /// of the message.
         field: String,
         /// What is wrong with it.
         reason: String,
@@ -484,6 +486,15 @@ pub(crate) fn store_error_from_redis(e: &redis::RedisError, timeout: Duration) -
         StoreError::Connection(message)
     } else {
         StoreError::Command(message)
+    }
+}
+
+/// `"field: "`, or nothing for an error about the whole document (no field).
+fn field_prefix(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
     }
 }
 

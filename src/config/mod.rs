@@ -113,7 +113,7 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Self, Error> {
         let de = toml::Deserializer::parse(text).map_err(|e| {
             let place = at(text, e.span()).map_or(String::new(), |p| format!("{p}: "));
-            Error::config("(file)", format!("{place}TOML syntax: {}", e.message()))
+            Error::config("", format!("{place}TOML syntax: {}", e.message()))
         })?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -122,11 +122,8 @@ impl Config {
             if message.is_empty() {
                 message = inner.to_string();
             }
-            let field = if path == "." {
-                "(file)".to_owned()
-            } else {
-                path
-            };
+            // "." is the document itself: no field to name.
+            let field = if path == "." { String::new() } else { path };
             let mut reason = plain_words(&message);
             if let Some(place) = at(text, inner.span()) {
                 reason = format!("{place}: {reason}");
