@@ -5,6 +5,7 @@
 //! reached, then trips a breaker with three failures, shows the refusal as data, and recovers
 //! through a half-open probe.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use fusebox::{
@@ -12,7 +13,18 @@ use fusebox::{
 };
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    // The error's own message (its Display), not Rust's Debug form of it.
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("quickstart: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = Config {
         // Its own namespace, so that it never touches another application's keys.
         namespace: "fusebox-quickstart".into(),
