@@ -634,3 +634,44 @@ async fn a_redirect_is_not_followed_and_the_key_goes_nowhere_else() {
         "a request reached the host the redirect named: {seen}"
     );
 }
+
+/// An upstream whose error message echoes the caller's key does not put the key into the
+/// error fusebox returns (which callers log): before, `UpstreamError`'s Display and Debug
+/// carried it.
+#[tokio::test]
+async fn an_error_message_echoing_the_key_does_not_carry_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = upstream.accept().await {
+            let mut buf = vec![0u8; 16 * 1024];
+            let _ = s.read(&mut buf).await;
+            let body = format!(
+                r#"{{"type":"error","error":{{"type":"authentication_error","message":"invalid x-api-key: {KEY} (and again {KEY})"}},"request_id":"req_1"}}"#
+            );
+            let reply = format!(
+                "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(reply.as_bytes()).await;
+        }
+    });
+    let c = Client::builder()
+        .base_url(format!("http://{addr}"))
+        .api_key(ApiKey::new(KEY).expect("key"))
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let e = c.send(&ask("m", "hi")).await.expect_err("a 401");
+    assert_eq!(e.status, Some(401));
+    let shown = format!("{e} {e:?}");
+    assert!(!shown.contains(KEY), "the key is in the error: {shown}");
+    assert!(
+        e.message.contains("invalid x-api-key: ***"),
+        "{}",
+        e.message
+    );
+}

@@ -212,7 +212,14 @@ impl Client {
             .body(body.unwrap_or_default())
     }
 
-    fn classify(&self, e: UpstreamError) -> UpstreamError {
+    fn classify(&self, mut e: UpstreamError) -> UpstreamError {
+        // An upstream that echoes the key in its error message ("invalid x-api-key: sk-...")
+        // must not put it into our error, which callers log.
+        if let Some(key) = self.api_key.as_ref().and_then(|k| k.0.to_str().ok()) {
+            if !key.is_empty() && e.message.contains(key) {
+                e.message = e.message.replace(key, "***");
+            }
+        }
         let failure = e.failure();
         let classification = self.shared.policy.classify(&failure);
         UpstreamError {
