@@ -27,8 +27,10 @@ pub mod cluster;
 #[cfg(feature = "testcontainers")]
 pub mod container;
 pub mod delay_proxy;
+pub mod nginx;
 pub mod recorder;
 pub mod redis_server;
+pub mod tools;
 
 pub use cluster::RedisCluster;
 pub use recorder::Recorder;
