@@ -1,6 +1,17 @@
 //! A fake Anthropic upstream (feature `server`): a real HTTP server on 127.0.0.1 speaking the
 //! Messages API's wire format, programmable per model while it runs. Every pipeline test uses
-//! it, and `fusebox mock-upstream` will wrap it.
+//! it, and `fusebox mock-upstream` wraps it. Its own port also serves a control API under
+//! `/_mock/` (see [`PlanSpec`] and the table below), and it counts per model the requests,
+//! those in flight and the peak in flight.
+//!
+//! | Request | Does |
+//! |---|---|
+//! | `GET /_mock/stats` | per-model `requests`, `in_flight`, `peak_in_flight`, and `total_requests` |
+//! | `PUT /_mock/models/{model}` | sets the model's plan from a [`PlanSpec`] JSON body |
+//! | `DELETE /_mock/models/{model}` | the model back to the plan it had at start (or the default) |
+//! | `PUT /_mock/default` | the plan of models without one of their own |
+//! | `POST /_mock/reset` | every plan back to the start, counts zeroed, peaks restart |
+//! | `POST /_mock/reset_counts` | counts zeroed, peaks restart; plans stay |
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -18,17 +29,22 @@
 //! # Ok(()) }
 //! ```
 
+mod control;
 mod reply;
 mod server;
+mod spec;
+mod state;
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 pub use self::reply::{ErrorReply, Reply};
+pub use self::spec::PlanSpec;
+use self::state::{Fixed, Shared, State};
 
 /// How the fake upstream answers one model: queued one-off replies first, then a failure with
 /// probability `failure_rate` (seeded), otherwise `reply`; each after `latency`.
@@ -44,6 +60,8 @@ pub struct Plan {
     pub failure: Option<Reply>,
     /// One-off replies, used in order before anything else.
     pub queue: VecDeque<Reply>,
+    /// The text of a normal answer. Default: `"<model> says: <last user text>"`.
+    pub text: Option<String>,
 }
 
 impl Plan {
@@ -73,6 +91,12 @@ impl Plan {
         self
     }
 
+    /// Normal answers say `text` (instead of echoing the request).
+    pub fn text(mut self, text: impl Into<String>) -> Plan {
+        self.text = Some(text.into());
+        self
+    }
+
     /// With one-off replies used first, in order.
     pub fn then(mut self, replies: impl IntoIterator<Item = Reply>) -> Plan {
         self.queue.extend(replies);
@@ -97,61 +121,41 @@ pub struct Seen {
     pub body: serde_json::Value,
 }
 
-#[derive(Debug)]
-struct State {
-    plans: HashMap<String, Plan>,
-    default: Plan,
-    counts: HashMap<String, u64>,
-    seen: Vec<Seen>,
-    rng: rand::rngs::StdRng,
-    next_id: u64,
-}
-
-#[derive(Debug, Clone)]
-struct Shared(Arc<Mutex<State>>);
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A test that panicked while holding the lock must not hide the next test's answers.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Counts the request and picks its reply, latency and message id.
-    fn decide(&self, seen: Seen) -> (Reply, Duration, String) {
-        let mut s = self.lock();
-        *s.counts.entry(seen.model.clone()).or_insert(0) += 1;
-        let model = seen.model.clone();
-        s.seen.push(seen);
-        s.next_id += 1;
-        let id = format!("msg_mock_{:06}", s.next_id);
-        let mut plan = s
-            .plans
-            .get(&model)
-            .cloned()
-            .unwrap_or_else(|| s.default.clone());
-        let reply = if let Some(r) = plan.queue.pop_front() {
-            if let Some(p) = s.plans.get_mut(&model) {
-                p.queue.pop_front();
-            } else {
-                s.default.queue.pop_front();
-            }
-            r
-        } else if plan.failure_rate > 0.0 && s.rng.random::<f64>() < plan.failure_rate {
-            plan.failure.clone().unwrap_or_else(Reply::overloaded)
-        } else {
-            plan.reply.clone()
-        };
-        (reply, plan.latency, id)
-    }
+/// One model's counters, as [`MockUpstream::stats`] and `GET /_mock/stats` give them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ModelStats {
+    /// Requests that reached the server.
+    pub requests: u64,
+    /// Requests being answered now (from arrival until the answer is sent in full or the
+    /// client goes away; a stream counts for as long as it lasts).
+    pub in_flight: u64,
+    /// The most requests in flight at once since start or the last reset.
+    pub peak_in_flight: u64,
 }
 
 /// Builds a [`MockUpstream`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MockUpstreamBuilder {
     plans: HashMap<String, Plan>,
     default: Plan,
     seed: u64,
-    port: u16,
+    addr: SocketAddr,
+    keep_seen: bool,
+    fixed: bool,
+}
+
+impl Default for MockUpstreamBuilder {
+    fn default() -> Self {
+        MockUpstreamBuilder {
+            plans: HashMap::new(),
+            default: Plan::default(),
+            seed: 0,
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            keep_seen: true,
+            fixed: false,
+        }
+    }
 }
 
 impl MockUpstreamBuilder {
@@ -175,22 +179,60 @@ impl MockUpstreamBuilder {
 
     /// The port on 127.0.0.1. Default: 0 (any free port).
     pub fn port(mut self, port: u16) -> Self {
-        self.port = port;
+        self.addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         self
     }
 
-    /// Binds 127.0.0.1 and serves in a background task until the [`MockUpstream`] is dropped.
+    /// The address to listen on. Default: `127.0.0.1:0` (any free port).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.addr = addr;
+        self
+    }
+
+    /// Whether to keep every request for [`MockUpstream::seen`]. Default: yes; a
+    /// long-running server turns it off so that memory stays flat.
+    pub fn keep_seen(mut self, keep: bool) -> Self {
+        self.keep_seen = keep;
+        self
+    }
+
+    /// The fixed-response mode, for measuring what sits in front: every `POST /v1/messages`
+    /// gets the same JSON message at once, without parsing the request, without a lock and
+    /// without a random draw. Plans are ignored; only the total request count is kept
+    /// (`total_requests`), not per-model counters. Default: off.
+    pub fn fixed_response(mut self, on: bool) -> Self {
+        self.fixed = on;
+        self
+    }
+
+    /// Binds and serves in a background task until the [`MockUpstream`] is dropped.
     pub async fn start(self) -> std::io::Result<MockUpstream> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await?;
+        let listener = tokio::net::TcpListener::bind(self.addr).await?;
         let addr = listener.local_addr()?;
-        let shared = Shared(Arc::new(Mutex::new(State {
-            plans: self.plans,
-            default: self.default,
-            counts: HashMap::new(),
-            seen: Vec::new(),
-            rng: rand::rngs::StdRng::seed_from_u64(self.seed),
-            next_id: 0,
-        })));
+        let fixed = self.fixed.then(|| {
+            let asked = reply::Asked::from_body(&serde_json::json!({
+                "model": "mock-fixed",
+                "messages": [{"role": "user", "content": "fixed"}],
+            }));
+            Arc::new(Fixed {
+                body: bytes::Bytes::from(asked.message("msg_mock_fixed").to_string()),
+                requests: std::sync::atomic::AtomicU64::new(0),
+            })
+        });
+        let shared = Shared {
+            state: Arc::new(Mutex::new(State {
+                start_plans: self.plans.clone(),
+                start_default: self.default.clone(),
+                plans: self.plans,
+                default: self.default,
+                counts: HashMap::new(),
+                seen: Vec::new(),
+                keep_seen: self.keep_seen,
+                rng: rand::rngs::StdRng::seed_from_u64(self.seed),
+                next_id: 0,
+            })),
+            fixed,
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let app = server::app(shared.clone());
         let task = tokio::spawn(async move {
@@ -249,12 +291,38 @@ impl MockUpstream {
 
     /// How many requests for `model` reached the server.
     pub fn requests(&self, model: &str) -> u64 {
-        self.shared.lock().counts.get(model).copied().unwrap_or(0)
+        self.shared
+            .lock()
+            .counts
+            .get(model)
+            .map_or(0, |c| c.requests)
+    }
+
+    /// How many requests for `model` are being answered now (a stream until it ends or its
+    /// client goes away).
+    pub fn in_flight(&self, model: &str) -> u64 {
+        self.shared
+            .lock()
+            .counts
+            .get(model)
+            .map_or(0, |c| c.in_flight)
+    }
+
+    /// The most requests for `model` in flight at once since start or [`reset_counts`].
+    ///
+    /// [`reset_counts`]: MockUpstream::reset_counts
+    pub fn peak_in_flight(&self, model: &str) -> u64 {
+        self.shared.lock().counts.get(model).map_or(0, |c| c.peak)
+    }
+
+    /// Every model's counters, by name.
+    pub fn stats(&self) -> BTreeMap<String, ModelStats> {
+        self.shared.stats()
     }
 
     /// How many requests reached the server, all models.
     pub fn total_requests(&self) -> u64 {
-        self.shared.lock().counts.values().sum()
+        self.shared.total()
     }
 
     /// Every request so far, in arrival order.
@@ -262,11 +330,15 @@ impl MockUpstream {
         self.shared.lock().seen.clone()
     }
 
-    /// Forgets the counts and seen requests (plans stay).
+    /// Forgets the counts and seen requests; each peak restarts from what is in flight now
+    /// (plans stay).
     pub fn reset_counts(&self) {
-        let mut s = self.shared.lock();
-        s.counts.clear();
-        s.seen.clear();
+        self.shared.reset_counts();
+    }
+
+    /// Plans back to those given to the builder, and [`MockUpstream::reset_counts`].
+    pub fn reset(&self) {
+        self.shared.reset();
     }
 }
 

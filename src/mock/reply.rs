@@ -65,7 +65,7 @@ pub struct ErrorReply {
 }
 
 /// The error type the API gives a status.
-fn error_type_of(status: u16) -> &'static str {
+pub(crate) fn error_type_of(status: u16) -> &'static str {
     match status {
         400 => "invalid_request_error",
         401 => "authentication_error",
@@ -176,6 +176,8 @@ pub(crate) struct Asked {
     pub(crate) stream: bool,
     pub(crate) text: String,
     pub(crate) input_tokens: u64,
+    /// The plan's answer text, instead of the echo.
+    pub(crate) answer: Option<String>,
 }
 
 impl Asked {
@@ -205,11 +207,15 @@ impl Asked {
             stream,
             text,
             input_tokens,
+            answer: None,
         }
     }
 
     pub(crate) fn answer_text(&self) -> String {
-        format!("{} says: {}", self.model, self.text)
+        match &self.answer {
+            Some(text) => text.clone(),
+            None => format!("{} says: {}", self.model, self.text),
+        }
     }
 
     pub(crate) fn message(&self, id: &str) -> Value {

@@ -1,4 +1,4 @@
-//! The fake upstream's HTTP side: one route, `POST /v1/messages`.
+//! The fake upstream's HTTP side: `POST /v1/messages` (and the `/_mock/` control API).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -10,13 +10,77 @@ use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use serde_json::Value;
 
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
 use super::reply::{error_body, event, Asked, ErrorReply, HANG};
-use super::{Reply, Seen, Shared};
+use super::state::{Fixed, InFlight, Shared};
+use super::{control, Reply, Seen};
 
 pub(super) fn app(shared: Shared) -> Router {
-    Router::new()
-        .route("/v1/messages", post(messages))
-        .with_state(shared)
+    let control = control::routes().with_state(shared.clone());
+    match shared.fixed.clone() {
+        Some(fixed) => Router::new()
+            .route("/v1/messages", post(fixed_answer))
+            .with_state(fixed)
+            .merge(control),
+        None => Router::new()
+            .route("/v1/messages", post(messages))
+            .with_state(shared)
+            .merge(control),
+    }
+}
+
+/// The fixed-response mode's hot path: no parsing, no lock, no draw; one relaxed count.
+async fn fixed_answer(State(fixed): State<Arc<Fixed>>, _body: Bytes) -> Response {
+    fixed.requests.fetch_add(1, Ordering::Relaxed);
+    let mut resp = Response::new(Body::from(fixed.body.clone()));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert("request-id", HeaderValue::from_static("req_mock_fixed"));
+    resp
+}
+
+/// A response body that holds the request's [`InFlight`] guard until it is sent in full or
+/// dropped (the client went away).
+struct Guarded {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl axum::body::HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn messages(state: State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    let (resp, in_flight) = answer(state, headers, body).await;
+    let (parts, inner) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        Body::new(Guarded {
+            inner,
+            _in_flight: in_flight,
+        }),
+    )
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -26,7 +90,11 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-async fn messages(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+async fn answer(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (Response, InFlight) {
     let parsed = serde_json::from_slice::<Value>(&body).ok();
     let asked = parsed.as_ref().map(Asked::from_body);
     let seen = Seen {
@@ -37,9 +105,28 @@ async fn messages(State(shared): State<Shared>, headers: HeaderMap, body: Bytes)
         stream: asked.as_ref().is_some_and(|a| a.stream),
         body: parsed.clone().unwrap_or(Value::Null),
     };
-    let (reply, latency, id) = shared.decide(seen);
+    let decision = shared.decide(seen);
+    let in_flight = decision.in_flight;
+    let resp = respond(
+        asked,
+        decision.reply,
+        decision.latency,
+        &decision.id,
+        decision.text,
+    )
+    .await;
+    (resp, in_flight)
+}
+
+async fn respond(
+    asked: Option<Asked>,
+    reply: Reply,
+    latency: std::time::Duration,
+    id: &str,
+    text: Option<String>,
+) -> Response {
     let request_id = id.replace("msg_", "req_");
-    let Some(asked) = asked.filter(|a| !a.model.is_empty()) else {
+    let Some(mut asked) = asked.filter(|a| !a.model.is_empty()) else {
         return error(
             &ErrorReply {
                 status: 400,
@@ -53,9 +140,11 @@ async fn messages(State(shared): State<Shared>, headers: HeaderMap, body: Bytes)
             &request_id,
         );
     };
+    asked.answer = text;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let id = id.to_owned();
     match reply {
         Reply::Answer if asked.stream => sse(&request_id, chunks(asked.events(&id))),
         Reply::Answer => json(StatusCode::OK, &request_id, asked.message(&id).to_string()),

@@ -1,0 +1,274 @@
+//! The fake upstream as a server of its own: per-model in-flight and peak counters, the
+//! `/_mock/` control API, the fixed-response mode, and the `fusebox mock-upstream` binary.
+
+use std::time::{Duration, Instant};
+
+use fusebox::mock::{MockUpstream, Plan, Reply};
+use serde_json::{json, Value};
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+fn body(model: &str, stream: bool) -> Value {
+    json!({"model": model, "max_tokens": 16, "stream": stream,
+           "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+async fn ask(base: &str, model: &str, stream: bool) -> reqwest::Response {
+    http()
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", "sk-ant-test")
+        .json(&body(model, stream))
+        .send()
+        .await
+        .expect("the mock answers")
+}
+
+async fn control(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut req = http().request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("the control API answers");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("JSON"))
+}
+
+/// Waits (bounded, generously) until `cond` holds; the result is asserted by the caller.
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+#[tokio::test]
+async fn streams_count_in_flight_until_their_client_goes_away_and_the_peak_stays() {
+    let mock = MockUpstream::builder()
+        .model("slow", Plan::always(Reply::StallMidStream))
+        .start()
+        .await
+        .expect("mock binds");
+    let base = mock.url();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let resp = ask(&base, "slow", true).await;
+        assert_eq!(resp.status(), 200);
+        open.push(resp);
+    }
+    assert_eq!(mock.in_flight("slow"), 3, "three stalled streams are open");
+    assert_eq!(mock.peak_in_flight("slow"), 3);
+    // A quick model alongside does not touch the slow one's counters.
+    assert_eq!(ask(&base, "quick", false).await.status(), 200);
+    assert!(eventually(|| mock.in_flight("quick") == 0).await);
+    assert_eq!(mock.peak_in_flight("quick"), 1);
+
+    open.pop();
+    assert!(
+        eventually(|| mock.in_flight("slow") == 2).await,
+        "a client that goes away ends its stream's time in flight (in flight: {})",
+        mock.in_flight("slow")
+    );
+    assert_eq!(mock.peak_in_flight("slow"), 3, "the peak stays");
+
+    mock.reset_counts();
+    assert_eq!(mock.requests("slow"), 0);
+    assert_eq!(
+        mock.peak_in_flight("slow"),
+        2,
+        "after a reset the peak restarts from what is in flight"
+    );
+    let (status, stats) = control(reqwest::Method::GET, format!("{base}/_mock/stats"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        stats["models"]["slow"],
+        json!({"requests": 0, "in_flight": 2, "peak_in_flight": 2})
+    );
+    drop(open);
+    assert!(eventually(|| mock.in_flight("slow") == 0).await);
+}
+
+#[tokio::test]
+async fn a_plan_set_over_http_changes_the_answers_and_delete_restores_it() {
+    let mock = MockUpstream::builder()
+        .model("m", Plan::answer().text("from the start"))
+        .start()
+        .await
+        .expect("mock binds");
+    let base = mock.url();
+    let answer: Value = ask(&base, "m", false).await.json().await.expect("JSON");
+    assert_eq!(answer["content"][0]["text"], "from the start");
+
+    let (status, echo) = control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/models/m"),
+        Some(json!({"status": 529, "retry_after": 7})),
+    )
+    .await;
+    assert_eq!(status, 200, "{echo}");
+    let resp = ask(&base, "m", false).await;
+    assert_eq!(resp.status(), 529);
+    assert_eq!(resp.headers()["retry-after"], "7");
+    let err: Value = resp.json().await.expect("JSON");
+    assert_eq!(err["error"]["type"], "overloaded_error");
+
+    control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/models/m"),
+        Some(json!({"text": "changed", "latency_ms": 1})),
+    )
+    .await;
+    let answer: Value = ask(&base, "m", false).await.json().await.expect("JSON");
+    assert_eq!(answer["content"][0]["text"], "changed");
+
+    let (status, _) = control(
+        reqwest::Method::DELETE,
+        format!("{base}/_mock/models/m"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let answer: Value = ask(&base, "m", false).await.json().await.expect("JSON");
+    assert_eq!(answer["content"][0]["text"], "from the start");
+
+    let (_, stats) = control(reqwest::Method::GET, format!("{base}/_mock/stats"), None).await;
+    assert_eq!(stats["models"]["m"]["requests"], 4);
+    assert_eq!(stats["total_requests"], 4);
+}
+
+#[tokio::test]
+async fn a_mid_stream_error_comes_after_the_200_and_failure_rate_one_always_fails() {
+    let mock = MockUpstream::builder().start().await.expect("mock binds");
+    let base = mock.url();
+    control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/models/m"),
+        Some(json!({"status": 529, "mid_stream_error": true})),
+    )
+    .await;
+    let resp = ask(&base, "m", true).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("body");
+    assert!(text.contains("event: message_start"), "{text}");
+    assert!(
+        text.contains("event: error") && text.contains("overloaded_error"),
+        "{text}"
+    );
+    assert_eq!(ask(&base, "m", false).await.status(), 529);
+
+    control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/default"),
+        Some(json!({"status": 429, "failure_rate": 1.0})),
+    )
+    .await;
+    for _ in 0..5 {
+        assert_eq!(ask(&base, "anything", false).await.status(), 429);
+    }
+    control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/default"),
+        Some(json!({"failure_rate": 0.0})),
+    )
+    .await;
+    assert_eq!(ask(&base, "anything", false).await.status(), 200);
+}
+
+#[tokio::test]
+async fn bad_plans_are_refused_naming_the_field_and_change_nothing() {
+    let mock = MockUpstream::builder().start().await.expect("mock binds");
+    let base = mock.url();
+    let url = format!("{base}/_mock/models/m");
+    for (bad, field) in [
+        (json!({"failure_rate": 1.5}), "failure_rate"),
+        (json!({"status": 200}), "status"),
+        (json!({"status": 99999}), "status"),
+        (json!({"latency_ms": -1}), "latency_ms"),
+        (json!({"retry_after": 5}), "retry_after"),
+        (json!({"retry_after": "a\nb", "status": 429}), "retry_after"),
+        (json!({"mid_stream_error": "no spaces"}), "mid_stream_error"),
+        (json!({"colour": "red"}), "colour"),
+    ] {
+        let (status, err) = control(reqwest::Method::PUT, url.clone(), Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad} is refused");
+        let message = err["error"].as_str().unwrap_or_default();
+        assert!(message.contains(field), "{bad}: {message:?} names {field}");
+    }
+    let raw = http()
+        .put(&url)
+        .body("{not json")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(raw.status(), 400);
+    assert_eq!(
+        ask(&base, "m", false).await.status(),
+        200,
+        "the plan is unchanged"
+    );
+}
+
+#[tokio::test]
+async fn reset_restores_the_start_plans_and_zeroes_the_counts() {
+    let mock = MockUpstream::builder()
+        .model("m", Plan::always(Reply::status(503)))
+        .start()
+        .await
+        .expect("mock binds");
+    let base = mock.url();
+    mock.set("m", Plan::answer());
+    assert_eq!(ask(&base, "m", false).await.status(), 200);
+    let (status, _) = control(reqwest::Method::POST, format!("{base}/_mock/reset"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(mock.requests("m"), 0);
+    assert_eq!(ask(&base, "m", false).await.status(), 503);
+    control(
+        reqwest::Method::POST,
+        format!("{base}/_mock/reset_counts"),
+        None,
+    )
+    .await;
+    assert_eq!(mock.requests("m"), 0);
+    assert_eq!(ask(&base, "m", false).await.status(), 503, "plans stay");
+}
+
+#[tokio::test]
+async fn the_fixed_response_mode_answers_anything_the_same_and_counts_it() {
+    let mock = MockUpstream::builder()
+        .model("m", Plan::always(Reply::overloaded()))
+        .fixed_response(true)
+        .start()
+        .await
+        .expect("mock binds");
+    let base = mock.url();
+    let a: Value = ask(&base, "m", false).await.json().await.expect("JSON");
+    let garbage = http()
+        .post(format!("{base}/v1/messages"))
+        .body("not even json")
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(garbage.status(), 200);
+    let b: Value = garbage.json().await.expect("JSON");
+    assert_eq!(a, b);
+    assert_eq!(a["type"], "message");
+    assert_eq!(mock.total_requests(), 2);
+    let (status, _) = control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/models/m"),
+        Some(json!({"status": 529})),
+    )
+    .await;
+    assert_eq!(status, 409, "the fixed mode has no plans to change");
+    let (_, stats) = control(reqwest::Method::GET, format!("{base}/_mock/stats"), None).await;
+    assert_eq!(stats["total_requests"], 2);
+    assert_eq!(stats["fixed_response"], true);
+}
