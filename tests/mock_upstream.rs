@@ -272,3 +272,96 @@ async fn the_fixed_response_mode_answers_anything_the_same_and_counts_it() {
     assert_eq!(stats["total_requests"], 2);
     assert_eq!(stats["fixed_response"], true);
 }
+
+/// A `fusebox mock-upstream` process, killed when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `fusebox mock-upstream ARGS --listen 127.0.0.1:0` and returns it with its base URL,
+/// read from the `listening on ADDR` line.
+fn spawn_mock(args: &[&str]) -> (Process, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .arg("mock-upstream")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("fusebox runs");
+    let stdout = child.stdout.take().expect("stdout");
+    let process = Process(child);
+    let mut first = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut first)
+        .expect("a first line");
+    let addr = first
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("first line: {first:?}"));
+    assert!(!addr.ends_with(":0"), "the real port is printed: {first:?}");
+    (process, format!("http://{addr}"))
+}
+
+#[tokio::test]
+async fn the_binary_fails_a_model_as_its_flags_say_and_a_plan_changes_over_http() {
+    let (_process, base) = spawn_mock(&[
+        "--fail",
+        "primary=529",
+        "--retry-after",
+        "5",
+        "--latency",
+        "fallback=5ms",
+        "--fail",
+        "*=503",
+        "--failure-rate",
+        "*=0",
+    ]);
+    let resp = ask(&base, "primary", false).await;
+    assert_eq!(resp.status(), 529);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert_eq!(ask(&base, "fallback", false).await.status(), 200);
+    assert_eq!(
+        ask(&base, "other", false).await.status(),
+        200,
+        "`*` with failure rate 0 never fails"
+    );
+
+    let (status, _) = control(
+        reqwest::Method::PUT,
+        format!("{base}/_mock/models/primary"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(ask(&base, "primary", false).await.status(), 200);
+    let (_, stats) = control(reqwest::Method::GET, format!("{base}/_mock/stats"), None).await;
+    assert_eq!(stats["models"]["primary"]["requests"], 2);
+}
+
+#[test]
+fn bad_flags_exit_two_naming_the_flag() {
+    for (args, flag) in [
+        (&["--failure-rate", "m=2"][..], "--failure-rate"),
+        (&["--fail", "m=200"][..], "--fail"),
+        (&["--fail", "529"][..], "--fail"),
+        (&["--latency", "m=soon"][..], "--latency"),
+        (&["--retry-after", "5"][..], "--retry-after"),
+        (&["--listen", "nowhere"][..], "--listen"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
+            .arg("mock-upstream")
+            .args(args)
+            .output()
+            .expect("fusebox runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}

@@ -73,7 +73,7 @@ fn parse(shared: &Shared, body: &[u8]) -> Result<(PlanSpec, super::Plan), (Statu
     )
     .map_err(|e| {
         let at = e.path().to_string();
-        let message = if at.is_empty() || at == "." {
+        let message = if at.is_empty() || at == "." || at == "?" {
             format!("plan: {}", e.inner())
         } else {
             format!("plan: {at}: {}", e.inner())

@@ -49,11 +49,13 @@ pub struct PlanSpec {
         deserialize_with = "string_or_number"
     )]
     pub retry_after: Option<String>,
-    /// Failures of streams come after the 200: `true`, or the error type.
+    /// Failures of streams come after the 200: `true` (written as an empty string here), or
+    /// the error type.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        deserialize_with = "bool_or_string"
+        deserialize_with = "bool_or_string",
+        serialize_with = "true_or_string"
     )]
     pub mid_stream_error: Option<String>,
     /// The text of a normal answer.
@@ -75,6 +77,14 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Str
         V::S(s) => s,
         V::N(n) => n.to_string(),
     }))
+}
+
+fn true_or_string<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match v.as_deref() {
+        Some(FROM_STATUS) => s.serialize_bool(true),
+        Some(t) => s.serialize_str(t),
+        None => s.serialize_none(),
+    }
 }
 
 fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

@@ -4,6 +4,7 @@
 //! fusebox [-c FILE] [--timeout DUR] [--json] check
 //! fusebox [-c FILE] [--timeout DUR] [--json] status [NAME]
 //! fusebox [-c FILE] [--timeout DUR] [--json] force [--create] TARGET open|closed|disable|reset
+//! fusebox mock-upstream [--listen ADDR] [--fail MODEL=STATUS] [--failure-rate MODEL=RATE] ...
 //! ```
 //!
 //! Exit codes: see [`exit`].
@@ -11,6 +12,8 @@
 mod check;
 mod exit;
 mod force;
+#[cfg(feature = "server")]
+mod mock_upstream;
 mod render;
 mod status;
 
@@ -71,6 +74,10 @@ enum Command {
         #[arg(long)]
         create: bool,
     },
+    /// Run the fake Anthropic API (no key, no network), with failures set by flags and at
+    /// run time over HTTP (`/_mock/`), to rehearse an outage. Needs no configuration file.
+    #[cfg(feature = "server")]
+    MockUpstream(mock_upstream::MockArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -160,10 +167,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // Servers use every core; the operator commands make a few store calls.
+    let mut builder = match &cli.command {
+        #[cfg(feature = "server")]
+        Command::MockUpstream(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             return Failure::internal(format!("cannot start the runtime: {e}")).report(cli.json)
@@ -177,6 +187,11 @@ fn main() -> ExitCode {
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let started = std::time::Instant::now();
+    // Commands that need no configuration file.
+    #[cfg(feature = "server")]
+    if let Command::MockUpstream(args) = &cli.command {
+        return mock_upstream::run(args).await;
+    }
     let config = load(cli)?;
     let done = match &cli.command {
         // `check` prints the configuration as the file says it, not with the operator's
@@ -188,6 +203,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             action,
             create,
         } => force::run(cli, config, target, *action, *create).await,
+        #[cfg(feature = "server")]
+        Command::MockUpstream(_) => Ok(()),
     };
     // The bound is per store call (README): say so, since the command as a whole may have
     // run longer than the one timeout the message names.
