@@ -23,6 +23,8 @@ mod error;
 pub mod mock;
 mod observer;
 pub mod pipeline;
+#[cfg(feature = "proxy")]
+pub mod proxy;
 pub mod retry;
 
 #[doc(hidden)]
@@ -43,7 +45,7 @@ pub use breaker::{
 pub use config::{
     BreakerConfig, BreakerOverrides, BudgetConfig, CacheConfig, CacheOverrides, CannedConfig,
     Config, FallbackAlertConfig, FeatureConfig, RateConfig, RedisConfig, RetryConfig,
-    RetryOverrides, StorePolicy, TargetConfig,
+    RetryOverrides, ServerConfig, StorePolicy, TargetConfig,
 };
 pub use coordinator::{
     Attempt, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames, Member, Permit,

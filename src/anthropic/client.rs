@@ -37,6 +37,15 @@ impl ApiKey {
     }
 }
 
+impl ApiKey {
+    /// Wraps a header value as it came (the proxy's callers' keys), marked sensitive.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn from_header(mut v: HeaderValue) -> Self {
+        v.set_sensitive(true);
+        ApiKey(v)
+    }
+}
+
 impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ApiKey(***)")
@@ -122,6 +131,7 @@ impl ClientBuilder {
         // A 3xx is the upstream's answer, classified like any other status.
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
             .build()
             .map_err(|e| Error::config("client", e.to_string()))?;
         Ok(Client {
@@ -210,6 +220,80 @@ impl Client {
             .post(self.shared.url.clone())
             .headers(headers)
             .body(body.unwrap_or_default())
+    }
+
+    /// Sends raw body bytes (the proxy's path: the caller's JSON, forwarded as it came) to
+    /// `url` with `headers` (the caller's `anthropic-version`, `anthropic-beta`,
+    /// `authorization`) over the client's fixed ones, and this client's key. Returns once a
+    /// 2xx and its headers arrived; any other status is read and classified.
+    #[cfg(feature = "proxy")]
+    pub(crate) async fn send_raw(
+        &self,
+        url: reqwest::Url,
+        headers: &HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<(reqwest::Response, ResponseHeaders), UpstreamError> {
+        let mut all = self.shared.fixed.clone();
+        for (name, value) in headers {
+            all.insert(name, value.clone());
+        }
+        if let Some(key) = &self.api_key {
+            all.insert("x-api-key", key.0.clone());
+        }
+        all.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let resp = self
+            .http
+            .post(url)
+            .headers(all)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(&e, UpstreamErrorKind::Connect))?;
+        let headers = ResponseHeaders::parse(resp.headers(), SystemTime::now());
+        if resp.status().is_success() {
+            return Ok((resp, headers));
+        }
+        Err(self.status_error(resp, headers).await)
+    }
+
+    /// Reads the rest of a 2xx body (the proxy's plain answers), classifying a cut.
+    #[cfg(feature = "proxy")]
+    pub(crate) async fn read_body(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        resp.bytes()
+            .await
+            .map_err(|e| self.transport(&e, UpstreamErrorKind::Interrupted))
+    }
+
+    /// A classified error of `kind` (the proxy's checks of what it forwards).
+    #[cfg(feature = "proxy")]
+    pub(crate) fn failed(&self, kind: UpstreamErrorKind, message: String) -> UpstreamError {
+        self.classify(UpstreamError::new(kind, message))
+    }
+
+    /// A classified transport error of a body read.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn interrupted(&self, e: &reqwest::Error) -> UpstreamError {
+        self.transport(e, UpstreamErrorKind::Interrupted)
+    }
+
+    /// Classifies a stream's failure, as [`MessageStream`] does.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn stream_failed(
+        &self,
+        e: super::sse::StreamError,
+        status: u16,
+        request_id: Option<&str>,
+    ) -> UpstreamError {
+        let mut u = stream_error_of(e);
+        u.request_id = u.request_id.or_else(|| request_id.map(str::to_owned));
+        u.status = u.status.or(Some(status));
+        self.classify(u)
     }
 
     fn classify(&self, mut e: UpstreamError) -> UpstreamError {
@@ -446,7 +530,14 @@ impl MessageStream {
     }
 
     fn stream_error(&self, e: StreamError) -> UpstreamError {
-        let err = match e {
+        self.with_request_id(self.client.classify(stream_error_of(e)))
+    }
+}
+
+/// A stream's failure as an (unclassified) upstream error.
+fn stream_error_of(e: StreamError) -> UpstreamError {
+    {
+        match e {
             StreamError::Upstream(body) => {
                 let body = *body;
                 let mut u = UpstreamError::new(UpstreamErrorKind::StreamError, body.error.message);
@@ -464,7 +555,6 @@ impl MessageStream {
                 "stream ended before message_stop".to_owned(),
             ),
             StreamError::Invalid(m) => UpstreamError::new(UpstreamErrorKind::InvalidResponse, m),
-        };
-        self.with_request_id(self.client.classify(err))
+        }
     }
 }

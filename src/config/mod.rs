@@ -10,6 +10,7 @@ mod chain;
 mod feature;
 mod redis;
 mod retry;
+mod server;
 mod switch;
 mod target;
 mod validate;
@@ -26,6 +27,9 @@ pub use self::chain::{
 pub use self::feature::{FeatureConfig, RateConfig, StorePolicy};
 pub use self::redis::{redact_url, RedisConfig};
 pub use self::retry::{BudgetConfig, RetryConfig, RetryOverrides};
+pub use self::server::{
+    ServerConfig, DEFAULT_FEATURE_HEADER, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_UPSTREAM,
+};
 pub use self::target::{BreakerOverrides, TargetConfig};
 pub use self::validate::check_name;
 use crate::Error;
@@ -59,6 +63,8 @@ pub struct Config {
     pub retry: RetryConfig,
     /// The fleet health signal. Default: see [`FallbackAlertConfig`].
     pub fallback_alert: FallbackAlertConfig,
+    /// The proxy (`fusebox serve`). Default: see [`ServerConfig`].
+    pub server: ServerConfig,
 }
 
 impl Default for Config {
@@ -72,14 +78,17 @@ impl Default for Config {
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),
             fallback_alert: FallbackAlertConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }
 
 impl Config {
-    /// A copy with passwords in Redis URLs replaced by `***` (for printing).
+    /// A copy with passwords in Redis URLs and the admin token replaced by `***` (for
+    /// printing).
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
+        c.server = c.server.redacted();
         if let Some(r) = c.redis.as_mut() {
             r.url = r.url.as_deref().map(redact_url);
             r.cluster = r.cluster.iter().map(|u| redact_url(u)).collect();
@@ -157,10 +166,41 @@ impl Config {
         }
         retry::validate(self)?;
         self.fallback_alert.validate("fallback_alert")?;
+        self.server
+            .validate(&|f: &str| self.features.contains_key(f))?;
         if let Some(r) = &self.redis {
             self.check_idle_ttl(r.idle_ttl)?;
         }
         Ok(())
+    }
+
+    /// Applies the environment overrides and validates again: `FUSEBOX_LISTEN`
+    /// (`server.listen`), `FUSEBOX_UPSTREAM` (`server.upstream`), `FUSEBOX_ADMIN_TOKEN`
+    /// (`server.admin_token`), `FUSEBOX_REDIS_URL` (`redis.url`: a single node, replacing
+    /// `redis.cluster`; adds a `[redis]` table with its defaults when there is none). An empty
+    /// variable counts as unset.
+    pub fn apply_env(&mut self) -> Result<(), Error> {
+        self.apply_env_from(|name| std::env::var(name).ok())
+    }
+
+    /// [`Self::apply_env`] with the variables read from `var` (for tests).
+    pub fn apply_env_from(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), Error> {
+        let var = |name: &str| var(name).filter(|v| !v.is_empty());
+        if let Some(v) = var("FUSEBOX_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = var("FUSEBOX_UPSTREAM") {
+            self.server.upstream = v;
+        }
+        if let Some(v) = var("FUSEBOX_ADMIN_TOKEN") {
+            self.server.admin_token = Some(v);
+        }
+        if let Some(v) = var("FUSEBOX_REDIS_URL") {
+            let redis = self.redis.get_or_insert_with(RedisConfig::default);
+            redis.url = Some(v);
+            redis.cluster.clear();
+        }
+        self.validate()
     }
 
     /// A breaker's hash must outlive an open period plus a probe that runs its whole

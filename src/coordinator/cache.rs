@@ -130,6 +130,14 @@ impl Shared {
 }
 
 impl Coordinator {
+    /// Whether `feature`'s degraded-response cache is on (`false` for an unknown feature).
+    pub fn cache_enabled(&self, feature: &str) -> bool {
+        self.shared
+            .caches
+            .get(feature)
+            .is_some_and(|c| c.config.enabled)
+    }
+
     /// The cached answer for `request` of `feature`, for this caller's tenant, if there is
     /// one: call it when every model failed. `Ok(None)` on a miss, when the feature's cache
     /// is off, when the caller has no tenant, and when the store cannot be read (Redis down:

@@ -53,6 +53,13 @@ impl Request {
         self.permit.guard(fut).await
     }
 
+    /// Spawns a task that keeps the request's bulkhead lease alive until the handle is
+    /// dropped (for an answer that goes on after the call returned, such as a stream); see
+    /// [`Permit::keep_alive`].
+    pub fn keep_alive(&self) -> super::Heartbeat {
+        self.permit.keep_alive()
+    }
+
     /// Ends the request: releases its permit (the same as dropping it). Does not wait.
     pub fn finish(self) {}
 

@@ -21,6 +21,7 @@
 //!   answer, except after a final error), then the canned answer, when the feature has one.
 
 pub mod alert;
+mod held;
 pub(crate) mod metrics;
 mod plan;
 mod run;
@@ -29,6 +30,7 @@ mod tower;
 
 use std::time::Duration;
 
+pub use self::held::Held;
 pub use self::plan::ChainTarget;
 pub(crate) use self::plan::Plan;
 pub use self::run::{CacheUse, NoRetry, Retry};

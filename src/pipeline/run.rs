@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{metrics, Answered, ChainTarget, Class, Reply, Tier};
+use super::{metrics, Answered, ChainTarget, Class, Held, Reply, Tier};
 use serde_json::Value;
 
 use crate::breaker::CallOutcome;
@@ -156,14 +156,55 @@ impl Coordinator {
         C: Fn(&E) -> K,
         K: Classified,
     {
+        self.guarded_call_held(feature, 0, retry, cache, call, classify)
+            .await
+            .map(|(answered, held)| {
+                if let Some(h) = held {
+                    h.finish(CallOutcome::Success);
+                }
+                answered
+            })
+    }
+
+    /// [`Self::guarded_call_cached`] for answers that go on after the call returns (a
+    /// stream), starting at target `start` of the chain (0: the primary).
+    ///
+    /// A fresh answer comes with a [`Held`]: the request's bulkhead permit and the answering
+    /// target's breaker admission, neither settled yet. Keep it for as long as the answer
+    /// runs ([`Held::guard`] keeps the permit's lease alive), then report how the answer
+    /// ended with [`Held::finish`]: a stream that fails after its first event counts against
+    /// the target's breaker. Dropping it unreported (the client went away) releases the
+    /// permit at once and records nothing on the breaker.
+    ///
+    /// Starting past the primary: the answering target's tier is [`Tier::Primary`] when it
+    /// is `start`, and `stop_before` applies only to targets after `start` (a caller who
+    /// asks for a later model by name gets it). A `start` past the chain's end is an error
+    /// naming the feature's chain.
+    pub async fn guarded_call_held<T, E, F, Fut, C, K>(
+        &self,
+        feature: &str,
+        start: usize,
+        retry: &dyn Retry,
+        cache: Option<CacheUse<'_, T>>,
+        call: F,
+        classify: C,
+    ) -> Result<(Answered<T>, Option<Held>), CallError<E>>
+    where
+        F: Fn(&ChainTarget, u32) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Fn(&E) -> K,
+        K: Classified,
+    {
         let started = Instant::now();
-        let r = self.chain(feature, retry, cache, call, classify).await;
+        let r = self
+            .chain(feature, start, retry, cache, call, classify)
+            .await;
         let outcome = match &r {
-            Ok(a) => a.tier.as_str(),
+            Ok((a, _)) => a.tier.as_str(),
             Err(_) => "error",
         };
         metrics::call(feature, outcome, started.elapsed());
-        if let Ok(a) = &r {
+        if let Ok((a, _)) = &r {
             self.count_call(feature, a.tier != Tier::Primary);
         }
         r
@@ -172,11 +213,12 @@ impl Coordinator {
     async fn chain<T, E, F, Fut, C, K>(
         &self,
         feature: &str,
+        start: usize,
         retry: &dyn Retry,
         cache: Option<CacheUse<'_, T>>,
         call: F,
         classify: C,
-    ) -> Result<Answered<T>, CallError<E>>
+    ) -> Result<(Answered<T>, Option<Held>), CallError<E>>
     where
         F: Fn(&ChainTarget, u32) -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -188,6 +230,15 @@ impl Coordinator {
             return Err(CallError::Fusebox(Error::config(
                 format!("features.{feature}.chain"),
                 "is empty: a guarded call needs at least one target",
+            )));
+        }
+        if start >= plan.targets.len() {
+            return Err(CallError::Fusebox(Error::config(
+                format!("features.{feature}.chain"),
+                format!(
+                    "has {} targets: no target {start} to start at",
+                    plan.targets.len()
+                ),
             )));
         }
         let deadline = Instant::now() + plan.deadline;
@@ -205,9 +256,9 @@ impl Coordinator {
         let mut need_context: Option<u32> = None;
         let mut end = End::Exhausted;
         let mut passed_over = false;
-        let mut i = 0;
+        let mut i = start;
         'chain: while let Some(t) = plan.targets.get(i) {
-            if plan.stop_before == Some(i) {
+            if plan.stop_before == Some(i) && i > start {
                 end = End::StopBefore;
                 break;
             }
@@ -285,8 +336,7 @@ impl Coordinator {
                 let class = match result {
                     Ok(Ok(v)) => {
                         metrics::attempt_ended(feature, &t.name, sent.elapsed(), None);
-                        attempt.record(CallOutcome::Success);
-                        drop(request);
+                        let held = Held::new(request, attempt);
                         if let Some(c) = &cache {
                             if let Some(a) = (c.answer)(&v, t) {
                                 // Reported as an event when dropped; never fails the call.
@@ -294,7 +344,7 @@ impl Coordinator {
                                     self.cache_put_in_background(feature, c.caller, c.request, &a);
                             }
                         }
-                        let tier = if i == 0 {
+                        let tier = if i == start {
                             Tier::Primary
                         } else {
                             Tier::Fallback
@@ -303,14 +353,15 @@ impl Coordinator {
                             metrics::fallback(feature, &t.name);
                         }
                         self.answered(feature, tier, Some(&t.name), attempts);
-                        return Ok(Answered {
+                        let answered = Answered {
                             reply: Reply::Fresh(v),
                             target: Some(t.name.clone()),
                             model: Some(t.model.clone()),
                             tier,
                             attempts,
-                            degraded: i > 0,
-                        });
+                            degraded: i > start,
+                        };
+                        return Ok((answered, Some(held)));
                     }
                     Ok(Err(e)) => {
                         let k = classify(&e);
@@ -405,20 +456,21 @@ impl Coordinator {
                 metrics::degraded(feature, "cache");
                 self.answered(feature, Tier::Cache, None, attempts);
                 let model = Some(hit.model.clone());
-                return Ok(Answered {
+                let answered = Answered {
                     reply: Reply::Cached(hit),
                     target: None,
                     model,
                     tier: Tier::Cache,
                     attempts,
                     degraded: true,
-                });
+                };
+                return Ok((answered, None));
             }
         }
         if let Some(c) = &plan.canned {
             metrics::degraded(feature, "canned");
             self.answered(feature, Tier::Canned, None, attempts);
-            return Ok(Answered {
+            let answered = Answered {
                 reply: Reply::Canned {
                     text: c.text.clone(),
                     retry_after: hint.or(c.retry_after),
@@ -428,7 +480,8 @@ impl Coordinator {
                 tier: Tier::Canned,
                 attempts,
                 degraded: true,
-            });
+            };
+            return Ok((answered, None));
         }
         Err(match (end, last_err, last_rej) {
             (End::StopBefore, _, _) => CallError::RetryLater { retry_after: hint },

@@ -1,6 +1,7 @@
-//! `fusebox`: the operator CLI (the proxy comes later).
+//! `fusebox`: the operator CLI and the proxy.
 //!
 //! ```text
+//! fusebox [-c FILE] serve [--listen ADDR]
 //! fusebox [-c FILE] [--timeout DUR] [--json] check
 //! fusebox [-c FILE] [--timeout DUR] [--json] status [NAME]
 //! fusebox [-c FILE] [--timeout DUR] [--json] force [--create] TARGET open|closed|disable|reset
@@ -15,6 +16,8 @@ mod force;
 #[cfg(feature = "server")]
 mod mock_upstream;
 mod render;
+#[cfg(feature = "proxy")]
+mod serve;
 mod status;
 
 use std::io::Write;
@@ -78,6 +81,15 @@ enum Command {
     /// run time over HTTP (`/_mock/`), to rehearse an outage. Needs no configuration file.
     #[cfg(feature = "server")]
     MockUpstream(mock_upstream::MockArgs),
+    /// Run the Anthropic-compatible proxy (`POST /v1/messages`) until SIGTERM or Ctrl-C.
+    /// Prints `fusebox serve: listening on ADDR` once bound; logs go to stderr (`RUST_LOG`).
+    #[cfg(feature = "proxy")]
+    Serve {
+        /// Listen address (`host:port`; port 0 picks one), over `server.listen` and
+        /// FUSEBOX_LISTEN.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -167,13 +179,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    // Servers use every core; the operator commands make a few store calls.
-    let mut builder = match &cli.command {
-        #[cfg(feature = "server")]
-        Command::MockUpstream(_) => tokio::runtime::Builder::new_multi_thread(),
-        _ => tokio::runtime::Builder::new_current_thread(),
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match runtime(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             return Failure::internal(format!("cannot start the runtime: {e}")).report(cli.json)
@@ -185,12 +191,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Servers (the proxy, the mock upstream) use every core; the operator commands make a
+/// few store calls on one thread.
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        #[cfg(feature = "server")]
+        Command::MockUpstream(_) => tokio::runtime::Builder::new_multi_thread(),
+        #[cfg(feature = "proxy")]
+        Command::Serve { .. } => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    builder.enable_all().build()
+}
+
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let started = std::time::Instant::now();
     // Commands that need no configuration file.
     #[cfg(feature = "server")]
     if let Command::MockUpstream(args) = &cli.command {
         return mock_upstream::run(args).await;
+    }
+    #[cfg(feature = "proxy")]
+    if let Command::Serve { listen } = &cli.command {
+        // The proxy's store calls are hot-path calls: the file's bounds, not an operator's.
+        return serve::run(read(cli)?, listen.as_deref()).await;
     }
     let config = load(cli)?;
     let done = match &cli.command {
@@ -205,6 +229,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         } => force::run(cli, config, target, *action, *create).await,
         #[cfg(feature = "server")]
         Command::MockUpstream(_) => Ok(()),
+        #[cfg(feature = "proxy")]
+        Command::Serve { .. } => Ok(()),
     };
     // The bound is per store call (README): say so, since the command as a whole may have
     // run longer than the one timeout the message names.
@@ -222,7 +248,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     })
 }
 
-/// Reads and validates the configuration as the file says it.
+/// Reads and validates the configuration as the file says it, with the environment's
+/// overrides (`FUSEBOX_LISTEN`, `FUSEBOX_UPSTREAM`, `FUSEBOX_REDIS_URL`,
+/// `FUSEBOX_ADMIN_TOKEN`).
 fn read(cli: &Cli) -> Result<Config, Failure> {
     let path = cli.config.display();
     let text = std::fs::read_to_string(&cli.config).map_err(|e| {
@@ -230,7 +258,12 @@ fn read(cli: &Cli) -> Result<Config, Failure> {
             "cannot read {path}: {e} (choose a file with -c FILE or FUSEBOX_CONFIG)"
         ))
     })?;
-    Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))
+    let mut config =
+        Config::from_toml(&text).map_err(|e| Failure::config(format!("{path}: {e}")))?;
+    config
+        .apply_env()
+        .map_err(|e| Failure::config(format!("{path} with the FUSEBOX_* environment: {e}")))?;
+    Ok(config)
 }
 
 /// Reads and validates the configuration, with the operator's bound (`--timeout`, else

@@ -1,0 +1,77 @@
+//! `fusebox serve`: the proxy ([`fusebox::proxy`]) on `[server] listen` (or `--listen`),
+//! until SIGTERM or Ctrl-C; then a graceful shutdown (`server.shutdown_grace`) and a flush
+//! of the coordinator's queued settles.
+
+use fusebox::proxy::{serve, ProxyState};
+use fusebox::{Config, Coordinator};
+
+use crate::exit::Failure;
+
+pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), Failure> {
+    init_logging();
+    if let Some(l) = listen {
+        config.server.listen = l.to_owned();
+    }
+    let addr = config.server.listen_addr().map_err(|e| {
+        Failure::config(match listen {
+            Some(_) => format!("--listen: {e}"),
+            None => e.to_string(),
+        })
+    })?;
+    let server = config.server.clone();
+    let coordinator = Coordinator::new(config)
+        .await
+        .map_err(|e| Failure::config(e.to_string()))?;
+    let state =
+        ProxyState::new(coordinator, server.clone()).map_err(|e| Failure::config(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Failure::internal(format!("cannot listen on {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Failure::internal(format!("cannot read the listen address: {e}")))?;
+    // The line scripts wait for (with the real port when --listen asked for port 0).
+    crate::print(&format!("fusebox serve: listening on {bound}\n"))?;
+    tracing::info!(listen = %bound, upstream = %server.upstream, "serving");
+    serve(listener, state, shutdown_signal())
+        .await
+        .map_err(|e| Failure::internal(format!("server failed: {e}")))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,231 @@
+//! The proxy's own errors, in the Messages API's error shape:
+//! `{"type":"error","error":{"type":...,"message":...}}` with the matching status, and
+//! `retry-after` on every refusal. Upstream errors that end the chain are rebuilt from what
+//! the upstream said (status, `error.type`, message with any API key masked, `details`'
+//! `error_code`, `request_id`).
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::{CallError, Error, Rejection, UpstreamError, UpstreamErrorKind};
+
+/// An error answer: status, `error.type`, message, and the headers that go with it.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) error_type: &'static str,
+    pub(crate) message: String,
+    /// `retry-after`, whole seconds rounded up (at least 1).
+    pub(crate) retry_after: Option<Duration>,
+    /// `x-should-retry: false`: the proxy already retried (or refused on purpose).
+    pub(crate) no_retry: bool,
+    /// What the upstream said, for an upstream error.
+    pub(crate) echo: Option<Box<Echo>>,
+}
+
+/// What an upstream error said that the proxy repeats.
+#[derive(Debug, Default)]
+pub(crate) struct Echo {
+    /// Its `error.type`.
+    pub(crate) error_type: Option<String>,
+    /// `error.details.error_code`.
+    pub(crate) error_code: Option<String>,
+    /// Its request id.
+    pub(crate) request_id: Option<String>,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, error_type: &'static str, message: String) -> Self {
+        ApiError {
+            status,
+            error_type,
+            message,
+            retry_after: None,
+            no_retry: false,
+            echo: None,
+        }
+    }
+
+    /// A 400 `invalid_request_error`.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            message.into(),
+        )
+    }
+
+    /// The error body, as JSON bytes.
+    pub(crate) fn body(&self) -> Bytes {
+        let echo = self.echo.as_deref();
+        let mut error = serde_json::json!({
+            "type": echo.and_then(|e| e.error_type.as_deref()).unwrap_or(self.error_type),
+            "message": self.message,
+        });
+        if let Some(code) = echo.and_then(|e| e.error_code.as_ref()) {
+            error["details"] = serde_json::json!({ "error_code": code });
+        }
+        let mut body = serde_json::json!({"type": "error", "error": error});
+        if let Some(id) = echo.and_then(|e| e.request_id.as_ref()) {
+            body["request_id"] = serde_json::Value::String(id.clone());
+        }
+        Bytes::from(body.to_string())
+    }
+
+    /// How a guarded call that gave no answer is told to the client. `attempts`: upstream
+    /// attempts made (more than one: the proxy already retried or failed over).
+    pub(crate) fn of_call(e: CallError<UpstreamError>, attempts: u32) -> Self {
+        match e {
+            CallError::Inner(u) => ApiError::of_upstream(&u, attempts),
+            CallError::Rejected(r) => ApiError::of_rejection(&r),
+            CallError::RetryLater { retry_after } => {
+                let mut a = ApiError::new(
+                    StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "overloaded_error",
+                    "fusebox: the feature's preferred models are unavailable and its chain \
+                     stops before weaker ones; try again later"
+                        .to_owned(),
+                );
+                a.retry_after = Some(retry_after.unwrap_or(Duration::from_secs(1)));
+                a.no_retry = attempts > 1;
+                a
+            }
+            CallError::TimedOut => {
+                let mut a = ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout_error",
+                    "fusebox: no answer within the feature's deadline".to_owned(),
+                );
+                a.no_retry = true;
+                a
+            }
+            CallError::Fusebox(e) => ApiError::of_fusebox(&e),
+        }
+    }
+
+    /// A fusebox error (configuration, store) as the client sees it.
+    pub(crate) fn of_fusebox(e: &Error) -> Self {
+        match e {
+            Error::UnknownFeature(f) => ApiError::invalid(format!(
+                "fusebox: unknown feature {f:?}: not under [features] in the proxy's \
+                 configuration"
+            )),
+            Error::Rejected(r) => ApiError::of_rejection(r),
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                format!("fusebox: {other}"),
+            ),
+        }
+    }
+
+    /// A refusal: 429 for the feature's own limits, 529 when every model is shut, 503 when
+    /// the store is down for a fail-closed feature; always with `retry-after`.
+    pub(crate) fn of_rejection(r: &Rejection) -> Self {
+        let (status, error_type) = match r {
+            Rejection::BulkheadFull { .. } | Rejection::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error")
+            }
+            Rejection::StoreUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "api_error"),
+            _ => (
+                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "overloaded_error",
+            ),
+        };
+        let mut a = ApiError::new(status, error_type, format!("fusebox: {r}"));
+        a.retry_after = Some(r.retry_after().unwrap_or(Duration::from_secs(1)));
+        a
+    }
+
+    /// An upstream failure that ended the chain, as the upstream said it.
+    pub(crate) fn of_upstream(u: &UpstreamError, attempts: u32) -> Self {
+        let mut a = match (u.kind, u.status) {
+            (UpstreamErrorKind::Status, Some(s)) => {
+                let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY);
+                let mut a = ApiError::new(status, known_type(s), u.message.clone());
+                a.retry_after = u.retry_after;
+                a
+            }
+            (UpstreamErrorKind::StreamError, _) => {
+                let t = u.error_type.as_deref().unwrap_or("api_error");
+                let s = crate::classify::status_of_error_type(t);
+                let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY);
+                ApiError::new(status, known_type(s), u.message.clone())
+            }
+            (UpstreamErrorKind::Timeout, _) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                format!("fusebox: upstream timed out: {}", u.message),
+            ),
+            _ => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                format!(
+                    "fusebox: upstream failed ({}): {}",
+                    u.kind.as_str(),
+                    u.message
+                ),
+            ),
+        };
+        a.echo = Some(Box::new(Echo {
+            error_type: u.error_type.clone(),
+            error_code: u.error_code.clone(),
+            request_id: u.request_id.clone(),
+        }));
+        a.no_retry = attempts > 1;
+        a
+    }
+}
+
+/// The API's `error.type` for a status.
+fn known_type(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// Whole seconds, rounded up, at least 1.
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
+    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    s.max(1)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body();
+        let mut resp = (self.status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(d) = self.retry_after {
+            h.insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(d)),
+            );
+        }
+        if self.no_retry {
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if let Some(id) = self.echo.as_ref().and_then(|e| e.request_id.as_deref()) {
+            if let Ok(v) = HeaderValue::from_str(id) {
+                h.insert("request-id", v);
+            }
+        }
+        resp
+    }
+}

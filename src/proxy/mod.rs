@@ -1,0 +1,169 @@
+//! The Anthropic-compatible proxy (feature `proxy`; `fusebox serve`): `POST /v1/messages`
+//! (plain and streaming) and `POST /v1/messages/count_tokens`, forwarded to an upstream
+//! (the Anthropic API by default) through a feature's fallback chain, with its breakers,
+//! bulkhead, rate limit, retries, degraded cache and canned answer.
+//!
+//! * **Feature**: the `x-fusebox-feature` header ([`ServerConfig::feature_header`]), else a
+//!   path route (`/support/v1/messages` with `"/support" = "chat"` under `[server.routes]`),
+//!   else a model route, else `server.default_feature`. An unknown feature is a 400.
+//! * **Model**: the request's `model` picks where the feature's chain starts: the first
+//!   target whose model (or target name) it is. A model the chain does not have is a 400
+//!   naming the chain's models (route it to a feature that has it). Each target is sent its
+//!   own model (and `max_tokens`, when set); every other body field is forwarded untouched,
+//!   and when the target's model is the requested one, the original bytes are.
+//! * **Headers passed**: `x-api-key`, `authorization` and every `anthropic-*` header to the
+//!   upstream; `request-id` and `anthropic-ratelimit-*` back. Set by the proxy:
+//!   `x-fusebox-model`, `x-fusebox-target`, `x-fusebox-tier`
+//!   (`primary|fallback|cache|canned`), `x-fusebox-attempts`, `x-fusebox-degraded`,
+//!   `x-fusebox-cache-age` (seconds, cached answers only).
+//! * **Degraded answers** are normal Messages responses (or streams) marked by those headers:
+//!   a cached answer is the stored message; the canned text is a message of one text block,
+//!   `stop_reason` `end_turn`, zero usage, with `retry-after` when a hint is known.
+//! * **Errors** the proxy makes use the API's shape (`{"type":"error","error":{...}}`);
+//!   refusals carry `retry-after`; after more than one attempt, `x-should-retry: false`.
+//!   Upstream errors that end the chain keep the upstream's status, `error.type`, message
+//!   (any API key masked) and request id.
+//! * **Streams** fail over while nothing has reached the client; after the first event, an
+//!   upstream failure becomes an SSE `error` event that ends the stream and counts against
+//!   the target's breaker. The request's bulkhead permit is held (and its lease kept alive)
+//!   as long as the stream runs, and given back the moment the client goes away.
+//!
+//! Run it with [`serve`] on a listener of your own, or with `fusebox serve`.
+
+mod body;
+mod error;
+mod messages;
+mod stream;
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderName;
+use axum::routing::post;
+use axum::Router;
+
+use crate::anthropic::Client;
+use crate::config::ServerConfig;
+use crate::{Coordinator, Error};
+
+/// The proxy's state: the coordinator, the `[server]` settings and the one upstream client
+/// (one connection pool, keep-alive, TCP_NODELAY). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ProxyState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    coordinator: Coordinator,
+    server: ServerConfig,
+    client: Client,
+    messages_url: reqwest::Url,
+    count_tokens_url: reqwest::Url,
+    feature_header: HeaderName,
+}
+
+impl ProxyState {
+    /// The state for `coordinator` with `server`'s settings; an error names the field that
+    /// is wrong.
+    pub fn new(coordinator: Coordinator, server: ServerConfig) -> Result<Self, Error> {
+        let base = server.upstream.trim_end_matches('/');
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| Error::config("server.upstream", format!("{base:?}: {e}")))
+        };
+        let messages_url = url("/v1/messages")?;
+        let count_tokens_url = url("/v1/messages/count_tokens")?;
+        let client = Client::builder().base_url(base).build()?;
+        let feature_header = HeaderName::from_bytes(server.feature_header.as_bytes())
+            .map_err(|_| Error::config("server.feature_header", "not a header name"))?;
+        Ok(ProxyState {
+            inner: Arc::new(Inner {
+                coordinator,
+                server,
+                client,
+                messages_url,
+                count_tokens_url,
+                feature_header,
+            }),
+        })
+    }
+
+    /// The coordinator.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.inner.coordinator
+    }
+
+    /// The `[server]` settings.
+    pub fn server(&self) -> &ServerConfig {
+        &self.inner.server
+    }
+}
+
+/// The proxy's routes: `POST /v1/messages`, `POST /v1/messages/count_tokens`, and the same
+/// under every path route of `[server.routes]`.
+pub fn app(state: ProxyState) -> Router {
+    let mut router = Router::new()
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens));
+    for prefix in state.inner.server.routes.keys() {
+        if prefix.starts_with('/') {
+            router = router
+                .route(&format!("{prefix}/v1/messages"), post(messages::messages))
+                .route(
+                    &format!("{prefix}/v1/messages/count_tokens"),
+                    post(messages::count_tokens),
+                );
+        }
+    }
+    router.fallback(messages::not_found).with_state(state)
+}
+
+/// Longest wait for the coordinator's queued settles once the server stopped.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves [`app`] on `listener` (TCP_NODELAY on every accepted socket) until `shutdown`
+/// completes; then stops accepting, lets requests in flight finish for up to
+/// `server.shutdown_grace` (streams included), and flushes the coordinator's queued
+/// settles (at most 5 s). Returns once all that is done.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ProxyState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let grace = state.inner.server.shutdown_grace;
+    let coordinator = state.inner.coordinator.clone();
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    });
+    let server = std::pin::pin!(server.into_future());
+    let out_of_grace = async move {
+        if stopped.await.is_ok() {
+            tracing::info!(grace = ?grace, "shutting down: finishing requests in flight");
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = server => r,
+        () = out_of_grace => {
+            tracing::warn!(grace = ?grace, "shutdown grace ran out: cutting requests still in flight");
+            Ok(())
+        }
+    };
+    let report = coordinator.flush(FLUSH_TIMEOUT).await;
+    if !report.is_complete() {
+        tracing::warn!(?report, "not every queued settle reached the store");
+    }
+    result
+}
