@@ -332,7 +332,251 @@ async fn bad_input_gets_400s_and_413s_in_the_api_shape(env: Env) {
     );
 }
 
+fn stream_request(model: &str) -> Request<Body> {
+    let mut body = ask(model);
+    body["stream"] = json!(true);
+    request(&body)
+}
+
+/// SSE events as (event, data) pairs.
+fn events(bytes: &[u8]) -> Vec<(String, Value)> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let mut event = String::new();
+        let mut data = String::new();
+        for line in block.lines() {
+            if let Some(e) = line.strip_prefix("event: ") {
+                event = e.to_owned();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                data.push_str(d);
+            }
+        }
+        out.push((event, serde_json::from_str(&data).unwrap_or(Value::Null)));
+    }
+    out
+}
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(e, _)| e.as_str()).collect()
+}
+
+/// Polls `read` until it says `want` (the Redis store settles in the background, at once
+/// but not synchronously); panics with the last value after the budget.
+async fn eventually_in_flight(c: &Coordinator, feature: &str, want: u32) {
+    let mut last = u32::MAX;
+    for _ in 0..500 {
+        last = c.read_in_flight(feature).await.expect("reads").value;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("in flight for {feature}: {last}, want {want}");
+}
+
+async fn a_stream_fails_over_before_its_first_byte(env: Env) {
+    let s = setup(&env).await;
+    // The primary's stream errors before any event; then a 529 status.
+    s.mock.push(PRIMARY, [Reply::Garbage]);
+    s.mock.set(PRIMARY, Plan::always(Reply::overloaded()));
+    let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("fallback"));
+    assert_eq!(header(&resp, "x-fusebox-model"), Some(FALLBACK));
+    let ev = events(&bytes);
+    assert_eq!(ev.first().map(|e| e.0.as_str()), Some("message_start"));
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("message_stop"));
+    assert!(!names(&ev).contains(&"error"), "{:?}", names(&ev));
+    assert_eq!(ev[0].1["message"]["model"], FALLBACK);
+    let seen = s.mock.seen();
+    assert!(
+        seen.iter().all(|x| x.stream),
+        "every attempt asked for a stream"
+    );
+    assert_eq!(seen.last().map(|x| x.model.as_str()), Some(FALLBACK));
+    eventually_in_flight(&s.coordinator, "chat", 0).await;
+}
+
+async fn a_failure_after_the_first_event_is_an_error_event_and_counts_on_the_breaker(env: Env) {
+    let s = setup_with(&env, |c| {
+        c.breaker.consecutive_failures = Some(1);
+        c.breaker.failure_rate = None;
+    })
+    .await;
+    s.mock.set(
+        PRIMARY,
+        Plan::always(Reply::error_after_start("overloaded_error")),
+    );
+    let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
+    assert_eq!(resp.status(), StatusCode::OK, "the 200 was already out");
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("primary"));
+    let ev = events(&bytes);
+    assert_eq!(ev.first().map(|e| e.0.as_str()), Some("message_start"));
+    let (last, data) = ev.last().expect("events");
+    assert_eq!(last, "error", "{:?}", names(&ev));
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["error"]["type"], "overloaded_error");
+    assert!(data["error"]["message"].is_string());
+    assert_eq!(
+        s.mock.requests(FALLBACK),
+        0,
+        "no failover after the first byte"
+    );
+    // The late failure opened the primary's breaker (one failure trips it here): the next
+    // request goes to the fallback without calling the primary.
+    let before = s.mock.requests(PRIMARY);
+    let mut opened = false;
+    for _ in 0..100 {
+        let (resp, _) = send(&s.state, request(&ask(PRIMARY))).await;
+        if header(&resp, "x-fusebox-tier") == Some("fallback") && s.mock.requests(PRIMARY) == before
+        {
+            opened = true;
+            break;
+        }
+        // Redis settles in the background: give it a moment.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        opened,
+        "the mid-stream failure counted against the primary's breaker"
+    );
+    // A dropped connection mid-stream is an error event too.
+    s.mock.set(FALLBACK, Plan::always(Reply::DropMidBody));
+    let (resp, bytes) = send(&s.state, stream_request(FALLBACK)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let ev = events(&bytes);
+    assert_eq!(ev.first().map(|e| e.0.as_str()), Some("message_start"));
+    assert_eq!(
+        ev.last().map(|e| e.0.as_str()),
+        Some("error"),
+        "{:?}",
+        names(&ev)
+    );
+    eventually_in_flight(&s.coordinator, "chat", 0).await;
+}
+
+async fn a_client_leaving_mid_stream_gives_its_permit_back_at_once(env: Env) {
+    let s = setup_with(&env, |c| {
+        if let Some(f) = c.features.get_mut("chat") {
+            f.max_concurrent = Some(1);
+            f.max_wait = Duration::ZERO;
+        }
+    })
+    .await;
+    s.mock.set(PRIMARY, Plan::always(Reply::StallMidStream));
+    let resp = app(s.state.clone())
+        .oneshot(stream_request(PRIMARY))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body().into_data_stream();
+    let first = futures_util::StreamExt::next(&mut body)
+        .await
+        .expect("a first chunk")
+        .expect("reads");
+    assert!(String::from_utf8_lossy(&first).contains("message_start"));
+    // The stream holds the feature's only permit while it runs...
+    assert_eq!(
+        s.coordinator
+            .read_in_flight("chat")
+            .await
+            .expect("reads")
+            .value,
+        1,
+        "the permit lives as long as the stream"
+    );
+    // ... so another request is refused, with the API's shape and a retry-after.
+    let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(api_error_type(&bytes), "rate_limit_error");
+    assert!(header(&resp, "retry-after").is_some_and(|v| v.parse::<u64>().is_ok()));
+    // The client goes away: the permit comes back at once (no lease to run out).
+    drop(body);
+    eventually_in_flight(&s.coordinator, "chat", 0).await;
+    s.mock.set(PRIMARY, Plan::answer());
+    let (resp, _) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+async fn upstream_errors_keep_their_status_and_body(env: Env) {
+    let s = setup(&env).await;
+    // A final 400: returned as the upstream sent it, after one attempt.
+    s.mock.push(PRIMARY, [Reply::status(400)]);
+    let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let v = json_of(&bytes);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(v["error"]["message"], "mock invalid_request_error (400)");
+    assert!(
+        v["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("req_")),
+        "{v}"
+    );
+    assert_eq!(s.mock.requests(FALLBACK), 0);
+    // Every model overloaded: the last 529, with x-should-retry: false (the proxy already
+    // went through its chain).
+    s.mock.set(PRIMARY, Plan::always(Reply::overloaded()));
+    s.mock.set(FALLBACK, Plan::always(Reply::overloaded()));
+    let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(resp.status().as_u16(), 529);
+    assert_eq!(api_error_type(&bytes), "overloaded_error");
+    assert_eq!(header(&resp, "x-should-retry"), Some("false"));
+    // A streaming request gets the same before its first byte.
+    let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
+    assert_eq!(resp.status().as_u16(), 529);
+    assert_eq!(api_error_type(&bytes), "overloaded_error");
+}
+
+async fn the_canned_answer_is_a_normal_message_marked_degraded(env: Env) {
+    let s = setup(&env).await;
+    s.mock.set(PRIMARY, Plan::always(Reply::overloaded()));
+    let req = |stream: bool| {
+        let mut body = ask(PRIMARY);
+        if stream {
+            body["stream"] = json!(true);
+        }
+        post("/v1/messages")
+            .header("x-fusebox-feature", "canned")
+            .body(Body::from(body.to_string()))
+            .expect("request")
+    };
+    let (resp, bytes) = send(&s.state, req(false)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v = json_of(&bytes);
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert_eq!(v["content"][0]["text"], CANNED);
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("canned"));
+    assert_eq!(header(&resp, "x-fusebox-degraded"), Some("true"));
+    assert!(header(&resp, "retry-after").is_some());
+    let (resp, bytes) = send(&s.state, req(true)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("canned"));
+    let ev = events(&bytes);
+    assert_eq!(
+        names(&ev),
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(ev[2].1["delta"]["text"], CANNED);
+}
+
 on_both!(
+    a_stream_fails_over_before_its_first_byte,
+    a_failure_after_the_first_event_is_an_error_event_and_counts_on_the_breaker,
+    a_client_leaving_mid_stream_gives_its_permit_back_at_once,
+    upstream_errors_keep_their_status_and_body,
+    the_canned_answer_is_a_normal_message_marked_degraded,
     unknown_fields_and_headers_pass_through_untouched,
     fallback_replaces_the_model_and_says_so,
 );
