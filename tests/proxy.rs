@@ -571,6 +571,389 @@ async fn the_canned_answer_is_a_normal_message_marked_degraded(env: Env) {
     assert_eq!(ev[2].1["delta"]["text"], CANNED);
 }
 
+/// Everything logged, at every level, by every crate (hyper and reqwest included).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+// One thread: every task (proxy, mock, client) logs into this test's subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn the_api_key_never_reaches_a_log_line_or_an_error() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    bounded(async {
+        let s = setup(&Env::Memory).await;
+        let (resp, _) = send(&s.state, request(&ask(PRIMARY))).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        // An upstream that echoes the key in its error message.
+        let echo = json!({"type": "error", "error": {"type": "authentication_error",
+            "message": format!("invalid x-api-key: {KEY}")}});
+        s.mock.push(
+            PRIMARY,
+            [Reply::Raw {
+                status: 401,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: echo.to_string(),
+            }],
+        );
+        let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        assert!(body.contains("invalid x-api-key"), "{body}");
+        assert!(
+            !body.contains(KEY),
+            "the key came back in the error: {body}"
+        );
+        // A stream failing mid-way (logged by the proxy).
+        s.mock
+            .push(PRIMARY, [Reply::error_after_start("api_error")]);
+        let (_, bytes) = send(&s.state, stream_request(PRIMARY)).await;
+        assert!(!String::from_utf8_lossy(&bytes).contains(KEY));
+        // Every model down.
+        s.mock.set(PRIMARY, Plan::always(Reply::overloaded()));
+        s.mock.set(FALLBACK, Plan::always(Reply::status(500)));
+        let (_, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+        assert!(!String::from_utf8_lossy(&bytes).contains(KEY));
+    })
+    .await;
+    let text = logs.text();
+    assert!(
+        text.contains("stream failed after its first event"),
+        "the logs were captured: {}",
+        text.chars().take(500).collect::<String>()
+    );
+    assert!(!text.contains(KEY), "the API key is in the logs");
+    assert!(
+        !text.contains(&KEY[10..]),
+        "part of the API key is in the logs"
+    );
+}
+
+async fn routes_pick_the_feature_and_the_model_picks_where_the_chain_starts(env: Env) {
+    let s = setup_with(&env, |c| {
+        c.features.insert(
+            "fallback-only".into(),
+            FeatureConfig {
+                chain: vec!["fallback".into()],
+                ..FeatureConfig::default()
+            },
+        );
+        c.server.routes.insert("/support".into(), "canned".into());
+        c.server
+            .routes
+            .insert("claude-special".into(), "fallback-only".into());
+    })
+    .await;
+    s.mock.set(PRIMARY, Plan::always(Reply::overloaded()));
+    // A path route: /support/v1/messages is the canned feature.
+    let req = post("/support/v1/messages")
+        .body(Body::from(ask(PRIMARY).to_string()))
+        .expect("request");
+    let (resp, _) = send(&s.state, req).await;
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("canned"));
+    // The header wins over the path route.
+    let req = post("/support/v1/messages")
+        .header("x-fusebox-feature", "chat")
+        .body(Body::from(ask(PRIMARY).to_string()))
+        .expect("request");
+    let (resp, _) = send(&s.state, req).await;
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("fallback"));
+    // Asking for the chain's second model by name starts there: an answer from it is the
+    // primary tier, not degraded, and the first model is not called.
+    let before = s.mock.requests(PRIMARY);
+    let (resp, bytes) = send(&s.state, request(&ask(FALLBACK))).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("primary"));
+    assert_eq!(header(&resp, "x-fusebox-degraded"), Some("false"));
+    assert_eq!(s.mock.requests(PRIMARY), before);
+    // The target's name works as an alias of its model.
+    let (resp, _) = send(&s.state, request(&ask("fallback"))).await;
+    assert_eq!(header(&resp, "x-fusebox-model"), Some(FALLBACK));
+    assert_eq!(
+        s.mock.seen().last().map(|x| x.model.clone()),
+        Some(FALLBACK.to_owned())
+    );
+    // A model route: a model that no chain has, sent to the feature it names, whose chain
+    // then serves it from its first target.
+    let (resp, _) = send(&s.state, request(&ask("claude-special"))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-fusebox-model"), Some(FALLBACK));
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("primary"));
+    // Without a route, a model the feature's chain does not have is refused, naming the
+    // chain's models.
+    let (resp, bytes) = send(&s.state, request(&ask("claude-other"))).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains(PRIMARY) && text.contains(FALLBACK), "{text}");
+}
+
+/// A fake `count_tokens` endpoint: records what it got, answers `{"input_tokens": 12}`.
+async fn count_tokens_upstream() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use axum::http::HeaderMap;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let router = axum::Router::new().route(
+        "/v1/messages/count_tokens",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                let key = headers
+                    .get("x-api-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                record
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((key, body));
+                (
+                    [
+                        ("request-id", "req_count"),
+                        ("content-type", "application/json"),
+                    ],
+                    "{\"input_tokens\": 12}",
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_tokens_is_passed_through_without_the_chain() {
+    bounded(async {
+        let (url, seen) = count_tokens_upstream().await;
+        let config = Env::Memory.config(&url);
+        config.validate().expect("valid");
+        let server = config.server.clone();
+        let coordinator = Coordinator::new(config).await.expect("coordinator");
+        let state = ProxyState::new(coordinator, server).expect("state");
+        let body = json!({"model": "any-model-at-all", "messages": [], "extra": {"k": 1}});
+        let req = post("/v1/messages/count_tokens")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        let (resp, bytes) = send(&state, req).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(json_of(&bytes), json!({"input_tokens": 12}));
+        assert_eq!(header(&resp, "request-id"), Some("req_count"));
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, KEY);
+        assert_eq!(serde_json::from_str::<Value>(&seen[0].1).ok(), Some(body));
+    })
+    .await;
+}
+
+#[test]
+fn server_settings_are_checked_with_the_field_named() {
+    let base = || {
+        let mut c = Env::Memory.config("http://127.0.0.1:1");
+        c.server.admin_token = Some("a-long-enough-admin-token".into());
+        c
+    };
+    base().validate().expect("the base is valid");
+    type Edit = Box<dyn Fn(&mut Config)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "server.listen",
+            Box::new(|c| c.server.listen = "localhost".into()),
+        ),
+        (
+            "server.upstream",
+            Box::new(|c| c.server.upstream = "ftp://x".into()),
+        ),
+        (
+            "server.upstream",
+            Box::new(|c| c.server.upstream = "http://".into()),
+        ),
+        (
+            "server.default_feature",
+            Box::new(|c| c.server.default_feature = Some("nope".into())),
+        ),
+        (
+            "server.feature_header",
+            Box::new(|c| c.server.feature_header = "bad header".into()),
+        ),
+        (
+            "server.routes.\"/x\"",
+            Box::new(|c| {
+                c.server.routes.insert("/x".into(), "nope".into());
+            }),
+        ),
+        (
+            "server.routes.\"/x/\"",
+            Box::new(|c| {
+                c.server.routes.insert("/x/".into(), "chat".into());
+            }),
+        ),
+        (
+            "server.admin_token",
+            Box::new(|c| c.server.admin_token = Some("short".into())),
+        ),
+        (
+            "server.max_body_bytes",
+            Box::new(|c| c.server.max_body_bytes = 10),
+        ),
+        (
+            "server.shutdown_grace",
+            Box::new(|c| c.server.shutdown_grace = Duration::from_secs(3600)),
+        ),
+    ];
+    for (field, edit) in cases {
+        let mut c = base();
+        edit(&mut c);
+        match c.validate() {
+            Err(fusebox::Error::Config { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+    // The environment overrides, validated; the admin token is redacted for printing.
+    let mut c = base();
+    let env = |name: &str| match name {
+        "FUSEBOX_LISTEN" => Some("127.0.0.1:0".to_owned()),
+        "FUSEBOX_UPSTREAM" => Some("http://127.0.0.1:9999".to_owned()),
+        "FUSEBOX_REDIS_URL" => Some("redis://127.0.0.1:6399".to_owned()),
+        "FUSEBOX_ADMIN_TOKEN" => Some("token-from-the-environment".to_owned()),
+        _ => None,
+    };
+    c.apply_env_from(env).expect("valid overrides");
+    assert_eq!(c.server.listen, "127.0.0.1:0");
+    assert_eq!(c.server.upstream, "http://127.0.0.1:9999");
+    assert_eq!(
+        c.redis.as_ref().and_then(|r| r.url.as_deref()),
+        Some("redis://127.0.0.1:6399")
+    );
+    assert_eq!(c.redacted().server.admin_token.as_deref(), Some("***"));
+    let text = toml::to_string(&c.redacted()).expect("prints");
+    assert!(!text.contains("token-from-the-environment"));
+    let mut c = base();
+    let bad = |name: &str| (name == "FUSEBOX_LISTEN").then(|| "nowhere".to_owned());
+    match c.apply_env_from(bad) {
+        Err(fusebox::Error::Config { field, .. }) => assert_eq!(field, "server.listen"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_then_stops() {
+    bounded(async {
+        let s = setup_with(&Env::Memory, |c| {
+            c.server.shutdown_grace = Duration::from_secs(30)
+        })
+        .await;
+        s.mock
+            .set(PRIMARY, Plan::answer().latency(Duration::from_millis(300)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(fusebox::proxy::serve(listener, s.state.clone(), async {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/v1/messages");
+        let call = client
+            .post(&url)
+            .header("x-api-key", KEY)
+            .body(ask(PRIMARY).to_string())
+            .send();
+        let in_flight = tokio::spawn(call);
+        while s.mock.in_flight(PRIMARY) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop.send(());
+        let resp = in_flight
+            .await
+            .expect("joins")
+            .expect("the request in flight is answered");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(
+            resp.headers()
+                .get("x-fusebox-tier")
+                .and_then(|v| v.to_str().ok()),
+            Some("primary")
+        );
+        server.await.expect("joins").expect("served");
+        // Stopped: no one listens any more.
+        assert!(client.post(&url).body("{}").send().await.is_err());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_what_outlives_the_grace() {
+    bounded(async {
+        let s = setup_with(&Env::Memory, |c| {
+            c.server.shutdown_grace = Duration::from_millis(100)
+        })
+        .await;
+        s.mock.set(PRIMARY, Plan::always(Reply::StallMidStream));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(fusebox::proxy::serve(listener, s.state.clone(), async {
+            let _ = stopped.await;
+        }));
+        let mut body = ask(PRIMARY);
+        body["stream"] = json!(true);
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", KEY)
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("the stream starts");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        let _ = stop.send(());
+        // The stalled stream would run for minutes: serve returns once the grace is over.
+        server.await.expect("joins").expect("served");
+        drop(resp);
+    })
+    .await;
+}
+
 on_both!(
     a_stream_fails_over_before_its_first_byte,
     a_failure_after_the_first_event_is_an_error_event_and_counts_on_the_breaker,
@@ -580,4 +963,7 @@ on_both!(
     unknown_fields_and_headers_pass_through_untouched,
     fallback_replaces_the_model_and_says_so,
 );
-on_memory!(bad_input_gets_400s_and_413s_in_the_api_shape);
+on_memory!(
+    bad_input_gets_400s_and_413s_in_the_api_shape,
+    routes_pick_the_feature_and_the_model_picks_where_the_chain_starts,
+);

@@ -120,8 +120,14 @@ fn forwarded(headers: &HeaderMap) -> (HeaderMap, Option<HeaderValue>, Option<Str
 }
 
 impl ProxyState {
-    /// The feature of a request: header, path route, model route, default.
-    fn feature_of(&self, uri: &Uri, headers: &HeaderMap, model: &str) -> Result<String, ApiError> {
+    /// The feature of a request: header, path route, model route, default; and whether a
+    /// model route picked it.
+    fn feature_of(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        model: &str,
+    ) -> Result<(String, bool), ApiError> {
         let s = &self.inner.server;
         if let Some(v) = headers.get(&self.inner.feature_header) {
             let f = v.to_str().ok().filter(|f| !f.is_empty()).ok_or_else(|| {
@@ -130,7 +136,7 @@ impl ProxyState {
                     s.feature_header
                 ))
             })?;
-            return Ok(f.to_owned());
+            return Ok((f.to_owned(), false));
         }
         if !s.routes.is_empty() {
             let path = uri.path();
@@ -140,27 +146,30 @@ impl ProxyState {
                 .unwrap_or("");
             if !prefix.is_empty() {
                 if let Some(f) = s.routes.get(prefix) {
-                    return Ok(f.clone());
+                    return Ok((f.clone(), false));
                 }
             }
             if let Some(f) = s.routes.get(model) {
-                return Ok(f.clone());
+                return Ok((f.clone(), true));
             }
         }
-        s.default_feature.clone().ok_or_else(|| {
-            ApiError::invalid(format!(
-                "fusebox: no feature: send the {} header, or configure server.default_feature \
+        s.default_feature
+            .clone()
+            .map(|f| (f, false))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "fusebox: no feature: send the {} header, or configure server.default_feature \
                  or [server.routes]",
-                s.feature_header
-            ))
-        })
+                    s.feature_header
+                ))
+            })
     }
 
     /// Reads and routes a request.
     async fn route(&self, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Routed, ApiError> {
         let body = read_body(headers, body, self.inner.server.max_body_bytes).await?;
         let head = Head::parse(&body)?;
-        let feature = self.feature_of(uri, headers, &head.model)?;
+        let (feature, model_routed) = self.feature_of(uri, headers, &head.model)?;
         let plan = self
             .inner
             .coordinator
@@ -181,6 +190,8 @@ impl ProxyState {
             .iter()
             .position(|t| t.model == head.model)
             .or_else(|| plan.targets.iter().position(|t| t.name == head.model))
+            // A model routed to the feature on purpose is served by its whole chain.
+            .or(model_routed.then_some(0))
             .ok_or_else(|| {
                 let models: Vec<&str> = plan.targets.iter().map(|t| t.model.as_str()).collect();
                 ApiError::invalid(format!(
