@@ -1141,3 +1141,180 @@ fn status_of_an_invalid_target_is_an_error() {
         assert!(run.stderr.contains("target"), "{run:#?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// status --watch
+// ---------------------------------------------------------------------------------------------
+
+/// A `fusebox status --watch` child whose stdout is read line by line on a thread.
+struct Watch {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Everything read so far.
+    seen: String,
+}
+
+impl Watch {
+    /// Spawns `program args` (stdin closed, stdout piped, stderr captured to a pipe too).
+    fn spawn(program: &str, args: &[&str]) -> Watch {
+        use std::io::BufRead;
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { return };
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Watch {
+            child,
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads lines until `done(everything read)` holds; panics past [`RUN_BUDGET`].
+    fn read_until(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + RUN_BUDGET;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push_str(&line);
+                    self.seen.push('\n');
+                }
+                Err(e) => {
+                    let _ = self.child.kill();
+                    panic!("waiting for {what}: {e}; read so far:\n{}", self.seen);
+                }
+            }
+        }
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for the exit.
+    fn interrupt(mut self) -> (ExitStatus, String) {
+        use std::io::Read;
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("run kill");
+        assert!(sent.success());
+        let status = wait_bounded(&mut self.child, &["status", "--watch"]);
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push_str(&line);
+            self.seen.push('\n');
+        }
+        let mut stderr = String::new();
+        let _ = self
+            .child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        (status, self.seen)
+    }
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+/// Not a terminal (a pipe): readings one after another, each under a timestamped header, no
+/// escape code anywhere; a change in the store shows in a later reading; Ctrl-C exits 0.
+#[test]
+fn status_watch_into_a_pipe_prints_plain_readings_until_ctrl_c() {
+    let server = RedisServer::start();
+    let file = redis_toml(&server, "watch");
+    let mut w = Watch::spawn(
+        bin(),
+        &[
+            "-c",
+            file.path(),
+            "status",
+            "--watch",
+            "--interval",
+            "200ms",
+        ],
+    );
+    w.read_until("two readings", |s| {
+        count(s, "fusebox status at ") >= 2 && count(s, "chat ") >= 2
+    });
+    assert!(w.seen.contains("store: shared"), "{}", w.seen);
+    assert!(!w.seen.contains("forced open"), "{}", w.seen);
+    // An operator forces a breaker: a later reading shows it.
+    fb(&file, &["force", "--create", "m", "open"]).assert_ok();
+    w.read_until("the forced breaker", |s| {
+        s.contains("forced open by an operator")
+    });
+    let (status, seen) = w.interrupt();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{seen}");
+    assert!(!seen.contains('\x1b'), "escape codes in a pipe:\n{seen:?}");
+}
+
+/// `--json --watch`: one JSON document per line, each a whole reading.
+#[test]
+fn status_watch_with_json_prints_one_document_per_line() {
+    let server = RedisServer::start();
+    let file = redis_toml(&server, "watch-json");
+    let mut w = Watch::spawn(
+        bin(),
+        &["-c", file.path(), "--json", "status", "-w", "-n", "200ms"],
+    );
+    w.read_until("three lines", |s| s.lines().count() >= 3);
+    let (status, seen) = w.interrupt();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{seen}");
+    for line in seen.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert_eq!(v["store"], "shared", "{line}");
+        assert_eq!(v["features"][0]["name"], "chat", "{line}");
+    }
+}
+
+/// On a terminal (a pseudo-terminal made by util-linux `script`), each reading redraws the
+/// previous one in place: cursor home, erase to the end of the screen.
+#[test]
+fn status_watch_on_a_terminal_redraws_in_place() {
+    let server = RedisServer::start();
+    let file = redis_toml(&server, "watch-tty");
+    let command = format!(
+        "exec {} -c {} status --watch --interval 200ms",
+        bin(),
+        file.path()
+    );
+    let mut w = Watch::spawn("script", &["-qfec", &command, "/dev/null"]);
+    w.read_until("three redraws", |s| count(s, "\x1b[H") >= 3);
+    let _ = w.child.kill();
+    let _ = w.child.wait();
+    assert!(w.seen.contains("\x1b[J"), "{:?}", w.seen);
+    // Cleared once at the start, then redrawn over itself.
+    assert_eq!(count(&w.seen, "\x1b[2J"), 1, "{:?}", w.seen);
+    assert!(w.seen.contains("store: shared"), "{:?}", w.seen);
+}
+
+#[test]
+fn status_interval_without_watch_is_a_usage_error() {
+    let file = TempToml::new("[features.chat]\n");
+    fb(&file, &["status", "--interval", "1s"]).assert_exit(2);
+    let run = fb(&file, &["status", "--watch", "--interval", "1ms"]);
+    run.assert_exit(2);
+    assert!(
+        run.stderr.contains("--interval takes 100ms to 1h"),
+        "{run:#?}"
+    );
+}

@@ -79,6 +79,27 @@ impl Failure {
         self.cause == Some("timeout")
     }
 
+    /// The shared store could not be read or written (exit 4).
+    pub(crate) fn is_store(&self) -> bool {
+        self.code == 4
+    }
+
+    /// What went wrong.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The JSON error object `--json` prints.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "exit_code": self.code,
+                "cause": self.cause,
+                "message": self.message,
+            }
+        })
+    }
+
     /// The message with `note` appended.
     pub(crate) fn noting(mut self, note: &str) -> Self {
         self.message.push_str(note);
@@ -116,14 +137,7 @@ impl Failure {
     /// Prints only the JSON error object (to stdout; the caller printed the text) and
     /// returns the exit code.
     pub(crate) fn report_json_only(self) -> ExitCode {
-        let v = serde_json::json!({
-            "error": {
-                "exit_code": self.code,
-                "cause": self.cause,
-                "message": self.message,
-            }
-        });
-        println!("{v}");
+        println!("{}", self.json());
         ExitCode::from(self.code)
     }
 }

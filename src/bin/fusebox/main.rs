@@ -3,7 +3,7 @@
 //! ```text
 //! fusebox [-c FILE] serve [--listen ADDR]
 //! fusebox [-c FILE] [--timeout DUR] [--json] check
-//! fusebox [-c FILE] [--timeout DUR] [--json] status [NAME]
+//! fusebox [-c FILE] [--timeout DUR] [--json] status [--watch [--interval DUR]] [NAME]
 //! fusebox [-c FILE] [--timeout DUR] [--json] force [--create] TARGET open|closed|disable|reset
 //! fusebox mock-upstream [--listen ADDR] [--fail MODEL=STATUS] [--failure-rate MODEL=RATE] ...
 //! ```
@@ -19,6 +19,7 @@ mod render;
 #[cfg(feature = "proxy")]
 mod serve;
 mod status;
+mod watch;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -65,6 +66,13 @@ enum Command {
     Status {
         /// One target (or feature) to show in detail.
         name: Option<String>,
+        /// Keep reading, like `top`: redraw in place on a terminal, print one reading after
+        /// another otherwise (with `--json`: one document per line). Ctrl-C ends it (exit 0).
+        #[arg(short, long)]
+        watch: bool,
+        /// Time between two readings of `--watch` (100ms to 1h). Default: 2s.
+        #[arg(short = 'n', long, value_name = "DURATION", value_parser = watch::parse_interval, requires = "watch")]
+        interval: Option<Duration>,
     },
     /// Force a target's breaker, fleet-wide (needs `[redis]`).
     Force {
@@ -221,7 +229,17 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         // `check` prints the configuration as the file says it, not with the operator's
         // bounds applied (a hot-path `redis.timeout` of 2 s copied from it would be wrong).
         Command::Check => check::run(cli, &read(cli)?),
-        Command::Status { name } => status::run(cli, config, name.as_deref()).await,
+        Command::Status {
+            name, watch: false, ..
+        } => status::run(cli, config, name.as_deref()).await,
+        Command::Status {
+            name,
+            watch: true,
+            interval,
+        } => {
+            let every = interval.unwrap_or(Duration::from_secs(2));
+            watch::run(cli, config, name.as_deref(), every).await
+        }
         Command::Force {
             target,
             action,

@@ -16,13 +16,42 @@ use crate::exit::Failure;
 use crate::render::{
     breaker_json, breaker_line, permits_line, rate_line, source_name, window_line,
 };
-use crate::{print, print_json, Cli};
+use crate::{print, Cli};
 
-pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result<(), Failure> {
-    let Some(redis) = &config.redis else {
-        return embedded(cli, &config, name);
-    };
-    let store = match &redis.url {
+/// What one reading of the store printed: text or JSON, and whether some entries could not
+/// be read (exit 6 in the once form).
+pub(crate) struct Frame {
+    out: Output,
+    partial: Option<Failure>,
+}
+
+enum Output {
+    Text(String),
+    Json(Value),
+}
+
+impl Frame {
+    /// The frame as it is printed: text as it is, JSON pretty (once) or on one line (watch).
+    pub(crate) fn render(&self, compact: bool) -> Result<String, Failure> {
+        match &self.out {
+            Output::Text(t) => Ok(t.clone()),
+            Output::Json(v) => {
+                let text = if compact {
+                    serde_json::to_string(v)
+                } else {
+                    serde_json::to_string_pretty(v)
+                };
+                text.map(|t| t + "\n")
+                    .map_err(|e| Failure::internal(format!("cannot encode JSON: {e}")))
+            }
+        }
+    }
+}
+
+/// The store `status` reads, as it is named in the output (password redacted).
+pub(crate) fn store_label(config: &Config) -> Option<String> {
+    let redis = config.redis.as_ref()?;
+    Some(match &redis.url {
         Some(url) => redact_url(url),
         None => format!(
             "cluster {}",
@@ -33,17 +62,45 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
+    })
+}
+
+/// `fusebox status [NAME]`, once: prints one frame.
+pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result<(), Failure> {
+    let coordinator = connect(&config).await?;
+    let frame = read(cli, &config, coordinator.as_ref(), name).await?;
+    print(&frame.render(false)?)?;
+    frame.partial.map_or(Ok(()), Err)
+}
+
+/// A coordinator on the configured store (`None`: no `[redis]`, nothing to read).
+pub(crate) async fn connect(config: &Config) -> Result<Option<Coordinator>, Failure> {
+    if config.redis.is_none() {
+        return Ok(None);
+    }
+    Coordinator::new(config.clone())
+        .await
+        .map(Some)
+        .map_err(|e| Failure::from_error("cannot start", e))
+}
+
+/// One reading of the store, as a frame.
+pub(crate) async fn read(
+    cli: &Cli,
+    config: &Config,
+    coordinator: Option<&Coordinator>,
+    name: Option<&str>,
+) -> Result<Frame, Failure> {
+    let (Some(coordinator), Some(store)) = (coordinator, store_label(config)) else {
+        return embedded(cli, config, name);
     };
     let namespace = config.namespace.clone();
-    let coordinator = Coordinator::new(config.clone())
-        .await
-        .map_err(|e| Failure::from_error("cannot start", e))?;
     let (targets, features) = match name {
         Some(n) if config.features.contains_key(n) && !config.targets.contains_key(n) => {
             (BTreeSet::new(), BTreeSet::from([n.to_owned()]))
         }
         Some(n) => {
-            if !configured_targets(&config).contains(n) {
+            if !configured_targets(config).contains(n) {
                 // A name no configuration could hold is a configuration error (exit 3).
                 fusebox::config::check_name("target", n)
                     .map_err(|e| Failure::from_error("status", e))?;
@@ -72,7 +129,7 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
                 .await
                 .map_err(|e| Failure::from_error(&format!("cannot list {store}"), e))?;
             let mut targets = known.value.targets;
-            targets.extend(configured_targets(&config));
+            targets.extend(configured_targets(config));
             let mut features = known.value.features;
             features.extend(config.features.keys().cloned());
             (targets, features)
@@ -94,7 +151,7 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
     let mut now = 0;
     let mut source = "shared";
     let mut unreadable = 0usize;
-    let configured = configured_targets(&config);
+    let configured = configured_targets(config);
     for t in &targets {
         let value = match coordinator.read_breaker(t).await {
             Ok(r) => {
@@ -149,7 +206,7 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
         })
     };
     if cli.json {
-        print_json(&json!({
+        let v = json!({
             "store": source,
             "redis": store,
             "namespace": namespace,
@@ -180,8 +237,11 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
                     "burst": r.burst.unwrap_or(r.requests),
                 })),
             })).collect::<Vec<Value>>(),
-        }))?;
-        return partial().map_or(Ok(()), Err);
+        });
+        return Ok(Frame {
+            out: Output::Json(v),
+            partial: partial(),
+        });
     }
     let mut out = format!("store: {source} ({store}), namespace {namespace:?}\n");
     if let Some(r) = &replicas {
@@ -239,8 +299,10 @@ pub(crate) async fn run(cli: &Cli, config: Config, name: Option<&str>) -> Result
     if target_rows.is_empty() && feature_rows.is_empty() {
         out.push_str("\nno targets or features configured or known in this namespace\n");
     }
-    print(&out)?;
-    partial().map_or(Ok(()), Err)
+    Ok(Frame {
+        out: Output::Text(out),
+        partial: partial(),
+    })
 }
 
 /// A breaker read, or why this one entry could not be read.
@@ -311,7 +373,7 @@ fn printable(message: &str) -> String {
 
 /// No `[redis]`: the state lives inside each process that embeds fusebox. List what is
 /// configured, and say that the state is not visible from here.
-fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failure> {
+fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<Frame, Failure> {
     let note = "no [redis] table: each process that embeds fusebox keeps its own state, which \
                 this command cannot see";
     if let Some(n) = name {
@@ -323,7 +385,7 @@ fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failur
     }
     let keep = |n: &String| name.is_none_or(|want| want == n);
     if cli.json {
-        return print_json(&json!({
+        let v = json!({
             "store": "embedded",
             "state_visible": false,
             "note": note,
@@ -338,7 +400,11 @@ fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failur
                     "burst": r.burst.unwrap_or(r.requests),
                 })),
             })).collect::<Vec<_>>(),
-        }));
+        });
+        return Ok(Frame {
+            out: Output::Json(v),
+            partial: None,
+        });
     }
     let mut out = format!("store: embedded ({note})\n");
     let targets: Vec<[String; 2]> = configured_targets(config)
@@ -369,7 +435,10 @@ fn embedded(cli: &Cli, config: &Config, name: Option<&str>) -> Result<(), Failur
         out.push('\n');
         out.push_str(&table(["FEATURE", "PERMITS", "RATE"], &features));
     }
-    print(&out)
+    Ok(Frame {
+        out: Output::Text(out),
+        partial: None,
+    })
 }
 
 /// Left-aligned columns, two spaces apart.
