@@ -954,7 +954,74 @@ async fn shutdown_cuts_what_outlives_the_grace() {
     .await;
 }
 
+async fn every_breaker_open_is_a_529_with_retry_after_and_no_upstream_call(env: Env) {
+    let s = setup(&env).await;
+    for t in ["primary", "fallback"] {
+        s.coordinator
+            .force(t, fusebox::Force::Open)
+            .await
+            .expect("forced");
+    }
+    let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(resp.status().as_u16(), 529);
+    assert_eq!(api_error_type(&bytes), "overloaded_error");
+    let wait = header(&resp, "retry-after").and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        wait.is_some_and(|w| w >= 1),
+        "{:?}",
+        header(&resp, "retry-after")
+    );
+    assert_eq!(s.mock.total_requests(), 0);
+}
+
+async fn a_cached_answer_serves_when_every_model_fails(env: Env) {
+    let s = setup_with(&env, |c| c.cache.enabled = true).await;
+    let body = ask(PRIMARY);
+    let (resp, fresh) = send(&s.state, request(&body)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    s.mock.set(PRIMARY, Plan::always(Reply::overloaded()));
+    s.mock.set(FALLBACK, Plan::always(Reply::overloaded()));
+    // The fresh answer is stored in the background: ask until it is served.
+    let mut served = None;
+    for _ in 0..200 {
+        let (resp, bytes) = send(&s.state, request(&body)).await;
+        if resp.status() == StatusCode::OK {
+            served = Some((resp, bytes));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (resp, bytes) = served.expect("the cached answer is served");
+    assert_eq!(
+        json_of(&bytes),
+        json_of(&fresh),
+        "the stored message as it came"
+    );
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("cache"));
+    assert_eq!(header(&resp, "x-fusebox-degraded"), Some("true"));
+    assert_eq!(header(&resp, "x-fusebox-model"), Some(PRIMARY));
+    assert!(header(&resp, "x-fusebox-cache-age").is_some_and(|a| a.parse::<u64>().is_ok()));
+    // Streamed, as its events.
+    let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("cache"));
+    let ev = events(&bytes);
+    assert_eq!(ev.first().map(|e| e.0.as_str()), Some("message_start"));
+    assert_eq!(ev.last().map(|e| e.0.as_str()), Some("message_stop"));
+    let text: String = ev
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        json_of(&fresh)["content"][0]["text"]
+            .as_str()
+            .unwrap_or("-")
+    );
+}
+
 on_both!(
+    every_breaker_open_is_a_529_with_retry_after_and_no_upstream_call,
+    a_cached_answer_serves_when_every_model_fails,
     a_stream_fails_over_before_its_first_byte,
     a_failure_after_the_first_event_is_an_error_event_and_counts_on_the_breaker,
     a_client_leaving_mid_stream_gives_its_permit_back_at_once,
