@@ -1019,6 +1019,85 @@ async fn a_cached_answer_serves_when_every_model_fails(env: Env) {
     );
 }
 
+/// `fusebox serve` as a process: `--listen 127.0.0.1:0` prints the real port, the proxy answers
+/// on it through the configured chain, and SIGTERM stops it with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
+    use std::io::BufRead;
+    bounded(async {
+        let mock = MockUpstream::builder().start().await.expect("mock binds");
+        let dir = std::env::temp_dir().join(support::unique_name("serve"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("fusebox.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:9\"\nupstream = \"{}\"\ndefault_feature = \"chat\"\n\
+                 shutdown_grace = \"5s\"\n\
+                 [targets.primary]\nmodel = \"{PRIMARY}\"\n[features.chat]\nchain = [\"primary\"]\n",
+                mock.url()
+            ),
+        )
+        .expect("config written");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
+            .arg("-c")
+            .arg(&path)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("FUSEBOX_LISTEN")
+            .env_remove("FUSEBOX_UPSTREAM")
+            .env_remove("FUSEBOX_REDIS_URL")
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("fusebox serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            line
+        })
+        .await
+        .expect("joins");
+        let addr = line
+            .trim()
+            .rsplit("listening on ")
+            .next()
+            .filter(|_| line.contains("listening on "))
+            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+            .to_owned();
+        assert!(!addr.ends_with(":0"), "the real port: {addr}");
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .body(ask(PRIMARY).to_string())
+            .send()
+            .await
+            .expect("the proxy answers");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(
+            resp.headers().get("x-fusebox-tier").and_then(|v| v.to_str().ok()),
+            Some("primary")
+        );
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("joins")
+            .expect("exits");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+        assert!(stderr.contains("shutdown signal received"), "{stderr}");
+        assert!(!stderr.contains(KEY), "the key is in the logs");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
 on_both!(
     every_breaker_open_is_a_529_with_retry_after_and_no_upstream_call,
     a_cached_answer_serves_when_every_model_fails,
