@@ -274,6 +274,43 @@ fn the_compose_fleet_is_three_replicas_behind_nginx_sharing_one_redis() {
 }
 
 #[test]
+fn the_compose_commands_are_ones_the_binary_accepts() {
+    // Each fusebox service's command line, with `--help` after it: clap parses (and checks)
+    // every argument before it and exits 0, or exits 2 naming the one it rejects.
+    let output = compose(&["config"]);
+    assert!(output.status.success(), "{}", show(&output));
+    let services = services(&String::from_utf8_lossy(&output.stdout));
+    let mut checked = 0;
+    for (name, service) in &services {
+        if !service
+            .image
+            .as_deref()
+            .is_some_and(|i| i.starts_with("fusebox"))
+        {
+            continue;
+        }
+        let run = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+            .args(&service.command)
+            .arg("--help")
+            .envs(&service.environment)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run fusebox");
+        assert!(
+            run.status.success(),
+            "{name}: `fusebox {}` is not a command line the binary accepts: {}",
+            service.command.join(" "),
+            show(&run)
+        );
+        checked += 1;
+    }
+    assert_eq!(
+        checked, 4,
+        "the mock upstream and three replicas run the fusebox image"
+    );
+}
+
+#[test]
 fn the_nginx_config_passes_nginx_t() {
     let tool = tools::nginx();
     let dir = nginx::make_temp_dir("nginx-t");

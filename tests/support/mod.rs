@@ -30,6 +30,7 @@ pub mod delay_proxy;
 pub mod nginx;
 pub mod recorder;
 pub mod redis_server;
+pub mod serve;
 pub mod tools;
 
 pub use cluster::RedisCluster;
