@@ -311,6 +311,31 @@ fn the_compose_commands_are_ones_the_binary_accepts() {
 }
 
 #[test]
+fn the_fleet_config_is_valid_with_the_replicas_environment() {
+    // `fusebox check` on deploy/fusebox.toml, with the environment a replica gets.
+    let output = compose(&["config"]);
+    assert!(output.status.success(), "{}", show(&output));
+    let services = services(&String::from_utf8_lossy(&output.stdout));
+    let replica = &services["fusebox-1"];
+    let mut env = replica.environment.clone();
+    env.remove("FUSEBOX_CONFIG");
+    let run = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .arg("-c")
+        .arg(root().join("deploy/fusebox.toml"))
+        .arg("check")
+        .envs(&env)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run fusebox check");
+    assert!(run.status.success(), "deploy/fusebox.toml: {}", show(&run));
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        !text.contains("test-admin-token"),
+        "check prints the admin token: {text}"
+    );
+}
+
+#[test]
 fn the_nginx_config_passes_nginx_t() {
     let tool = tools::nginx();
     let dir = nginx::make_temp_dir("nginx-t");
