@@ -321,6 +321,17 @@ async fn bad_input_gets_400s_and_413s_in_the_api_shape(env: Env) {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(api_error_type(&bytes), "invalid_request_error");
     assert!(String::from_utf8_lossy(&bytes).contains("no-such-feature"));
+    // Not POST, or not a route: the API's shape too.
+    let req = Request::get("/v1/messages")
+        .body(Body::empty())
+        .expect("request");
+    let (resp, bytes) = send(&s.state, req).await;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(api_error_type(&bytes), "invalid_request_error");
+    let req = post("/v2/elsewhere").body(Body::empty()).expect("request");
+    let (resp, bytes) = send(&s.state, req).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(api_error_type(&bytes), "not_found_error");
     assert_eq!(s.mock.total_requests(), 0, "nothing bad went upstream");
     assert_eq!(
         s.coordinator
@@ -524,6 +535,7 @@ async fn upstream_errors_keep_their_status_and_body(env: Env) {
     assert_eq!(resp.status().as_u16(), 529);
     assert_eq!(api_error_type(&bytes), "overloaded_error");
     assert_eq!(header(&resp, "x-should-retry"), Some("false"));
+    assert_eq!(header(&resp, "x-fusebox-attempts"), Some("2"));
     // A streaming request gets the same before its first byte.
     let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
     assert_eq!(resp.status().as_u16(), 529);

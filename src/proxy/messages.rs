@@ -54,6 +54,22 @@ pub(super) async fn not_found(uri: Uri) -> Response {
     .into_response()
 }
 
+pub(super) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("fusebox: {method} {} is not served: use POST", uri.path()),
+    )
+    .into_response()
+}
+
+/// `x-fusebox-attempts` on an answer without a body from the chain (an error).
+pub(super) fn with_attempts(mut resp: Response, attempts: u32) -> Response {
+    resp.headers_mut()
+        .insert("x-fusebox-attempts", HeaderValue::from(attempts));
+    resp
+}
+
 /// Reads the body, refusing more than `limit` bytes with a 413.
 async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
     let too_large = || {
@@ -295,7 +311,8 @@ async fn plain(state: ProxyState, r: Routed) -> Response {
         }
         Err(e) => {
             tracing::debug!(feature = %r.feature, error = %e, "no answer");
-            ApiError::of_call(e, tried.load(Ordering::Relaxed)).into_response()
+            let attempts = tried.load(Ordering::Relaxed);
+            with_attempts(ApiError::of_call(e, attempts).into_response(), attempts)
         }
     }
 }

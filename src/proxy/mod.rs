@@ -117,7 +117,11 @@ pub fn app(state: ProxyState) -> Router {
                 );
         }
     }
-    router.fallback(messages::not_found).with_state(state)
+    // After every route: it applies to the method routers registered before it.
+    router
+        .method_not_allowed_fallback(messages::method_not_allowed)
+        .fallback(messages::not_found)
+        .with_state(state)
 }
 
 /// Longest wait for the coordinator's queued settles once the server stopped.

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::body;
 use super::error::{retry_after_secs, ApiError};
-use super::messages::{canned_message, mark, passback, Routed};
+use super::messages::{canned_message, mark, passback, with_attempts, Routed};
 use super::ProxyState;
 use crate::anthropic::sse::{MessageStreamDecoder, StreamEvent};
 use crate::anthropic::Client;
@@ -117,7 +117,8 @@ pub(super) async fn messages(state: ProxyState, r: Routed) -> Response {
         Ok((a, held)) => (a, held),
         Err(e) => {
             tracing::debug!(feature = %r.feature, error = %e, "no answer");
-            return ApiError::of_call(e, tried.load(Ordering::Relaxed)).into_response();
+            let attempts = tried.load(Ordering::Relaxed);
+            return with_attempts(ApiError::of_call(e, attempts).into_response(), attempts);
         }
     };
     let (a, held) = a;
