@@ -243,6 +243,40 @@ async fn unknown_fields_and_headers_pass_through_untouched(env: Env) {
         "request-id passes back"
     );
     assert!(header(&resp, "x-fusebox-cache-age").is_none());
+    // The upstream's rate-limit headers come back; its other headers do not.
+    let message = json!({"id": "msg_raw", "type": "message", "role": "assistant",
+        "model": PRIMARY, "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}});
+    s.mock.push(
+        PRIMARY,
+        [Reply::Raw {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("request-id".into(), "req_raw".into()),
+                ("anthropic-ratelimit-requests-remaining".into(), "41".into()),
+                (
+                    "anthropic-ratelimit-tokens-reset".into(),
+                    "2026-01-01T00:00:00Z".into(),
+                ),
+                ("x-upstream-internal".into(), "secret-ish".into()),
+            ],
+            body: message.to_string(),
+        }],
+    );
+    let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_of(&bytes), message, "the answer's body as it came");
+    assert_eq!(header(&resp, "request-id"), Some("req_raw"));
+    assert_eq!(
+        header(&resp, "anthropic-ratelimit-requests-remaining"),
+        Some("41")
+    );
+    assert_eq!(
+        header(&resp, "anthropic-ratelimit-tokens-reset"),
+        Some("2026-01-01T00:00:00Z")
+    );
+    assert!(header(&resp, "x-upstream-internal").is_none());
 }
 
 async fn fallback_replaces_the_model_and_says_so(env: Env) {
