@@ -3,9 +3,9 @@
 //! `redis-server`, and the mock upstream (in this process, counting the calls and the calls in
 //! flight per model).
 //!
-//! * A failing primary model is called at most threshold + calls in flight (+ probes, none
-//!   here: the breaker stays open longer than the run) times across the fleet; the same run
-//!   with per-process state (no `[redis]`) calls it at least threshold times per replica.
+//! * A failing primary model is called at most threshold + calls in flight + allowed probes
+//!   (one per open period) times across the fleet; the same run with per-process state (no
+//!   `[redis]`) calls it at least threshold times per replica, and each replica probes.
 //! * A feature's bulkhead limit holds across the three replicas (the mock's peak in flight);
 //!   with per-process state it does not.
 //! * `redis-server` killed mid-load and restarted: no request hangs, the answers follow each
@@ -99,7 +99,7 @@ impl Drop for Fleet {
 
 /// The fleet's configuration: `[redis]` when `redis` is given (shared state), none otherwise
 /// (each process on its own embedded store).
-fn config(namespace: &str, mock: &str, redis: Option<&str>, extra: &str) -> String {
+fn config(namespace: &str, mock: &str, redis: Option<&str>, open: &str, extra: &str) -> String {
     let redis = match redis {
         Some(url) => format!(
             "[redis]\nurl = \"{url}\"\ntimeout = \"1s\"\nconnect_timeout = \"1s\"\n\
@@ -121,8 +121,9 @@ max_attempts = 1
 [breaker]
 consecutive_failures = {THRESHOLD}
 failure_rate = false
-open_duration = "5m"
-max_open_duration = "5m"
+open_duration = "{open}"
+max_open_duration = "{open}"
+half_open_probes = 1
 
 [features.chat]
 chain = ["{PRIMARY}", "{FALLBACK}"]
@@ -239,11 +240,37 @@ async fn mock_with(plans: &[(&str, Plan)]) -> MockUpstream {
     builder.start().await.expect("start the mock upstream")
 }
 
-/// Runs the failing-primary load on a fleet and returns how many calls reached the primary.
-async fn failing_primary_run(name: &str, config: &str, mock: &MockUpstream) -> (u64, u64) {
+const REQUESTS: usize = 60;
+const PROBE_REQUESTS: usize = 30;
+const CONCURRENCY: usize = 6;
+/// The breaker's open duration (and its longest: it does not grow).
+const OPEN: Duration = Duration::from_secs(2);
+
+/// What one failing-primary run counted at the mock.
+#[derive(Debug)]
+struct PrimaryRun {
+    /// Calls that reached the primary in the first phase (the breaker opening).
+    opening: u64,
+    /// Calls that reached it in the second phase, after the open period: the probes.
+    probes: u64,
+    /// The most primary calls in flight at once.
+    peak: u64,
+    /// How many open periods can have ended during the whole run (each lasts OPEN).
+    periods: u64,
+}
+
+/// The failing-primary load on a fleet: REQUESTS requests, a pause longer than the open
+/// period, then PROBE_REQUESTS more.
+async fn failing_primary_run(name: &str, config: &str, mock: &MockUpstream) -> PrimaryRun {
     let fleet = Fleet::start(name, config);
     mock.reset_counts();
-    let outcomes = drive(&fleet.url(), "chat", PRIMARY, REQUESTS, CONCURRENCY).await;
+    let started = Instant::now();
+    let mut outcomes = drive(&fleet.url(), "chat", PRIMARY, REQUESTS, CONCURRENCY).await;
+    let opening = mock.requests(PRIMARY);
+    // Every breaker that opened in the first phase may probe after this.
+    tokio::time::sleep(OPEN + Duration::from_millis(500)).await;
+    outcomes.extend(drive(&fleet.url(), "chat", PRIMARY, PROBE_REQUESTS, CONCURRENCY).await);
+    let elapsed = started.elapsed();
     assert_all_answered(&outcomes, name);
     assert!(
         outcomes
@@ -252,14 +279,16 @@ async fn failing_primary_run(name: &str, config: &str, mock: &MockUpstream) -> (
         "{name}: every answer came from the fallback: {outcomes:#?}"
     );
     fleet.assert_no_key_in_logs();
-    (mock.requests(PRIMARY), mock.peak_in_flight(PRIMARY))
+    PrimaryRun {
+        opening,
+        probes: mock.requests(PRIMARY) - opening,
+        peak: mock.peak_in_flight(PRIMARY),
+        periods: (elapsed.as_millis() / OPEN.as_millis()) as u64,
+    }
 }
 
-const REQUESTS: usize = 60;
-const CONCURRENCY: usize = 6;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_failing_primary_is_called_threshold_plus_in_flight_times_fleet_wide_not_per_replica() {
+async fn a_failing_primary_is_called_threshold_plus_in_flight_plus_probes_fleet_wide() {
     let _serial = SERIAL.lock().await;
     // The primary fails slowly (so calls overlap), the fallback answers.
     let mock = mock_with(&[
@@ -271,46 +300,61 @@ async fn a_failing_primary_is_called_threshold_plus_in_flight_times_fleet_wide_n
     ])
     .await;
     let redis = RedisServer::start();
+    let open = format!("{}s", OPEN.as_secs());
 
-    let shared_config = config("fleet-breaker", &mock.url(), Some(&redis.url()), "");
-    let (shared, shared_peak) = failing_primary_run("shared", &shared_config, &mock).await;
+    let shared_config = config("fleet-breaker", &mock.url(), Some(&redis.url()), &open, "");
+    let shared = failing_primary_run("shared", &shared_config, &mock).await;
 
-    let local_config = config("fleet-breaker", &mock.url(), None, "");
-    let (per_process, _) = failing_primary_run("per-process", &local_config, &mock).await;
+    let local_config = config("fleet-breaker", &mock.url(), None, &open, "");
+    let local = failing_primary_run("per-process", &local_config, &mock).await;
 
-    // Every call that reached the primary either counted toward the threshold before the
-    // breaker opened fleet-wide, or was in flight then: at most one per request in flight,
-    // and the client keeps CONCURRENCY requests in flight. No probes: the breaker stays open
-    // (5 min) longer than the run.
+    // Every call that reached the primary counted toward the threshold before the breaker
+    // opened fleet-wide, or was in flight then (at most one per request in flight: the
+    // client keeps CONCURRENCY in flight), or is a probe: half_open_probes = 1 per open
+    // period that ended.
     let in_flight = CONCURRENCY as u64;
-    let probes = 0;
+    let probes = shared.periods;
     let bound = THRESHOLD + in_flight + probes;
+    let shared_total = shared.opening + shared.probes;
+    let local_total = local.opening + local.probes;
     eprintln!(
-        "failing primary, {REQUESTS} requests at concurrency {CONCURRENCY} through nginx to 3 \
-         replicas: shared state {shared} calls (peak {shared_peak} in flight; bound {THRESHOLD} \
-         + {in_flight} + {probes} = {bound}), per-process state {per_process} calls"
+        "failing primary, {REQUESTS} + {PROBE_REQUESTS} requests at concurrency {CONCURRENCY} \
+         through nginx to 3 replicas, breaker threshold {THRESHOLD}, open {OPEN:?}: shared \
+         state {} calls while opening + {} probes = {shared_total} (peak {} in flight; bound \
+         {THRESHOLD} + {in_flight} + {probes} x 1 = {bound}); per-process state {} + {} = \
+         {local_total}",
+        shared.opening, shared.probes, shared.peak, local.opening, local.probes
     );
     assert!(
-        shared >= THRESHOLD,
-        "the breaker opened after {THRESHOLD} failures, not before: {shared}"
+        shared.opening >= THRESHOLD,
+        "the breaker opened after {THRESHOLD} failures, not before: {shared:?}"
     );
     assert!(
-        shared <= bound,
-        "shared state: {shared} calls reached the failing primary, more than threshold + in \
-         flight + probes = {bound}"
+        shared_total <= bound,
+        "shared state: {shared_total} calls reached the failing primary, more than threshold \
+         + in flight + probes = {bound}: {shared:?}"
     );
     assert!(
-        shared_peak <= in_flight,
-        "at most one primary call per request in flight: peak {shared_peak}"
-    );
-    // Each replica on its own opens only after its own THRESHOLD failures.
-    assert!(
-        per_process >= 3 * THRESHOLD,
-        "per-process state: each replica pays the threshold itself, {per_process} calls"
+        shared.peak <= in_flight,
+        "at most one primary call per request in flight: {shared:?}"
     );
     assert!(
-        per_process > bound,
-        "the contrast: per-process state ({per_process}) exceeds the shared bound ({bound})"
+        shared.probes >= 1,
+        "after the open period the fleet probes the primary again: {shared:?}"
+    );
+    // Each replica on its own opens only after its own THRESHOLD failures, and probes on
+    // its own timer.
+    assert!(
+        local.opening >= 3 * THRESHOLD,
+        "per-process state: each replica pays the threshold itself: {local:?}"
+    );
+    assert!(
+        local.probes >= 3,
+        "per-process state: each replica probes on its own: {local:?}"
+    );
+    assert!(
+        local_total > bound,
+        "the contrast: per-process state ({local_total}) exceeds the shared bound ({bound})"
     );
 }
 
@@ -324,7 +368,13 @@ async fn the_bulkhead_limit_holds_across_the_three_replicas() {
         "[features.bulk]\nmax_concurrent = {LIMIT}\nmax_wait = \"10s\"\nchain = [\"{SLOW}\"]\n"
     );
 
-    let shared_config = config("fleet-bulkhead", &mock.url(), Some(&redis.url()), &bulk);
+    let shared_config = config(
+        "fleet-bulkhead",
+        &mock.url(),
+        Some(&redis.url()),
+        "5m",
+        &bulk,
+    );
     let fleet = Fleet::start("bulk-shared", &shared_config);
     mock.reset_counts();
     let outcomes = drive(&fleet.url(), "bulk", SLOW, 36, 12).await;
@@ -333,7 +383,7 @@ async fn the_bulkhead_limit_holds_across_the_three_replicas() {
     assert_eq!(mock.requests(SLOW), 36);
     drop(fleet);
 
-    let local_config = config("fleet-bulkhead", &mock.url(), None, &bulk);
+    let local_config = config("fleet-bulkhead", &mock.url(), None, "5m", &bulk);
     let fleet = Fleet::start("bulk-local", &local_config);
     mock.reset_counts();
     let outcomes = drive(&fleet.url(), "bulk", SLOW, 36, 12).await;
@@ -394,7 +444,13 @@ async fn redis_killed_mid_load_and_restarted_no_hang_policy_kept_and_shared_stat
     let strict = format!(
         "[features.strict]\non_store_unavailable = \"fail_closed\"\nchain = [\"{FALLBACK}\"]\n"
     );
-    let mut text = config("fleet-redis-down", &mock.url(), Some(&redis.url()), &strict);
+    let mut text = config(
+        "fleet-redis-down",
+        &mock.url(),
+        Some(&redis.url()),
+        "5m",
+        &strict,
+    );
     // Notice a dead Redis quickly.
     text = text.replace(
         "timeout = \"1s\"\nconnect_timeout = \"1s\"",
