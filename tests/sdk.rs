@@ -7,8 +7,10 @@
 
 mod support;
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use fusebox::mock::{MockUpstream, Plan, Reply};
@@ -22,63 +24,96 @@ const FALLBACK: &str = "claude-fallback";
 const BROKEN: &str = "claude-broken";
 /// The API key the script sends (sdk_check.py's API_KEY).
 const SDK_API_KEY: &str = "sk-ant-sdk-test-key-0123456789";
-/// How long one run of the script may take (it makes one call, or three with the SDK's
-/// retries and their backoff).
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one step of the script may take (the SDK's import, then one call, or three with
+/// its own retries and their backoff).
+const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/sdk_check.py")
 }
 
-/// Runs the script and returns its JSON line.
-fn sdk(scenario: &str, base_url: &str, model: &str, feature: Option<&str>) -> Value {
-    let python = tools::python_with_anthropic();
-    let mut command = python.command();
-    command
-        .arg(script())
-        .args([scenario, base_url, model])
-        .args(feature)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = command
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.describe()));
-    let output = wait_with_timeout(child, SCRIPT_TIMEOUT);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "sdk_check.py {scenario} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
-    );
-    let line = stdout.lines().last().unwrap_or("");
-    serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("sdk_check.py printed no JSON ({e}):\n{stdout}\n{stderr}"))
+/// The script as a child process: one Python (importing the SDK is slow on a busy machine)
+/// that runs one step per line sent to it.
+struct Sdk {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    describe: String,
 }
 
-fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> std::process::Output {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
+impl Sdk {
+    fn start() -> Sdk {
+        let python = tools::python_with_anthropic();
+        let mut child = python
+            .command()
+            .arg(script())
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_BASE_URL")
+            .env_remove("ANTHROPIC_AUTH_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.describe()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
-            _ => {
-                let _ = child.kill();
-                let output = child.wait_with_output().expect("reap the script");
-                panic!(
-                    "sdk_check.py did not finish within {timeout:?}:\nstdout:\n{}\nstderr:\n{}",
-                    String::from_utf8_lossy(&output.stdout),
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
+        });
+        Sdk {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            describe: python.describe(),
         }
     }
-    child.wait_with_output().expect("read the script's output")
+
+    /// Runs one step and returns what the script printed for it.
+    fn step(
+        &mut self,
+        scenario: &str,
+        base_url: &str,
+        model: &str,
+        feature: Option<&str>,
+    ) -> Value {
+        let step = serde_json::json!({
+            "scenario": scenario, "base_url": base_url, "model": model, "feature": feature,
+        });
+        let stdin = self.stdin.as_mut().expect("the script's stdin");
+        writeln!(stdin, "{step}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("cannot write to {} sdk_check.py: {e}", self.describe));
+        match self.lines.recv_timeout(STEP_TIMEOUT) {
+            Ok(line) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("sdk_check.py printed no JSON ({e}): {line}")),
+            Err(_) => panic!(
+                "sdk_check.py gave no answer to {step} within {STEP_TIMEOUT:?} (its stderr is \
+                 above; status {:?})",
+                self.child.try_wait()
+            ),
+        }
+    }
+}
+
+impl Drop for Sdk {
+    fn drop(&mut self) {
+        // End of input: the script exits; kill it if it does not.
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn config(upstream: &str) -> String {
@@ -136,9 +171,10 @@ fn the_official_sdk_gets_the_fallback_answer_and_does_not_retry_on_top_of_the_pr
     std::fs::write(&config_path, config(&mock.url())).expect("write the config");
     let proxy = Serve::start(env!("CARGO_BIN_EXE_fusebox"), "sdk", &config_path, &[]);
     let base_url = proxy.url();
+    let mut sdk = Sdk::start();
 
     // Non-streaming, through the fallback.
-    let created = sdk("create", &base_url, PRIMARY, None);
+    let created = sdk.step("create", &base_url, PRIMARY, None);
     assert_eq!(created["ok"], true, "{created}");
     assert_eq!(
         created["model"], FALLBACK,
@@ -188,7 +224,7 @@ fn the_official_sdk_gets_the_fallback_answer_and_does_not_retry_on_top_of_the_pr
 
     // Streaming, through the fallback.
     mock.reset_counts();
-    let streamed = sdk("stream", &base_url, PRIMARY, None);
+    let streamed = sdk.step("stream", &base_url, PRIMARY, None);
     assert_eq!(streamed["ok"], true, "{streamed}");
     assert_eq!(streamed["model"], FALLBACK, "{streamed}");
     assert!(
@@ -219,7 +255,7 @@ fn the_official_sdk_gets_the_fallback_answer_and_does_not_retry_on_top_of_the_pr
     // which the SDK does not retry (x-should-retry: false) although its status (529) is one
     // it retries by default.
     mock.reset_counts();
-    let failed = sdk("error", &base_url, PRIMARY, Some("all-failing"));
+    let failed = sdk.step("error", &base_url, PRIMARY, Some("all-failing"));
     assert_eq!(failed["ok"], false, "{failed}");
     assert_eq!(header(&failed, "x-should-retry"), Some("false"), "{failed}");
     assert_eq!(
@@ -236,7 +272,7 @@ fn the_official_sdk_gets_the_fallback_answer_and_does_not_retry_on_top_of_the_pr
     // Contrast: the same SDK pointed straight at the failing upstream retries twice (three
     // requests), so the counts above would show retries on top of the proxy.
     mock.reset_counts();
-    let direct = sdk("error", &mock.url(), PRIMARY, None);
+    let direct = sdk.step("error", &mock.url(), PRIMARY, None);
     assert_eq!(direct["ok"], false, "{direct}");
     assert_eq!(
         direct["requests_sent"], 3,
@@ -262,7 +298,7 @@ fn the_script_reports_usage_errors() {
     let status = Command::new(&python.program)
         .args(&python.prefix)
         .arg(script())
-        .arg("create")
+        .arg("an-argument-it-does-not-take")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

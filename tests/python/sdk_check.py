@@ -1,18 +1,19 @@
 """The official `anthropic` Python SDK against the fusebox proxy (run by tests/sdk.rs).
 
-    sdk_check.py SCENARIO BASE_URL MODEL [FEATURE]
+    sdk_check.py            (steps on stdin, one JSON object a line)
 
-SCENARIO is one of
+Each step is {"scenario": S, "base_url": URL, "model": M, "feature": F or null}, S one of
   create  messages.create (non-streaming)
   stream  messages.stream (streaming), the text read event by event
-  error   messages.create where the proxy answers with an error
+  error   messages.create where the server answers with an error
 
-The client is built as an application would build it: `anthropic.Anthropic(base_url=...)`,
-`max_retries` left at its default (2), so that any retry the SDK makes on top of the proxy
-shows. Every HTTP request the SDK sends is counted by an httpx event hook. Prints one JSON
-object on stdout: what the SDK returned (or raised), the proxy's x-fusebox-* headers, and the
-number of requests sent. Exits 0 when the scenario ran, whatever its outcome (the Rust test
-judges); 2 on a usage error.
+For each step, a client is built as an application would build it:
+`anthropic.Anthropic(base_url=...)`, `max_retries` left at its default (2), so that any retry
+the SDK makes on top of the proxy shows. Every HTTP request the SDK sends is counted by an
+httpx event hook. Prints one JSON object a step on stdout (flushed): what the SDK returned (or
+raised), the proxy's x-fusebox-* headers, and the number of requests sent. One process runs
+every step (importing the SDK is the slow part). Exits 0 at the end of its input, whatever the
+outcomes (the Rust test judges); 2 on a usage error or an unknown scenario.
 """
 
 import json
@@ -24,12 +25,25 @@ API_KEY = "sk-ant-sdk-test-key-0123456789"
 
 
 def main() -> int:
-    if len(sys.argv) not in (4, 5):
+    if len(sys.argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    scenario, base_url, model = sys.argv[1:4]
-    feature = sys.argv[4] if len(sys.argv) == 5 else None
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        step = json.loads(line)
+        out = run(step["scenario"], step["base_url"], step["model"], step.get("feature"))
+        if out is None:
+            print(f"unknown scenario {step['scenario']!r}", file=sys.stderr)
+            return 2
+        print(json.dumps(out), flush=True)
+    return 0
 
+
+def run(scenario, base_url, model, feature):
     sent = []
     auth = set()
 
@@ -102,14 +116,12 @@ def main() -> int:
                 headers=fusebox_headers(e.response.headers),
             )
     else:
-        print(f"unknown scenario {scenario!r}", file=sys.stderr)
-        return 2
+        return None
 
     out["auth"] = ",".join(sorted(auth))
     out["requests_sent"] = len(sent)
     out["requests"] = sent
-    print(json.dumps(out))
-    return 0
+    return out
 
 
 def fusebox_headers(headers) -> dict:
