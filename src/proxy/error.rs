@@ -229,3 +229,105 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CircuitState;
+
+    #[test]
+    fn every_refusal_has_its_status_type_and_a_retry_after() {
+        let s = |d| Some(Duration::from_millis(d));
+        let cases = [
+            (
+                Rejection::BulkheadFull {
+                    feature: "f".into(),
+                    limit: 1,
+                    retry_after: None,
+                },
+                429,
+                "rate_limit_error",
+                1,
+            ),
+            (
+                Rejection::RateLimited {
+                    feature: "f".into(),
+                    retry_after: Duration::from_millis(2500),
+                },
+                429,
+                "rate_limit_error",
+                3,
+            ),
+            (
+                Rejection::CircuitOpen {
+                    target: "t".into(),
+                    state: CircuitState::Open,
+                    retry_after: s(12_000),
+                },
+                529,
+                "overloaded_error",
+                12,
+            ),
+            (
+                Rejection::NotBefore {
+                    target: "t".into(),
+                    retry_after: Duration::from_millis(1),
+                },
+                529,
+                "overloaded_error",
+                1,
+            ),
+            (
+                Rejection::StoreUnavailable {
+                    feature: "f".into(),
+                },
+                503,
+                "api_error",
+                1,
+            ),
+        ];
+        for (r, status, error_type, secs) in cases {
+            let e = ApiError::of_rejection(&r);
+            assert_eq!(e.status.as_u16(), status, "{r:?}");
+            assert_eq!(e.error_type, error_type, "{r:?}");
+            let resp = e.into_response();
+            let after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok());
+            assert_eq!(after, Some(secs.to_string().as_str()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn an_upstream_error_keeps_what_the_upstream_said() {
+        let mut u = UpstreamError::new(UpstreamErrorKind::Status, "spend cap".to_owned());
+        u.status = Some(429);
+        u.error_type = Some("rate_limit_error".into());
+        u.error_code = Some("enforced_spend_limit_reached".into());
+        u.request_id = Some("req_1".into());
+        let e = ApiError::of_upstream(&u, 1);
+        assert_eq!(e.status.as_u16(), 429);
+        assert!(!e.no_retry, "one attempt: the proxy did not retry");
+        let body: serde_json::Value = serde_json::from_slice(&e.body()).expect("JSON");
+        assert_eq!(
+            body,
+            serde_json::json!({"type": "error", "request_id": "req_1", "error": {
+                "type": "rate_limit_error", "message": "spend cap",
+                "details": {"error_code": "enforced_spend_limit_reached"}}})
+        );
+        assert!(ApiError::of_upstream(&u, 2).no_retry);
+        let t = UpstreamError::new(UpstreamErrorKind::Timeout, "slow".to_owned());
+        assert_eq!(ApiError::of_upstream(&t, 1).status.as_u16(), 504);
+        let c = UpstreamError::new(UpstreamErrorKind::Connect, "refused".to_owned());
+        assert_eq!(ApiError::of_upstream(&c, 1).status.as_u16(), 502);
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+}
