@@ -223,6 +223,58 @@ async fn drive(
         .await
 }
 
+/// A streaming request through nginx (`proxy_buffering off`) gets the fallback's whole SSE
+/// stream, event by event, as the Messages API sends it.
+async fn assert_stream_passes_nginx(base: &str, what: &str) {
+    let response = client()
+        .post(format!("{base}/v1/messages"))
+        .header("x-api-key", API_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&serde_json::json!({
+            "model": PRIMARY,
+            "max_tokens": 16,
+            "stream": true,
+            "messages": [{"role": "user", "content": "stream through nginx"}],
+        }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: streaming request: {e}"));
+    assert_eq!(response.status(), 200, "{what}: stream status");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert!(
+        header("content-type").starts_with("text/event-stream"),
+        "{what}: {:?}",
+        response.headers()
+    );
+    assert_eq!(header("x-fusebox-model"), FALLBACK, "{what}");
+    let mut chunks = 0;
+    let mut text = Vec::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        text.extend_from_slice(&chunk.unwrap_or_else(|e| panic!("{what}: stream body: {e}")));
+        chunks += 1;
+    }
+    let text = String::from_utf8_lossy(&text);
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"), "{what}: {text}");
+    assert_eq!(events.last(), Some(&"message_stop"), "{what}: {text}");
+    assert!(
+        events.contains(&"content_block_delta") && !events.contains(&"error"),
+        "{what}: {text}"
+    );
+    assert!(chunks >= 1, "{what}");
+}
+
 fn assert_all_answered(outcomes: &[Outcome], what: &str) {
     let bad: Vec<&Outcome> = outcomes.iter().filter(|o| o.status != Some(200)).collect();
     assert!(
@@ -278,13 +330,16 @@ async fn failing_primary_run(name: &str, config: &str, mock: &MockUpstream) -> P
             .all(|o| o.model.as_deref() == Some(FALLBACK)),
         "{name}: every answer came from the fallback: {outcomes:#?}"
     );
-    fleet.assert_no_key_in_logs();
-    PrimaryRun {
+    let run = PrimaryRun {
         opening,
         probes: mock.requests(PRIMARY) - opening,
         peak: mock.peak_in_flight(PRIMARY),
         periods: (elapsed.as_millis() / OPEN.as_millis()) as u64,
-    }
+    };
+    // After the counts: a stream through nginx, answered by the fallback.
+    assert_stream_passes_nginx(&fleet.url(), name).await;
+    fleet.assert_no_key_in_logs();
+    run
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
