@@ -59,7 +59,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Validate the configuration and print it resolved, as TOML (passwords redacted).
+    /// Validate the configuration and print it resolved, as TOML (passwords and the admin token
+    /// redacted).
     Check,
     /// Show breakers and bulkheads as the shared store holds them. Without NAME: every
     /// configured and every known target and feature.
