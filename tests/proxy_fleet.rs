@@ -359,6 +359,14 @@ async fn a_failing_primary_is_called_threshold_plus_in_flight_plus_probes_fleet_
 
     let shared_config = config("fleet-breaker", &mock.url(), Some(&redis.url()), &open, "");
     let shared = failing_primary_run("shared", &shared_config, &mock).await;
+    // The fleet's state is in Redis now (breaker, retry budget, members): under key names
+    // that never carry the client's API key.
+    let keys = redis.cli(&["KEYS", "*"]);
+    assert!(keys.contains("fleet-breaker"), "the fleet's keys: {keys}");
+    assert!(
+        !keys.contains(API_KEY) && !keys.contains("9876543210"),
+        "an API key in a Redis key: {keys}"
+    );
 
     let local_config = config("fleet-breaker", &mock.url(), None, &open, "");
     let local = failing_primary_run("per-process", &local_config, &mock).await;
