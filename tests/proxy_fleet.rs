@@ -345,13 +345,15 @@ async fn failing_primary_run(name: &str, config: &str, mock: &MockUpstream) -> P
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_primary_is_called_threshold_plus_in_flight_plus_probes_fleet_wide() {
     let _serial = SERIAL.lock().await;
-    // The primary fails slowly (so calls overlap), the fallback answers.
+    // The primary fails slowly (so calls overlap), the fallback answers; a request's
+    // fallback attempt (50 ms) outlasts the delivery of its primary failure to Redis
+    // (redis.settle_delay, 2 ms), so a primary call is in flight only while its request is.
     let mock = mock_with(&[
         (
             PRIMARY,
             Plan::always(Reply::overloaded()).latency(Duration::from_millis(100)),
         ),
-        (FALLBACK, Plan::answer().latency(Duration::from_millis(20))),
+        (FALLBACK, Plan::answer().latency(Duration::from_millis(50))),
     ])
     .await;
     let redis = RedisServer::start();
