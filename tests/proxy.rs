@@ -1144,6 +1144,65 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
     .await;
 }
 
+/// A stream that fails after its first event is counted as such (the attempt itself was
+/// answered): `fusebox_stream_failures_total{feature, target, class}`.
+#[test]
+fn a_late_stream_failure_is_a_metric() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(bounded(async {
+            let s = setup(&Env::Memory).await;
+            s.mock
+                .push(PRIMARY, [Reply::error_after_start("overloaded_error")]);
+            let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(
+                events(&bytes).last().map(|e| e.0.clone()),
+                Some("error".into())
+            );
+        }))
+    });
+    let found: Vec<(Vec<(String, String)>, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(k, _, _, _)| k.key().name() == "fusebox_stream_failures_total")
+        .map(|(k, _, _, v)| {
+            let labels = k
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (labels, v)
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("feature", "chat"),
+        ("target", "primary"),
+        ("class", "overloaded"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let mut labels = found[0].0.clone();
+    labels.sort();
+    let mut want = want;
+    want.sort();
+    assert_eq!(labels, want);
+    assert!(
+        matches!(found[0].1, DebugValue::Counter(1)),
+        "{:?}",
+        found[0].1
+    );
+}
+
 on_both!(
     every_breaker_open_is_a_529_with_retry_after_and_no_upstream_call,
     a_cached_answer_serves_when_every_model_fails,

@@ -54,6 +54,19 @@ pub(crate) fn attempt_ended(
     }
 }
 
+/// A streamed answer of `target` failed after its first event reached the caller (the
+/// attempt itself was counted as answered); `class` as for [`attempt_ended`].
+#[cfg(feature = "proxy")]
+pub(crate) fn stream_failed(feature: &str, target: &str, class: &'static str) {
+    counter!(
+        "fusebox_stream_failures_total",
+        "feature" => feature.to_owned(),
+        "target" => target.to_owned(),
+        "class" => class
+    )
+    .increment(1);
+}
+
 /// A retry of `target` was not sent: its fleet retry budget is spent.
 pub(crate) fn budget_spent(feature: &str, target: &str) {
     counter!(

@@ -126,7 +126,12 @@ pub(super) async fn messages(state: ProxyState, r: Routed) -> Response {
         Reply::Fresh(s) => {
             let status = StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK);
             let headers = s.headers.clone();
-            let mut resp = Response::new(Body::from_stream(pump(s, held, r.client.clone())));
+            let mut resp = Response::new(Body::from_stream(pump(
+                s,
+                held,
+                r.client.clone(),
+                r.feature.clone(),
+            )));
             *resp.headers_mut() = headers;
             (resp, status)
         }
@@ -169,6 +174,7 @@ struct Pump {
     out: VecDeque<Bytes>,
     held: Option<Held>,
     _heartbeat: Option<Heartbeat>,
+    feature: String,
     client: Client,
     idle: Duration,
     status: u16,
@@ -186,10 +192,17 @@ impl Pump {
 
     /// A late failure: one `error` event, then the end.
     fn fail(&mut self, e: UpstreamError) {
+        let target = self.held.as_ref().map_or("", Held::target);
         tracing::info!(
-            target_name = self.held.as_ref().map_or("", Held::target),
+            feature = %self.feature,
+            target_name = target,
             error = %e,
             "stream failed after its first event"
+        );
+        crate::pipeline::metrics::stream_failed(
+            &self.feature,
+            target,
+            e.classification.class.as_str(),
         );
         let mut b = BytesMut::new();
         let data = error_event(&e);
@@ -248,6 +261,7 @@ fn pump(
     s: Started,
     held: Option<Held>,
     client: Client,
+    feature: String,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     let heartbeat = held.as_ref().and_then(Held::keep_alive);
     let mut out = VecDeque::new();
@@ -258,6 +272,7 @@ fn pump(
         out,
         held,
         _heartbeat: heartbeat,
+        feature,
         client,
         idle: s.idle,
         status: s.status,
