@@ -19,7 +19,7 @@
 //! primary) and the open-breaker phase (primary skipped, the fallback answers).
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,15 +89,29 @@ impl Schedule {
 struct Counters {
     /// Calls that reached the primary while it was failing.
     failing_calls: AtomicU64,
-    /// Primary calls in flight now.
-    primary_in_flight: AtomicUsize,
-    /// Primary calls in flight when its breaker first opened.
-    in_flight_at_open: AtomicUsize,
-    /// Primary calls in flight at every opening, summed.
-    in_flight_at_opens: AtomicUsize,
-    opened: AtomicBool,
+    /// Every call that reached the failing primary: (who, started), wall clock in µs
+    /// since the Unix epoch (the store's transition times are on the same host's clock).
+    failing: Mutex<Vec<(usize, u64)>>,
+    /// When the primary's breaker first opened, per breaker (0: the shared one; else the
+    /// replica's own), in ms since the Unix epoch, as the store recorded it.
+    first_open_ms: Mutex<BTreeMap<usize, u64>>,
     /// Distinct open periods of the primary: (replica or 0 for the shared store, generation).
     open_periods: Mutex<HashSet<(usize, u64)>>,
+}
+
+/// Whose breaker a replica's calls go through: 0 for the shared one, else the replica's own.
+fn who(shared_store: bool, replica: usize) -> usize {
+    if shared_store {
+        0
+    } else {
+        replica + 1
+    }
+}
+
+fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 struct Watch {
@@ -110,18 +124,13 @@ impl Observer for Watch {
     fn on_event(&self, event: &Event) {
         if let Event::Transition(t) = event {
             if t.target == "primary" && t.to == CircuitState::Open {
-                if !self.counters.opened.swap(true, Ordering::SeqCst) {
-                    let n = self.counters.primary_in_flight.load(Ordering::SeqCst);
-                    self.counters.in_flight_at_open.store(n, Ordering::SeqCst);
+                let who = who(self.shared_store, self.replica);
+                if let Ok(mut first) = self.counters.first_open_ms.lock() {
+                    let e = first.entry(who).or_insert(t.at_ms);
+                    *e = (*e).min(t.at_ms);
                 }
-                let who = if self.shared_store { 0 } else { self.replica };
                 if let Ok(mut s) = self.counters.open_periods.lock() {
-                    if s.insert((who, t.generation)) {
-                        let n = self.counters.primary_in_flight.load(Ordering::SeqCst);
-                        self.counters
-                            .in_flight_at_opens
-                            .fetch_add(n, Ordering::SeqCst);
-                    }
+                    s.insert((who, t.generation));
                 }
             }
         }
@@ -178,6 +187,7 @@ async fn one_request(
     schedule: Schedule,
     counters: &Counters,
     replica: usize,
+    shared_store: bool,
     question: usize,
 ) -> Option<Sample> {
     let request = json!({"model": "m", "max_tokens": 64,
@@ -206,17 +216,17 @@ async fn one_request(
         let tried = &tried;
         async move {
             let began = Instant::now();
+            let began_us = epoch_us();
             let primary = name == "primary";
-            if primary {
-                counters.primary_in_flight.fetch_add(1, Ordering::SeqCst);
-            }
             let failing = schedule.down(&name, schedule.now());
             if primary && failing {
                 counters.failing_calls.fetch_add(1, Ordering::SeqCst);
             }
             tokio::time::sleep(UPSTREAM).await;
-            if primary {
-                counters.primary_in_flight.fetch_sub(1, Ordering::SeqCst);
+            if primary && failing {
+                if let Ok(mut f) = counters.failing.lock() {
+                    f.push((who(shared_store, replica), began_us));
+                }
             }
             if let Ok(mut u) = upstream.lock() {
                 *u += began.elapsed();
@@ -254,8 +264,13 @@ async fn one_request(
 struct Report {
     label: &'static str,
     failing_calls: u64,
-    in_flight_at_open: usize,
-    in_flight_at_opens: usize,
+    /// Failing calls that began before their breaker first opened (the threshold's calls
+    /// and those in flight at the opening), summed over breakers.
+    before_open: usize,
+    /// Failing calls that began after their breaker first opened (probes).
+    after_open: usize,
+    /// Breakers that opened.
+    breakers_opened: usize,
     open_periods: usize,
     retries: u64,
     requests: usize,
@@ -266,6 +281,14 @@ struct Report {
     back_first: Option<Duration>,
     back_all: Option<Duration>,
     errors: usize,
+}
+
+impl Report {
+    /// Failing calls admitted before their breaker opened beyond the threshold's own.
+    fn in_flight(&self) -> usize {
+        self.before_open
+            .saturating_sub(THRESHOLD as usize * self.breakers_opened)
+    }
 }
 
 fn percentiles(mut v: Vec<Duration>) -> (f64, f64) {
@@ -316,12 +339,13 @@ async fn run(label: &'static str, redis: Option<String>, outage: Duration) -> Re
             let counters = Arc::clone(&counters);
             let samples = Arc::clone(&samples);
             let errors = Arc::clone(&errors);
+            let shared = redis.is_some();
             tasks.push(tokio::spawn(async move {
                 let retry = BackoffPolicy::new(c.retry_backoff("chat").expect("chat"));
                 let mut q = replica * 31 + worker * 7;
                 while schedule.now() < schedule.end {
                     q = (q + 1) % 16;
-                    match one_request(&c, &retry, schedule, &counters, replica, q).await {
+                    match one_request(&c, &retry, schedule, &counters, replica, shared, q).await {
                         Some(s) => samples.lock().expect("samples").push(s),
                         None => {
                             errors.fetch_add(1, Ordering::Relaxed);
@@ -371,11 +395,36 @@ async fn run(label: &'static str, redis: Option<String>, outage: Duration) -> Re
         .then(|| first_back.values().max().map(|t| t.saturating_sub(up)))
         .flatten();
     let open_periods = counters.open_periods.lock().map(|s| s.len()).unwrap_or(0);
+    let first_open = counters
+        .first_open_ms
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    let failing = counters
+        .failing
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    // A call that reached the primary after its breaker opened can only be a probe (any other
+    // admission is refused from the opening on); one that began before was admitted before
+    // the opening: one of the threshold's failures, or in flight when it opened. The opening's
+    // time is the store's, in whole ms (so a call of that same ms counts as "before").
+    let mut before_open = 0usize;
+    for &(who, began) in &failing {
+        // A breaker that never opened: every call is "before".
+        let at_us = first_open
+            .get(&who)
+            .map_or(u64::MAX, |ms| (ms + 1).saturating_mul(1000));
+        if began < at_us {
+            before_open += 1;
+        }
+    }
     Report {
         label,
         failing_calls: counters.failing_calls.load(Ordering::SeqCst),
-        in_flight_at_open: counters.in_flight_at_open.load(Ordering::SeqCst),
-        in_flight_at_opens: counters.in_flight_at_opens.load(Ordering::SeqCst),
+        before_open,
+        after_open: failing.len() - before_open,
+        breakers_opened: first_open.len(),
         open_periods,
         retries: samples.iter().map(|s| u64::from(s.retries)).sum(),
         requests: samples.len(),
@@ -418,21 +467,26 @@ fn print(reports: &[Report], outage: Duration) {
     row("  primary open periods (fleet)", &|r| {
         r.open_periods.to_string()
     });
-    row("  primary calls in flight when it first opened", &|r| {
-        r.in_flight_at_open.to_string()
+    row("  breakers that opened", &|r| r.breakers_opened.to_string());
+    row("  began before the breaker opened", &|r| {
+        r.before_open.to_string()
     });
-    row("  primary calls in flight at every opening, summed", &|r| {
-        r.in_flight_at_opens.to_string()
+    row("    threshold x breakers", &|r| {
+        (THRESHOLD as usize * r.breakers_opened).to_string()
     });
-    row(
-        "  target: threshold + in flight at openings + probes x periods",
-        &|r| {
-            (u64::from(THRESHOLD)
-                + r.in_flight_at_opens as u64
-                + u64::from(PROBES) * r.open_periods as u64)
-                .to_string()
-        },
-    );
+    row("    in flight when it opened (the rest)", &|r| {
+        r.in_flight().to_string()
+    });
+    row("  began after it opened (probes)", &|r| {
+        r.after_open.to_string()
+    });
+    row("    at most: probes x open periods", &|r| {
+        (u64::from(PROBES) * r.open_periods as u64).to_string()
+    });
+    row("  target: threshold + in flight + probes x periods", &|r| {
+        (THRESHOLD as usize * r.breakers_opened + r.in_flight() + PROBES as usize * r.open_periods)
+            .to_string()
+    });
     row(
         "  per-replica bound: (threshold + probes x periods/replica) x replicas",
         &|r| {

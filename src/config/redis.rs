@@ -53,8 +53,9 @@ pub struct RedisConfig {
     /// target or feature to take it along (in the same script call, ahead of the decision)
     /// before the background flusher sends it (at once when 16 or more are queued). This
     /// replica always sees its own settles at its next admission; other replicas see them at
-    /// most this much later. Releases of a feature that has callers waiting on this replica
-    /// are sent at once, and `flush` does not wait for it. 0 (send at once) to 100 ms.
+    /// most this much later. Outcomes that can change an admission decision (a failure, a
+    /// slow call, a probe's outcome) and releases of a feature that has callers waiting on
+    /// this replica are sent at once, and `flush` does not wait for it. 0 (send at once) to 100 ms.
     /// Default: `2ms`.
     #[serde(with = "humantime_serde")]
     pub settle_delay: Duration,

@@ -197,12 +197,38 @@ pub(super) enum Conn {
     Cluster(Arc<ClusterHandle>),
 }
 
+/// Most invocations of one script call that may end in NOSCRIPT (see [`Conn::invoke`]).
+const NOSCRIPT_TRIES: u32 = 3;
+
 impl Conn {
     /// Runs one script invocation (EVALSHA, with SCRIPT LOAD + retry on NOSCRIPT).
+    ///
+    /// redis-rs loads and retries once; when the scripts are flushed again between its load
+    /// and its retry (a `SCRIPT FLUSH` or a restart racing a call), the second NOSCRIPT is
+    /// retried here, up to [`NOSCRIPT_TRIES`] times in all: NOSCRIPT means the script did not
+    /// run, so trying again cannot apply anything twice. Without this a settle sent alone
+    /// (the flusher's) was reported dropped while scripts were being flushed.
     pub(super) async fn invoke(
         &self,
         inv: &ScriptInvocation<'static>,
     ) -> Result<Value, RedisError> {
+        let mut tries = 1;
+        loop {
+            let r = self.invoke_once(inv).await;
+            match &r {
+                Err(e)
+                    if tries < NOSCRIPT_TRIES
+                        && e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    tries += 1;
+                }
+                _ => return r,
+            }
+        }
+    }
+
+    async fn invoke_once(&self, inv: &ScriptInvocation<'static>) -> Result<Value, RedisError> {
         match self {
             Conn::Single(h) => {
                 h.run(|mut cm| async move { inv.invoke_async(&mut cm).await })

@@ -122,6 +122,9 @@ struct State {
     items: VecDeque<Item>,
     /// An urgent settle was queued since the flusher last took a batch.
     urgent: bool,
+    /// A queued outcome must ride ([`must_ride`]): the flusher sends the queued outcomes at
+    /// once (their releases stay for admissions, as when the queue has grown to [`SMALL`]).
+    ride_now: bool,
     closed: bool,
     /// Flush requests, answered once the queue has been emptied.
     flushes: Vec<oneshot::Sender<()>>,
@@ -179,11 +182,24 @@ impl SettleQueue {
 
     /// Queues a settle; `urgent`: the flusher sends it without waiting for more. Gives it
     /// back when the queue is full or closed.
+    ///
+    /// A settle whose outcome can change an admission decision ([`must_ride`]: a failure, a
+    /// probe's outcome, a slow call) has its outcome sent at once too: until it reaches
+    /// Redis, other replicas admit calls it may be about to refuse (a failure that trips the
+    /// breaker), or keep refusing calls it is about to admit (the probe's success that
+    /// closes it). Measured with `cargo bench --bench outage` before this: 3 of the 20 calls
+    /// that reached the failing primary were admitted while the failures that would open it
+    /// waited for `settle_delay`. Such settles are rare (a healthy target's calls are plain
+    /// successes), so this costs the hot path nothing. Only the outcome goes: the release
+    /// stays for this replica's next admission on its feature, which carries it in its own
+    /// script call (a release sent apart can be overtaken when redis-rs re-sends a script
+    /// after NOSCRIPT; `tests/conformance.rs` `the_loop_holds_when_scripts_are_flushed`).
     pub(crate) fn push(&self, settle: Settle, urgent: bool) -> Result<(), Settle> {
         let (outcome, release) = (has_outcome(&settle), has_release(&settle));
         if !outcome && !release {
             return Ok(()); // nothing to deliver
         }
+        let ride_now = outcome && must_ride(&settle);
         let wake = {
             let mut st = self.lock();
             if st.closed || st.items.len() >= self.capacity {
@@ -197,9 +213,11 @@ impl SettleQueue {
                 urgent,
             });
             st.urgent |= urgent;
+            st.ride_now |= ride_now;
             // The flusher needs waking only to arm its timer (first item), to send a batch
-            // that has grown to SMALL, or for an urgent item; otherwise its timer wakes it.
-            urgent || st.items.len() == 1 || st.items.len() == SMALL
+            // that has grown to SMALL, or for an urgent item or outcome; otherwise its timer
+            // wakes it.
+            urgent || ride_now || st.items.len() == 1 || st.items.len() == SMALL
         };
         if wake {
             self.wake.notify_one();
@@ -424,9 +442,14 @@ impl SettleQueue {
                 // Grown to SMALL: the outcomes go now, the releases stay for this replica's
                 // next admission on their feature (until their delay is up). A release the
                 // flusher has in flight is one that admission would wait for.
+                // An admission may have taken the outcome that set `ride_now` along.
+                if st.ride_now && !st.items.iter().any(|i| i.outcome && must_ride(&i.settle)) {
+                    st.ride_now = false;
+                }
                 let sized = !timed
-                    && st.items.len() >= max.min(SMALL)
-                    && st.items.iter().any(|i| i.outcome);
+                    && (st.ride_now
+                        || (st.items.len() >= max.min(SMALL)
+                            && st.items.iter().any(|i| i.outcome)));
                 let due = timed || sized;
                 let reports = !st.dropped.is_empty() || !st.released.is_empty();
                 if (due && !st.items.is_empty()) || reports || !st.flushes.is_empty() {
@@ -471,6 +494,7 @@ impl SettleQueue {
             });
             taken
         };
+        st.ride_now = st.items.iter().any(|i| i.outcome && must_ride(&i.settle));
         let mut keys = Vec::new();
         let mut plain_keys = Vec::new();
         for s in &settles {
@@ -676,6 +700,47 @@ mod tests {
         let mut ignored_probe = settle("t", "f", "i", CallOutcome::Ignored);
         ignored_probe.probe = true;
         assert!(must_ride(&ignored_probe));
+    }
+
+    /// A failure (or a probe's outcome) goes to the flusher at once, not after the settle
+    /// delay: other replicas must see it before they admit calls it would refuse. A plain
+    /// success waits for the delay. On paused time: the clock moves only when the flusher
+    /// waits.
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_that_can_change_a_decision_is_sent_at_once() {
+        let delay = Duration::from_millis(100);
+        let q = SettleQueue::new(16);
+        q.push(settle("t", "f", "ok", CallOutcome::Success), false)
+            .expect("room");
+        let t0 = tokio::time::Instant::now();
+        let batch = q.next_batch(256, delay).await.expect("a batch");
+        assert_eq!(batch.settles.len(), 1);
+        assert_eq!(t0.elapsed(), delay, "a plain success waits for the delay");
+
+        for (id, outcome, probe) in [
+            ("failure", CallOutcome::Failure, false),
+            ("probe", CallOutcome::Success, true),
+            ("ignored-probe", CallOutcome::Ignored, true),
+        ] {
+            let mut s = settle("t", "f", id, outcome);
+            s.probe = probe;
+            s.permit = true;
+            let (t, f) = keys(&s);
+            q.push(s, false).expect("room");
+            let t0 = tokio::time::Instant::now();
+            let batch = q.next_batch(256, delay).await.expect("a batch");
+            assert_eq!(t0.elapsed(), Duration::ZERO, "{id} waited for the delay");
+            assert_eq!(batch.settles.len(), 1, "{id}");
+            assert_eq!(batch.settles[0].outcome, outcome, "{id}");
+            assert!(!batch.settles[0].permit, "{id}: the release went with it");
+            q.finish(batch);
+            // The release stays for this replica's next admission on the feature.
+            let taken = q.take_for(Some(&t), Some(&f), 100);
+            assert_eq!(taken.len(), 1, "{id}");
+            assert!(taken[0].permit, "{id}");
+            assert_eq!(taken[0].outcome, CallOutcome::Ignored, "{id}");
+            assert!(!taken[0].probe, "{id}");
+        }
     }
 
     #[tokio::test]
