@@ -992,10 +992,35 @@ async fn shutdown_cuts_what_outlives_the_grace() {
             .await
             .expect("the stream starts");
         assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(
+            s.coordinator
+                .read_in_flight("chat")
+                .await
+                .expect("reads")
+                .value,
+            1
+        );
         let _ = stop.send(());
-        // The stalled stream would run for minutes: serve returns once the grace is over.
+        // The stalled stream would run for minutes: serve returns once the grace is over,
+        // having ended it with an error event and given its permit back.
         server.await.expect("joins").expect("served");
-        drop(resp);
+        assert_eq!(
+            s.coordinator
+                .read_in_flight("chat")
+                .await
+                .expect("reads")
+                .value,
+            0,
+            "the cut stream's permit is back before serve returns"
+        );
+        let text = resp.text().await.expect("the stream ended");
+        let ev = events(text.as_bytes());
+        assert_eq!(ev.first().map(|e| e.0.as_str()), Some("message_start"));
+        let (last, data) = ev.last().expect("events");
+        assert_eq!(last, "error");
+        assert!(data["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")));
     })
     .await;
 }

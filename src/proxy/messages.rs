@@ -245,10 +245,26 @@ pub(super) async fn messages(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let mut cut = state.inner.cut.subscribe();
     if routed.head.stream {
-        return stream::messages(state, routed).await;
+        return stream::messages(state, routed, cut).await;
     }
-    plain(state, routed).await
+    tokio::select! {
+        biased;
+        resp = plain(state, routed) => resp,
+        _ = cut.wait_for(|c| *c) => shutting_down().into_response(),
+    }
+}
+
+/// A request ended by the shutdown (the grace ran out).
+pub(super) fn shutting_down() -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "api_error",
+        "fusebox: the proxy is shutting down; send the request again".to_owned(),
+    );
+    e.retry_after = Some(std::time::Duration::from_secs(1));
+    e
 }
 
 async fn plain(state: ProxyState, r: Routed) -> Response {

@@ -62,6 +62,9 @@ struct Inner {
     messages_url: reqwest::Url,
     count_tokens_url: reqwest::Url,
     feature_header: HeaderName,
+    /// Set when the shutdown grace ran out: requests still in flight end at once (each holds
+    /// a receiver, so the receiver count is the number still running).
+    cut: tokio::sync::watch::Sender<bool>,
 }
 
 impl ProxyState {
@@ -86,6 +89,7 @@ impl ProxyState {
                 messages_url,
                 count_tokens_url,
                 feature_header,
+                cut: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -126,11 +130,14 @@ pub fn app(state: ProxyState) -> Router {
 
 /// Longest wait for the coordinator's queued settles once the server stopped.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for requests cut at the end of the grace to let go of their permits.
+const CUT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves [`app`] on `listener` (TCP_NODELAY on every accepted socket) until `shutdown`
 /// completes; then stops accepting, lets requests in flight finish for up to
-/// `server.shutdown_grace` (streams included), and flushes the coordinator's queued
-/// settles (at most 5 s). Returns once all that is done.
+/// `server.shutdown_grace` (streams included), ends those still running (a stream with an
+/// SSE `error` event, a plain request with a 503), so that their permits are released, and
+/// flushes the coordinator's queued settles (at most 5 s). Returns once all that is done.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ProxyState,
@@ -139,6 +146,7 @@ pub async fn serve(
     use axum::serve::ListenerExt;
     let grace = state.inner.server.shutdown_grace;
     let coordinator = state.inner.coordinator.clone();
+    let inner = Arc::clone(&state.inner);
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
@@ -161,7 +169,13 @@ pub async fn serve(
     let result = tokio::select! {
         r = server => r,
         () = out_of_grace => {
-            tracing::warn!(grace = ?grace, "shutdown grace ran out: cutting requests still in flight");
+            let running = inner.cut.receiver_count();
+            tracing::warn!(grace = ?grace, running, "shutdown grace ran out: ending requests still in flight");
+            inner.cut.send_replace(true);
+            let until = tokio::time::Instant::now() + CUT_TIMEOUT;
+            while inner.cut.receiver_count() > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             Ok(())
         }
     };

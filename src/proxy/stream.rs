@@ -82,7 +82,11 @@ async fn start(
     }
 }
 
-pub(super) async fn messages(state: ProxyState, r: Routed) -> Response {
+pub(super) async fn messages(
+    state: ProxyState,
+    r: Routed,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+) -> Response {
     let coordinator = &state.inner.coordinator;
     let retry = match coordinator.retry_backoff(&r.feature) {
         Ok(b) => BackoffPolicy::new(b),
@@ -110,9 +114,11 @@ pub(super) async fn messages(state: ProxyState, r: Routed) -> Response {
         start(&r.client, url.clone(), &r.forward, body, t.timeout)
     };
     let classify = |e: &UpstreamError| e.classification;
-    let result = coordinator
-        .guarded_call_held(&r.feature, r.start, &retry, cache, call, classify)
-        .await;
+    let result = tokio::select! {
+        biased;
+        result = coordinator.guarded_call_held(&r.feature, r.start, &retry, cache, call, classify) => result,
+        _ = cut.wait_for(|c| *c) => return super::messages::shutting_down().into_response(),
+    };
     let a = match result {
         Ok((a, held)) => (a, held),
         Err(e) => {
@@ -131,6 +137,7 @@ pub(super) async fn messages(state: ProxyState, r: Routed) -> Response {
                 held,
                 r.client.clone(),
                 r.feature.clone(),
+                cut,
             )));
             *resp.headers_mut() = headers;
             (resp, status)
@@ -175,6 +182,8 @@ struct Pump {
     held: Option<Held>,
     _heartbeat: Option<Heartbeat>,
     feature: String,
+    /// The shutdown's cut (see `Inner::cut`).
+    cut: tokio::sync::watch::Receiver<bool>,
     client: Client,
     idle: Duration,
     status: u16,
@@ -211,13 +220,34 @@ impl Pump {
         self.end(e.classification.health());
     }
 
+    /// The proxy is shutting down and the grace ran out: one `error` event, then the end;
+    /// nothing is recorded on the breaker (not the target's doing).
+    fn shut(&mut self) {
+        let mut b = BytesMut::new();
+        let data = serde_json::json!({"type": "error", "error": {"type": "overloaded_error",
+            "message": "fusebox: the proxy is shutting down; send the request again"}});
+        write_event(&mut b, "error", &data.to_string());
+        self.out.push_back(b.freeze());
+        self.end(CallOutcome::Ignored);
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if let Some(b) = self.out.pop_front() {
                 return Some(b);
             }
             let resp = self.resp.as_mut()?;
-            let chunk = tokio::time::timeout(self.idle, resp.chunk()).await;
+            let idle = self.idle;
+            let cut = &mut self.cut;
+            let chunk = tokio::select! {
+                biased;
+                chunk = tokio::time::timeout(idle, resp.chunk()) => Some(chunk),
+                _ = cut.wait_for(|c| *c) => None,
+            };
+            let Some(chunk) = chunk else {
+                self.shut();
+                continue;
+            };
             let mut events = Vec::new();
             match chunk {
                 Ok(Ok(Some(bytes))) => {
@@ -262,6 +292,7 @@ fn pump(
     held: Option<Held>,
     client: Client,
     feature: String,
+    cut: tokio::sync::watch::Receiver<bool>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
     let heartbeat = held.as_ref().and_then(Held::keep_alive);
     let mut out = VecDeque::new();
@@ -273,6 +304,7 @@ fn pump(
         held,
         _heartbeat: heartbeat,
         feature,
+        cut,
         client,
         idle: s.idle,
         status: s.status,
