@@ -48,8 +48,8 @@ pub use config::{
     RetryOverrides, ServerConfig, StorePolicy, TargetConfig,
 };
 pub use coordinator::{
-    Attempt, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames, Member, Permit,
-    Reading, Request, RetryBudget, Source, Withdrawal,
+    Attempt, BudgetStatus, Coordinator, CoordinatorBuilder, FlushReport, Heartbeat, KnownNames,
+    Member, Permit, Reading, Request, RetryBudget, Source, Withdrawal,
 };
 pub use error::{CallError, Error, Rejection, StoreError, UpstreamError, UpstreamErrorKind};
 pub use observer::{Event, Observer};

@@ -17,7 +17,7 @@ mod skip;
 mod tiered;
 
 pub use fleet::Member;
-pub use operator::{KnownNames, Reading};
+pub use operator::{BudgetStatus, KnownNames, Reading};
 pub use permit::{Heartbeat, Permit};
 pub use request::{Attempt, Request};
 pub use retry::{RetryBudget, Withdrawal};

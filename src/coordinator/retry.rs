@@ -36,9 +36,9 @@ const MAX_TARGETS: usize = 10_000;
 
 /// Per-feature retry settings and per-target budget counters of one coordinator.
 pub(crate) struct Retries {
-    namespace: String,
+    pub(super) namespace: String,
     /// `[retry]`'s budget (`None`: switched off for everyone).
-    params: Option<BudgetParams>,
+    pub(super) params: Option<BudgetParams>,
     /// Every configured feature's resolved retry settings.
     features: HashMap<String, RetryConfig>,
     /// Features that opted out of the budget.

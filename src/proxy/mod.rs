@@ -30,9 +30,12 @@
 //!
 //! Run it with [`serve`] on a listener of your own, or with `fusebox serve`.
 
+mod admin;
 mod body;
 mod error;
 mod messages;
+pub mod ops;
+pub mod prom;
 mod stream;
 
 use std::future::{Future, IntoFuture};
@@ -52,6 +55,8 @@ use crate::{Coordinator, Error};
 #[derive(Debug, Clone)]
 pub struct ProxyState {
     inner: Arc<Inner>,
+    /// What `/metrics` renders of the `metrics` facade ([`prom`]); `None`: gauges only.
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 #[derive(Debug)]
@@ -91,7 +96,20 @@ impl ProxyState {
                 feature_header,
                 cut: tokio::sync::watch::Sender::new(false),
             }),
+            metrics: None,
         })
+    }
+
+    /// `/metrics` renders the pipeline's metrics from this recorder's handle (see
+    /// [`prom::install`]; tests: [`prom::recorder`]).
+    pub fn with_metrics(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// The Prometheus handle `/metrics` renders, if any.
+    pub fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
+        self.metrics.as_ref()
     }
 
     /// The coordinator.
@@ -106,7 +124,8 @@ impl ProxyState {
 }
 
 /// The proxy's routes: `POST /v1/messages`, `POST /v1/messages/count_tokens`, and the same
-/// under every path route of `[server.routes]`.
+/// under every path route of `[server.routes]`; `/healthz`, `/readyz`, `/metrics` and the
+/// admin API under `/admin` ([`ops::router`]).
 pub fn app(state: ProxyState) -> Router {
     let mut router = Router::new()
         .route("/v1/messages", post(messages::messages))
@@ -123,6 +142,7 @@ pub fn app(state: ProxyState) -> Router {
     }
     // After every route: it applies to the method routers registered before it.
     router
+        .merge(ops::router())
         .method_not_allowed_fallback(messages::method_not_allowed)
         .fallback(messages::not_found)
         .with_state(state)

@@ -72,6 +72,53 @@ pub struct Withdrawn {
     pub retries: u64,
 }
 
+/// A budget's window as it stands, read without changing it (for operators).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetTotals {
+    /// Requests in the window.
+    pub requests: u64,
+    /// Retries in the window.
+    pub retries: u64,
+    /// Retries the window allows in all: `ratio × requests + floor`, whole retries.
+    pub allowed: u64,
+}
+
+impl BudgetTotals {
+    /// Retries still available in the window.
+    pub fn available(&self) -> u64 {
+        self.allowed.saturating_sub(self.retries)
+    }
+}
+
+/// The totals over buckets `(epoch, requests, retries)` at `now_ms`: the buckets whose epoch
+/// lies in `(now_epoch - buckets, now_epoch]`, as [`BudgetWindow::withdraw`] and
+/// `lua/budget_withdraw.lua` count them. The one computation for both stores' readings.
+pub fn totals(
+    p: &BudgetParams,
+    now_ms: u64,
+    buckets: impl IntoIterator<Item = (u64, u64, u64)>,
+) -> BudgetTotals {
+    let epoch = now_ms / p.bucket_ms.max(1);
+    let span = u64::from(p.buckets.clamp(1, 1024));
+    let (mut requests, mut retries) = (0u64, 0u64);
+    for (e, q, r) in buckets {
+        if e <= epoch && e + span > epoch {
+            requests = requests.saturating_add(q);
+            retries = retries.saturating_add(r);
+        }
+    }
+    let requests = requests.min(MAX_REQUESTS);
+    let retries = retries.min(MAX_RETRIES);
+    let allowance = requests
+        .saturating_mul(p.ratio_ppm)
+        .saturating_add(p.reserve);
+    BudgetTotals {
+        requests,
+        retries,
+        allowed: allowance / UNIT,
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Bucket {
     epoch: u64,
@@ -104,6 +151,17 @@ impl BudgetWindow {
         }
         self.touched_ms = now_ms;
         (epoch, b)
+    }
+
+    /// The window's totals at `now_ms`, unchanged.
+    pub fn totals(&self, p: &BudgetParams, now_ms: u64) -> BudgetTotals {
+        totals(
+            p,
+            now_ms,
+            self.buckets
+                .iter()
+                .map(|b| (b.epoch, b.requests, b.retries)),
+        )
     }
 
     /// Counts `n` requests now.
@@ -177,6 +235,23 @@ mod tests {
         );
         let r = w.withdraw(&p, later, 2);
         assert_eq!((r.granted, r.requests, r.retries), (true, 2, 1));
+    }
+
+    #[test]
+    fn totals_read_the_window_without_changing_it() {
+        let p = BudgetParams::new(0.5, Duration::from_secs(10), 0.1);
+        let mut w = BudgetWindow::default();
+        w.deposit(&p, T0, 4);
+        assert!(w.withdraw(&p, T0, 0).granted);
+        let t = w.totals(&p, T0);
+        // 4 requests x 0.5 + 0.1/s x 10 s = 3 retries allowed, 1 taken.
+        assert_eq!(
+            (t.requests, t.retries, t.allowed, t.available()),
+            (4, 1, 3, 2)
+        );
+        assert_eq!(w.totals(&p, T0), t, "reading changes nothing");
+        let later = w.totals(&p, T0 + 10_000);
+        assert_eq!((later.requests, later.retries, later.allowed), (0, 0, 1));
     }
 
     #[test]

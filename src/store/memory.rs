@@ -9,7 +9,7 @@ use crate::breaker::{BreakerSnapshot, BreakerState, Force, Transition, Verdict};
 use crate::bulkhead::Permits;
 use crate::clock::{Clock, SystemClock};
 use crate::pipeline::alert::{AlertParams, RateReading, RateWindow};
-use crate::retry::budget::{BudgetParams, BudgetWindow, Withdrawn};
+use crate::retry::budget::{BudgetParams, BudgetTotals, BudgetWindow, Withdrawn};
 use crate::{Rejection, StoreError};
 use std::time::Duration;
 
@@ -506,6 +506,16 @@ impl MemoryStore {
     /// (`lua/budget_withdraw.lua`).
     pub fn budget_withdraw_now(&self, key: &str, p: &BudgetParams, n: u64) -> Withdrawn {
         self.budget(key, p, |w, now| w.withdraw(p, now, n))
+    }
+
+    /// The retry budget at `key` as it stands (nothing changes; an unknown key is empty).
+    pub fn budget_read_now(&self, key: &str, p: &BudgetParams) -> BudgetTotals {
+        let now = self.clock.now_ms();
+        let inner = self.lock();
+        match inner.budgets.get(key) {
+            Some(w) => w.totals(p, now),
+            None => crate::retry::budget::totals(p, now, []),
+        }
     }
 
     /// Counts `calls` guarded calls of which `fallbacks` fell back in the window at `key`

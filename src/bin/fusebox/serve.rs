@@ -22,8 +22,19 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
     let coordinator = Coordinator::new(config)
         .await
         .map_err(|e| Failure::config(e.to_string()))?;
-    let state =
-        ProxyState::new(coordinator, server.clone()).map_err(|e| Failure::config(e.to_string()))?;
+    let metrics = fusebox::proxy::prom::install()
+        .map_err(|e| Failure::internal(format!("cannot install the metrics recorder: {e}")))?;
+    let state = ProxyState::new(coordinator, server.clone())
+        .map_err(|e| Failure::config(e.to_string()))?
+        .with_metrics(metrics);
+    if server.admin_token.is_some() {
+        tracing::info!("admin API on: /admin/... needs the bearer token");
+    } else {
+        tracing::warn!(
+            "admin API off: no [server] admin_token (or FUSEBOX_ADMIN_TOKEN) is configured; \
+             /admin/... answers 403"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Failure::internal(format!("cannot listen on {addr}: {e}")))?;

@@ -114,6 +114,46 @@ impl Link {
         Ok(n > 0)
     }
 
+    /// A retry budget's buckets (`e<i>`, `q<i>`, `r<i>` of the hash at `key`, see
+    /// `lua/budget_withdraw.lua`) as `(epoch, requests, retries)`, read with one `HMGET`;
+    /// absent fields are 0.
+    pub(super) async fn budget_buckets(
+        &self,
+        key: &str,
+        buckets: u32,
+    ) -> Result<Vec<(u64, u64, u64)>, StoreError> {
+        let t = self.timeout;
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key);
+        for i in 0..buckets {
+            cmd.arg(format!("e{i}"))
+                .arg(format!("q{i}"))
+                .arg(format!("r{i}"));
+        }
+        let v: Value = match &self.raw {
+            Raw::Single(con) => bounded(t, false, cmd.query_async(&mut con.clone())).await?,
+            Raw::Cluster(con) => bounded(t, false, cmd.query_async(&mut con.clone())).await?,
+        };
+        let Value::Array(items) = &v else {
+            return Err(StoreError::Reply(format!("HMGET replied {v:?}")));
+        };
+        let num = |item: &Value| -> Result<u64, StoreError> {
+            match item {
+                Value::Nil => Ok(0),
+                other => text(other)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| StoreError::Reply(format!("budget {key:?}: field {other:?}"))),
+            }
+        };
+        items
+            .chunks(3)
+            .map(|c| match c {
+                [e, q, r] => Ok((num(e)?, num(q)?, num(r)?)),
+                _ => Err(StoreError::Reply(format!("HMGET replied {v:?}"))),
+            })
+            .collect()
+    }
+
     /// Names of targets and features with keys under `namespace`.
     pub(super) async fn scan_names(&self, namespace: &str) -> Result<KnownNames, StoreError> {
         let pattern = format!("fusebox:{{{namespace}:*");

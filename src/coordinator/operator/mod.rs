@@ -9,6 +9,7 @@
 mod link;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use self::link::Link;
 pub(crate) use self::link::OperatorLink;
@@ -42,7 +43,76 @@ pub struct KnownNames {
     pub features: BTreeSet<String>,
 }
 
+/// One target's fleet-wide retry budget as it stands (see [`Coordinator::read_retry_budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStatus {
+    /// Requests to the target in the window.
+    pub requests: u64,
+    /// Retries to the target in the window.
+    pub retries: u64,
+    /// Retries the window allows in all (`ratio × requests + min_per_second × window`).
+    pub allowed: u64,
+    /// The window's length.
+    pub window: Duration,
+}
+
+impl BudgetStatus {
+    /// Retries still available in the window.
+    pub fn available(&self) -> u64 {
+        self.allowed.saturating_sub(self.retries)
+    }
+}
+
 impl Coordinator {
+    /// The targets and features the configuration names (targets: under `[targets]` and in
+    /// every feature's `chain`). No store is read.
+    pub fn configured_names(&self) -> KnownNames {
+        KnownNames {
+            targets: self.shared.configured_targets.iter().cloned().collect(),
+            features: self.shared.features.keys().cloned().collect(),
+        }
+    }
+
+    /// The bulkhead limit of a configured feature (`None`: no bulkhead).
+    pub fn bulkhead_limit(&self, feature: &str) -> Result<Option<u32>, Error> {
+        Ok(self.shared.feature(feature)?.spec.bulkhead.map(|b| b.limit))
+    }
+
+    /// `target`'s fleet-wide retry budget as it stands (nothing is taken or counted): from
+    /// Redis when it is configured (failing with the cause, never falling back), from the
+    /// embedded store otherwise. `None`: no budget is configured (`[retry] budget = false`).
+    /// Requests this replica counted but has not delivered yet (at most one second's) are
+    /// not in a shared reading.
+    pub async fn read_retry_budget(
+        &self,
+        target: &str,
+    ) -> Result<Option<Reading<BudgetStatus>>, Error> {
+        let Some(p) = self.shared.retries.params else {
+            return Ok(None);
+        };
+        let t = self.shared.target(target)?;
+        let key = crate::keys::budget_key(&self.shared.retries.namespace, &t.name);
+        let status = |b: crate::retry::budget::BudgetTotals| BudgetStatus {
+            requests: b.requests,
+            retries: b.retries,
+            allowed: b.allowed,
+            window: p.window(),
+        };
+        Ok(Some(match self.shared.operator.get().await? {
+            Some(link) => {
+                let now_ms = link.time_ms().await?;
+                let buckets = link.budget_buckets(&key, p.buckets).await?;
+                Reading {
+                    value: status(crate::retry::budget::totals(&p, now_ms, buckets)),
+                    source: Source::Shared,
+                    now_ms,
+                }
+            }
+            None => self.embedded(status(self.shared.tiered.local.budget_read_now(&key, &p))),
+        }))
+    }
+
     /// The store operator reads go to: [`Source::Shared`] with Redis configured,
     /// [`Source::Embedded`] without.
     pub fn operator_source(&self) -> Source {
