@@ -772,3 +772,61 @@ async fn readyz_reports_local_mode_when_redis_is_killed() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// retry budget readings (what /admin/budgets and /metrics show)
+// ---------------------------------------------------------------------------------------------
+
+/// The same deposits and withdrawals read the same on Redis (HMGET of the buckets + TIME) as
+/// on the embedded store, and reading changes nothing.
+#[tokio::test]
+async fn retry_budget_readings_agree_on_redis_and_the_embedded_store() {
+    bounded(async {
+        let server = RedisServer::start();
+        let mut readings = Vec::new();
+        for redis in [None, Some(&server)] {
+            let s = setup(redis, None).await;
+            let c = &s.coordinator;
+            let budget = c.retry_budget("chat", "primary").expect("budget");
+            for _ in 0..20 {
+                budget.deposit();
+            }
+            let mut granted = 0;
+            for _ in 0..3 {
+                if budget.withdraw().await.is_granted() {
+                    granted += 1;
+                }
+            }
+            let first = c
+                .read_retry_budget("primary")
+                .await
+                .expect("read")
+                .expect("a budget is configured");
+            let again = c
+                .read_retry_budget("primary")
+                .await
+                .expect("read")
+                .expect("a budget is configured");
+            assert_eq!(first.value, again.value, "reading changes nothing");
+            assert_eq!(first.value.requests, 20);
+            assert_eq!(first.value.retries, granted);
+            assert_eq!(
+                first.value.available(),
+                first.value.allowed - granted,
+                "{:?}",
+                first.value
+            );
+            let untouched = c
+                .read_retry_budget("fallback")
+                .await
+                .expect("read")
+                .expect("configured");
+            assert_eq!((untouched.value.requests, untouched.value.retries), (0, 0));
+            readings.push((first.source, first.value));
+        }
+        assert_eq!(readings[0].0, fusebox::Source::Embedded);
+        assert_eq!(readings[1].0, fusebox::Source::Shared);
+        assert_eq!(readings[0].1, readings[1].1, "{readings:?}");
+    })
+    .await;
+}
