@@ -20,7 +20,7 @@ use fusebox::{
     CircuitState, Config, Coordinator, FeatureConfig, RedisConfig, ServerConfig, TargetConfig,
 };
 use serde_json::{json, Value};
-use support::RedisServer;
+use support::{RedisCluster, RedisServer};
 use tower::ServiceExt;
 
 const BUDGET: Duration = Duration::from_secs(60);
@@ -827,6 +827,89 @@ async fn retry_budget_readings_agree_on_redis_and_the_embedded_store() {
         assert_eq!(readings[0].0, fusebox::Source::Embedded);
         assert_eq!(readings[1].0, fusebox::Source::Shared);
         assert_eq!(readings[0].1, readings[1].1, "{readings:?}");
+    })
+    .await;
+}
+
+/// On Redis Cluster (3 masters): the budget reading (`HMGET` routed by its key's slot), the
+/// admin API's listing and a force, and the `/metrics` gauges go through the cluster client;
+/// targets spread over the masters.
+#[tokio::test]
+async fn the_admin_api_and_metrics_work_on_a_cluster() {
+    bounded(async {
+        let cluster = RedisCluster::start(3);
+        let mock = MockUpstream::builder().start().await.expect("mock binds");
+        let mut config = config(&mock.url(), None, Some(TOKEN));
+        config.redis = Some(RedisConfig {
+            cluster: cluster.urls(),
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            operator_timeout: Some(Duration::from_secs(2)),
+            ..RedisConfig::default()
+        });
+        let targets: Vec<String> = (0..12).map(|i| format!("model-{i:02}")).collect();
+        for t in &targets {
+            config.targets.insert(t.clone(), TargetConfig::default());
+        }
+        config.validate().expect("valid");
+        let coordinator = Coordinator::new(config.clone()).await.expect("coordinator");
+        let state = ProxyState::new(coordinator.clone(), config.server.clone()).expect("state");
+        for t in &targets {
+            let budget = coordinator.retry_budget("chat", t).expect("budget");
+            budget.deposit();
+            budget.deposit();
+            assert!(budget.withdraw().await.is_granted());
+            let (resp, body) = send(
+                &state,
+                admin("POST", &format!("/admin/breakers/{t}/open"), Some(TOKEN)),
+            )
+            .await;
+            assert_eq!(resp.status(), StatusCode::OK, "{body}");
+        }
+        for (i, node) in cluster.nodes().iter().enumerate() {
+            assert_ne!(
+                node.cli(&["DBSIZE"]).trim(),
+                "0",
+                "master {i} holds nothing"
+            );
+        }
+        let (_, body) = send(&state, admin("GET", "/admin/budgets", Some(TOKEN))).await;
+        let v = json_of(&body);
+        for row in v["budgets"].as_array().expect("rows") {
+            if row["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("model-"))
+            {
+                assert_eq!(
+                    (&row["requests"], &row["retries"]),
+                    (&json!(2), &json!(1)),
+                    "{row}"
+                );
+            }
+        }
+        let (_, text) = send(&state, get("/metrics")).await;
+        let samples = parse_prometheus(&text);
+        assert_eq!(
+            value_of(&samples, "fusebox_scrape_read_errors", &[]),
+            Some(0.0),
+            "{text}"
+        );
+        for t in &targets {
+            assert_eq!(
+                value_of(
+                    &samples,
+                    "fusebox_breaker_state",
+                    &[("target", t), ("state", "forced_open")]
+                ),
+                Some(1.0),
+                "{t}: {text}"
+            );
+            assert_eq!(
+                value_of(&samples, "fusebox_retry_budget_retries", &[("target", t)]),
+                Some(1.0),
+                "{t}"
+            );
+        }
     })
     .await;
 }
