@@ -167,6 +167,41 @@ pub(crate) fn is_object(bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes: a head or a 400, never a panic.
+        #[test]
+        fn any_bytes_parse_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Err(e) = Head::parse(&bytes) {
+                prop_assert_eq!(e.status, 400);
+            }
+            let _ = is_object(&bytes);
+        }
+
+        /// A rewritten body is the same object with only `model` (and `max_tokens`) changed.
+        #[test]
+        fn a_rewrite_changes_only_model_and_max_tokens(
+            fields in proptest::collection::btree_map("[a-z_]{1,8}", any::<i64>(), 0..8),
+            text in ".{0,20}",
+            max in proptest::option::of(1u32..100_000),
+        ) {
+            let mut v = serde_json::Map::new();
+            for (k, n) in &fields {
+                v.insert(k.clone(), serde_json::json!({"n": n, "t": text}));
+            }
+            v.insert("model".into(), serde_json::json!("asked"));
+            let original = Bytes::from(serde_json::Value::Object(v.clone()).to_string());
+            let out = for_target(&original, "asked", &target("other", max));
+            let got: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+            let mut want = v;
+            want.insert("model".into(), serde_json::json!("other"));
+            if let Some(m) = max {
+                want.insert("max_tokens".into(), serde_json::json!(m));
+            }
+            prop_assert_eq!(got, serde_json::Value::Object(want));
+        }
+    }
 
     fn target(model: &str, max_tokens: Option<u32>) -> ChainTarget {
         ChainTarget {
