@@ -913,3 +913,164 @@ async fn the_admin_api_and_metrics_work_on_a_cluster() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// `fusebox serve`: the installed recorder and the startup log
+// ---------------------------------------------------------------------------------------------
+
+/// A `fusebox serve` child on 127.0.0.1:0; its stdout and stderr lines arrive on channels.
+struct Served {
+    child: std::process::Child,
+    addr: String,
+    stderr: std::sync::mpsc::Receiver<String>,
+    _config: std::path::PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self._config);
+    }
+}
+
+fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(r).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn serve(upstream: &str, token: Option<&str>) -> Served {
+    use std::process::{Command, Stdio};
+    let path = std::env::temp_dir().join(format!("{}.toml", support::unique_name("ops-serve")));
+    let token = token.map_or(String::new(), |t| format!("admin_token = \"{t}\"\n"));
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nupstream = \"{upstream}\"\ndefault_feature = \"chat\"\n{token}\
+             [targets.primary]\nmodel = \"{PRIMARY}\"\n[features.chat]\nchain = [\"primary\"]\n"
+        ),
+    )
+    .expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .args([
+            "-c",
+            path.to_str().expect("utf-8"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("FUSEBOX_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fusebox serve");
+    let stdout = lines_of(child.stdout.take().expect("stdout"));
+    let stderr = lines_of(child.stderr.take().expect("stderr"));
+    let line = stdout
+        .recv_timeout(BUDGET)
+        .expect("fusebox serve prints its address");
+    let addr = line
+        .strip_prefix("fusebox serve: listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    Served {
+        child,
+        addr,
+        stderr,
+        _config: path,
+    }
+}
+
+/// Reads stderr lines until one contains `needle`; everything read is returned.
+fn stderr_until(s: &Served, needle: &str) -> String {
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + BUDGET;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match s.stderr.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(needle) {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no {needle:?} on stderr ({e}):\n{seen}"),
+        }
+    }
+}
+
+/// `fusebox serve` says at start whether the admin API is on, and its `/metrics` renders
+/// the globally installed recorder (the pipeline's counters after a request) with the gauges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_says_whether_the_admin_api_is_on_and_renders_the_installed_recorder() {
+    bounded(async {
+        let mock = MockUpstream::builder().start().await.expect("mock binds");
+        let http = reqwest::Client::new();
+
+        let off = serve(&mock.url(), None);
+        let log = stderr_until(&off, "admin API off");
+        assert!(log.contains("FUSEBOX_ADMIN_TOKEN"), "{log}");
+        let resp = http
+            .get(format!("http://{}/admin/breakers", off.addr))
+            .send()
+            .await
+            .expect("admin request");
+        assert_eq!(resp.status().as_u16(), 403);
+        drop(off);
+
+        let on = serve(&mock.url(), Some(TOKEN));
+        let log = stderr_until(&on, "admin API on");
+        assert!(!log.contains(TOKEN), "the token is in the log: {log}");
+        let resp = http
+            .post(format!("http://{}/v1/messages", on.addr))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .header("content-type", "application/json")
+            .body(
+                json!({"model": PRIMARY, "max_tokens": 10,
+                       "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+            )
+            .send()
+            .await
+            .expect("proxied request");
+        assert_eq!(resp.status().as_u16(), 200);
+        let text = http
+            .get(format!("http://{}/metrics", on.addr))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        assert!(!text.contains(KEY), "{text}");
+        let samples = parse_prometheus(&text);
+        assert_eq!(
+            value_of(
+                &samples,
+                "fusebox_calls_total",
+                &[("feature", "chat"), ("outcome", "primary")]
+            ),
+            Some(1.0),
+            "the installed recorder is rendered:\n{text}"
+        );
+        assert_eq!(
+            value_of(&samples, "fusebox_store_mode", &[("mode", "embedded")]),
+            Some(1.0),
+            "{text}"
+        );
+    })
+    .await;
+}
