@@ -1074,3 +1074,43 @@ async fn serve_says_whether_the_admin_api_is_on_and_renders_the_installed_record
     })
     .await;
 }
+
+/// A stalled Redis (SIGSTOP) does not stall `/readyz` past its own bound (a probe that times
+/// out reads as "not ready" for every replica at once): local mode, saying the store did not
+/// answer in time. The operator timeout here is 10 s: without the bound the reason would be
+/// the store's own timeout.
+#[tokio::test]
+async fn readyz_does_not_wait_out_a_stalled_redis() {
+    bounded(async {
+        let server = RedisServer::start();
+        let mock = MockUpstream::builder().start().await.expect("mock binds");
+        let mut config = config(&mock.url(), Some(&server), None);
+        if let Some(r) = config.redis.as_mut() {
+            r.operator_timeout = Some(Duration::from_secs(10));
+        }
+        let coordinator = Coordinator::new(config.clone()).await.expect("coordinator");
+        let state = ProxyState::new(coordinator, config.server.clone()).expect("state");
+        let (_, body) = send(&state, get("/readyz")).await;
+        assert_eq!(json_of(&body)["store"], "shared", "{body}");
+        server.pause();
+        let (resp, body) = send(&state, get("/readyz")).await;
+        let (_, metrics) = send(&state, get("/metrics")).await;
+        server.resume();
+        assert_eq!(resp.status(), StatusCode::OK, "{body}");
+        let v = json_of(&body);
+        assert_eq!(v["store"], "local", "{body}");
+        assert!(
+            v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("did not answer within 500 ms")),
+            "{body}"
+        );
+        let samples = parse_prometheus(&metrics);
+        assert_eq!(
+            value_of(&samples, "fusebox_store_up", &[]),
+            Some(0.0),
+            "{metrics}"
+        );
+    })
+    .await;
+}

@@ -8,7 +8,9 @@
 //!   divided by the fleet size). Local mode is still a 200 on purpose: every replica loses
 //!   Redis at the same moment, and a load balancer that pulled them all out would turn a
 //!   degraded fleet into an outage; alert on `fusebox_store_mode{mode="local"}` instead.
-//!   `GET /readyz?strict` answers 503 in local mode, for setups that would rather drain.
+//!   `GET /readyz?strict` answers 503 in local mode, for setups that would rather drain. The
+//!   store check waits at most 500 ms (a stalled Redis counts as local mode), so that the
+//!   probe answers within the usual probe timeouts.
 //! * `GET /metrics`: Prometheus text ([`super::prom`]).
 //! * `/admin/...`: the admin API, behind the bearer token (see the README, "Operate the proxy").
 
@@ -36,6 +38,11 @@ async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
+/// Longest wait for the store in `/readyz` (and before the gauges of `/metrics`), below the
+/// usual probe timeouts (Kubernetes: 1 s): a stalled Redis must not make the probe itself time
+/// out, which a load balancer would read as "not ready" for every replica at once.
+const READY_CHECK_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What `/readyz` found: the store the replica decides on, and why not the shared one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Readiness {
@@ -51,7 +58,17 @@ pub(super) struct Readiness {
 /// `redis.operator_timeout`) and the replica's own health: local mode when either says so.
 pub(super) async fn readiness(state: &ProxyState) -> Readiness {
     let c = state.coordinator();
-    match c.check_store().await {
+    let Ok(checked) = tokio::time::timeout(READY_CHECK_MAX, c.check_store()).await else {
+        return Readiness {
+            store: "local",
+            reason: Some(format!(
+                "the shared store did not answer within {} ms",
+                READY_CHECK_MAX.as_millis()
+            )),
+            answered: false,
+        };
+    };
+    match checked {
         Ok(r) if r.source == Source::Embedded => Readiness {
             store: "embedded",
             reason: None,
