@@ -234,6 +234,23 @@ pub struct ResponseHeaders {
 
 const MAX_KEPT: usize = 256;
 
+/// The `anthropic-ratelimit-*` headers, family by family (requests, tokens, input tokens,
+/// output tokens), each as limit, remaining, reset.
+const RATE_LIMIT_HEADERS: [&str; 12] = [
+    "anthropic-ratelimit-requests-limit",
+    "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-requests-reset",
+    "anthropic-ratelimit-tokens-limit",
+    "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-limit",
+    "anthropic-ratelimit-input-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-reset",
+    "anthropic-ratelimit-output-tokens-limit",
+    "anthropic-ratelimit-output-tokens-remaining",
+    "anthropic-ratelimit-output-tokens-reset",
+];
+
 impl ResponseHeaders {
     /// Reads `headers`; `now` (the wall clock) turns an HTTP-date `retry-after` into a wait.
     pub fn parse(headers: &HeaderMap, now: SystemTime) -> Self {
@@ -261,13 +278,9 @@ impl ResponseHeaders {
             ("input-tokens", RateLimit::default()),
             ("output-tokens", RateLimit::default()),
         ];
-        let mut raw = Vec::new();
-        for (kind, _) in &families {
-            for part in ["limit", "remaining", "reset"] {
-                let name = format!("anthropic-ratelimit-{kind}-{part}");
-                raw.push(read(&name).map(|v| (name, v)));
-            }
-        }
+        // Static names, in `families` order: no name is formatted per response (this runs
+        // on every answer the proxy forwards).
+        let raw = RATE_LIMIT_HEADERS.map(|name| read(name).map(|v| (name, v)));
 
         if let Some(v) = ms {
             match parse_retry_after_ms(&v) {
@@ -297,11 +310,11 @@ impl ResponseHeaders {
                 0 | 1 => match v.trim().parse::<u64>() {
                     Ok(n) if i % 3 == 0 => family.limit = Some(n),
                     Ok(n) => family.remaining = Some(n),
-                    Err(_) => problems.push(problem(&name, &v, HeaderError::NotAnInteger)),
+                    Err(_) => problems.push(problem(name, &v, HeaderError::NotAnInteger)),
                 },
                 _ => match parse_rfc3339(&v) {
                     Ok(t) => family.reset = Some(t),
-                    Err(e) => problems.push(problem(&name, &v, e)),
+                    Err(e) => problems.push(problem(name, &v, e)),
                 },
             }
         }
