@@ -152,7 +152,7 @@ fn main() {
     );
     println!(
         "  CPU µs/req: the fusebox serve process's CPU time (and the Redis server's) over the \
-         row, per request: a figure a busy machine distorts less than the timings"
+         row, per request (it grows with the machine's load too: compare rows of one run)"
     );
 
     round_trips(redis_port, shared.port);
