@@ -1318,3 +1318,61 @@ fn status_interval_without_watch_is_a_usage_error() {
         "{run:#?}"
     );
 }
+
+/// The first number after `label` on the summary line that starts with it.
+#[cfg(feature = "proxy")]
+fn summary_number(stdout: &str, label: &str) -> u64 {
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no summary line {label:?} in:\n{stdout}"));
+    line[label.len()..]
+        .split(|c: char| !c.is_ascii_digit())
+        .find(|w| !w.is_empty())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {line:?}"))
+}
+
+#[cfg(feature = "proxy")]
+#[test]
+fn the_demo_runs_shortened_without_a_terminal_and_its_summary_shows_the_outage() {
+    let run = fusebox(&["demo", "--fast"]);
+    run.assert_ok();
+    let out = &run.stdout;
+    assert!(
+        !out.contains('\x1b') && !out.contains('\r'),
+        "plain lines, no redraw:\n{out}"
+    );
+    for phase in [
+        "== steady ==",
+        "== primary overloaded ==",
+        "== fallback slow ==",
+        "== everything fails ==",
+        "== recovery ==",
+    ] {
+        assert!(out.contains(phase), "{phase} in:\n{out}");
+    }
+    assert!(summary_number(out, "fallback answers:") > 0, "{out}");
+    assert!(summary_number(out, "degraded answers:") > 0, "{out}");
+    assert!(summary_number(out, "primary answers:") > 0, "{out}");
+    let sonnet = "breaker claude-sonnet-4-5: opened";
+    assert!(
+        summary_number(out, sonnet) >= 1,
+        "the primary's breaker opened:\n{out}"
+    );
+    let closed = out
+        .lines()
+        .find(|l| l.trim().starts_with(sonnet))
+        .and_then(|l| l.split("closed ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        closed.is_some_and(|n| n >= 1),
+        "the primary's breaker closed again:\n{out}"
+    );
+    assert!(
+        out.contains("breaker claude-sonnet-4-5: half_open -> closed"),
+        "the closing was reported as it happened:\n{out}"
+    );
+}

@@ -11,6 +11,8 @@
 //! Exit codes: see [`exit`].
 
 mod check;
+#[cfg(feature = "proxy")]
+mod demo;
 mod exit;
 mod force;
 #[cfg(feature = "server")]
@@ -90,6 +92,11 @@ enum Command {
     /// run time over HTTP (`/_mock/`), to rehearse an outage. Needs no configuration file.
     #[cfg(feature = "server")]
     MockUpstream(mock_upstream::MockArgs),
+    /// Watch fusebox ride out an outage in about 30 s: the proxy and a fake Anthropic API in
+    /// this process (no network, no Redis, no configuration file), a scripted outage, what
+    /// happened second by second, and a summary.
+    #[cfg(feature = "proxy")]
+    Demo(demo::DemoArgs),
     /// Run the Anthropic-compatible proxy (`POST /v1/messages`) until SIGTERM or Ctrl-C.
     /// Prints `fusebox serve: listening on ADDR` once bound; logs go to stderr (`RUST_LOG`).
     #[cfg(feature = "proxy")]
@@ -207,7 +214,7 @@ fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
         #[cfg(feature = "server")]
         Command::MockUpstream(_) => tokio::runtime::Builder::new_multi_thread(),
         #[cfg(feature = "proxy")]
-        Command::Serve { .. } => tokio::runtime::Builder::new_multi_thread(),
+        Command::Serve { .. } | Command::Demo(_) => tokio::runtime::Builder::new_multi_thread(),
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     builder.enable_all().build()
@@ -219,6 +226,10 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     #[cfg(feature = "server")]
     if let Command::MockUpstream(args) = &cli.command {
         return mock_upstream::run(args).await;
+    }
+    #[cfg(feature = "proxy")]
+    if let Command::Demo(args) = &cli.command {
+        return demo::run(args).await;
     }
     #[cfg(feature = "proxy")]
     if let Command::Serve { listen } = &cli.command {
@@ -248,6 +259,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         } => force::run(cli, config, target, *action, *create).await,
         #[cfg(feature = "server")]
         Command::MockUpstream(_) => Ok(()),
+        #[cfg(feature = "proxy")]
+        Command::Demo(_) => Ok(()),
         #[cfg(feature = "proxy")]
         Command::Serve { .. } => Ok(()),
     };
