@@ -156,14 +156,34 @@ impl Coordinator {
         C: Fn(&E) -> K,
         K: Classified,
     {
-        self.guarded_call_held(feature, 0, retry, cache, call, classify)
-            .await
-            .map(|(answered, held)| {
-                if let Some(h) = held {
-                    h.finish(CallOutcome::Success);
-                }
-                answered
-            })
+        // `chain` directly, not through `guarded_call_held`: one async layer less keeps the
+        // future's type shallow enough for callers' default recursion limit.
+        let started = Instant::now();
+        let r = self.chain(feature, 0, retry, cache, call, classify).await;
+        self.called(feature, started, &r);
+        r.map(|(answered, held)| {
+            if let Some(h) = held {
+                h.finish(CallOutcome::Success);
+            }
+            answered
+        })
+    }
+
+    /// The metrics and the fallback-rate count of an ended guarded call.
+    fn called<T, E>(
+        &self,
+        feature: &str,
+        started: Instant,
+        r: &Result<(Answered<T>, Option<Held>), CallError<E>>,
+    ) {
+        let outcome = match r {
+            Ok((a, _)) => a.tier.as_str(),
+            Err(_) => "error",
+        };
+        metrics::call(feature, outcome, started.elapsed());
+        if let Ok((a, _)) = r {
+            self.count_call(feature, a.tier != Tier::Primary);
+        }
     }
 
     /// [`Self::guarded_call_cached`] for answers that go on after the call returns (a
@@ -199,14 +219,7 @@ impl Coordinator {
         let r = self
             .chain(feature, start, retry, cache, call, classify)
             .await;
-        let outcome = match &r {
-            Ok((a, _)) => a.tier.as_str(),
-            Err(_) => "error",
-        };
-        metrics::call(feature, outcome, started.elapsed());
-        if let Ok((a, _)) = &r {
-            self.count_call(feature, a.tier != Tier::Primary);
-        }
+        self.called(feature, started, &r);
         r
     }
 
