@@ -6,6 +6,7 @@
 //! fusebox [-c FILE] [--timeout DUR] [--json] status [--watch [--interval DUR]] [NAME]
 //! fusebox [-c FILE] [--timeout DUR] [--json] force [--create] TARGET open|closed|disable|reset
 //! fusebox mock-upstream [--listen ADDR] [--fail MODEL=STATUS] [--failure-rate MODEL=RATE] ...
+//! fusebox demo [--fast | --speed FACTOR]
 //! ```
 //!
 //! Exit codes: see [`exit`].
