@@ -414,7 +414,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// nginx answering every request with [`ANSWER`].
+/// nginx answering every request with [`ANSWER`]: one process (`master_process off`), so
+/// that killing it leaves no worker behind (a killed master's workers would live on).
 struct Nginx {
     child: Child,
     port: u16,
@@ -429,7 +430,8 @@ impl Nginx {
         write(
             &conf,
             &format!(
-                "worker_processes 1;\n\
+                "master_process off;\n\
+                 worker_processes 1;\n\
                  error_log {p}/logs/error.log;\n\
                  pid {p}/nginx.pid;\n\
                  daemon off;\n\
