@@ -570,6 +570,13 @@ async fn upstream_errors_keep_their_status_and_body(env: Env) {
     assert_eq!(api_error_type(&bytes), "overloaded_error");
     assert_eq!(header(&resp, "x-should-retry"), Some("false"));
     assert_eq!(header(&resp, "x-fusebox-attempts"), Some("2"));
+    // One attempt (the request names the chain's last model): the proxy's policy decided all
+    // the same (an overloaded model is not retried on itself), so no SDK retries on top.
+    let (resp, bytes) = send(&s.state, request(&ask(FALLBACK))).await;
+    assert_eq!(resp.status().as_u16(), 529);
+    assert_eq!(api_error_type(&bytes), "overloaded_error");
+    assert_eq!(header(&resp, "x-fusebox-attempts"), Some("1"));
+    assert_eq!(header(&resp, "x-should-retry"), Some("false"));
     // A streaming request gets the same before its first byte.
     let (resp, bytes) = send(&s.state, stream_request(PRIMARY)).await;
     assert_eq!(resp.status().as_u16(), 529);

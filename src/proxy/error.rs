@@ -20,7 +20,8 @@ pub(crate) struct ApiError {
     pub(crate) message: String,
     /// `retry-after`, whole seconds rounded up (at least 1).
     pub(crate) retry_after: Option<Duration>,
-    /// `x-should-retry: false`: the proxy already retried (or refused on purpose).
+    /// `x-should-retry: false`: the proxy's retry policy already decided (or it refused on
+    /// purpose).
     pub(crate) no_retry: bool,
     /// What the upstream said, for an upstream error.
     pub(crate) echo: Option<Box<Echo>>,
@@ -75,11 +76,17 @@ impl ApiError {
         Bytes::from(body.to_string())
     }
 
-    /// How a guarded call that gave no answer is told to the client. `attempts`: upstream
-    /// attempts made (more than one: the proxy already retried or failed over).
-    pub(crate) fn of_call(e: CallError<UpstreamError>, attempts: u32) -> Self {
+    /// How a guarded call that gave no answer is told to the client.
+    ///
+    /// An error that ends the chain says `x-should-retry: false` however many attempts were
+    /// made: the proxy's policy decided (an overloaded model is not retried on itself, a
+    /// retryable one was retried within the fleet's retry budget), and an SDK retrying on
+    /// top (twice by default) would triple the calls that reach an upstream already failing,
+    /// outside that budget. Seen before this: a one-model chain's 529 went back without it,
+    /// and the official SDK sent 3 requests (fleet lane, `tests/sdk.rs`).
+    pub(crate) fn of_call(e: CallError<UpstreamError>) -> Self {
         match e {
-            CallError::Inner(u) => ApiError::of_upstream(&u, attempts),
+            CallError::Inner(u) => ApiError::of_upstream(&u, true),
             CallError::Rejected(r) => ApiError::of_rejection(&r),
             CallError::RetryLater { retry_after } => {
                 let mut a = ApiError::new(
@@ -90,7 +97,7 @@ impl ApiError {
                         .to_owned(),
                 );
                 a.retry_after = Some(retry_after.unwrap_or(Duration::from_secs(1)));
-                a.no_retry = attempts > 1;
+                a.no_retry = true;
                 a
             }
             CallError::TimedOut => {
@@ -140,8 +147,10 @@ impl ApiError {
         a
     }
 
-    /// An upstream failure that ended the chain, as the upstream said it.
-    pub(crate) fn of_upstream(u: &UpstreamError, attempts: u32) -> Self {
+    /// An upstream failure as the upstream said it. `decided`: it ended a chain, whose retry
+    /// policy already ran (`x-should-retry: false`); `false` for a plain pass-through
+    /// (`count_tokens`), which a client may retry.
+    pub(crate) fn of_upstream(u: &UpstreamError, decided: bool) -> Self {
         let mut a = match (u.kind, u.status) {
             (UpstreamErrorKind::Status, Some(s)) => {
                 let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -175,7 +184,7 @@ impl ApiError {
             error_code: u.error_code.clone(),
             request_id: u.request_id.clone(),
         }));
-        a.no_retry = attempts > 1;
+        a.no_retry = decided;
         a
     }
 }
@@ -306,9 +315,9 @@ mod tests {
         u.error_type = Some("rate_limit_error".into());
         u.error_code = Some("enforced_spend_limit_reached".into());
         u.request_id = Some("req_1".into());
-        let e = ApiError::of_upstream(&u, 1);
+        let e = ApiError::of_upstream(&u, true);
         assert_eq!(e.status.as_u16(), 429);
-        assert!(!e.no_retry, "one attempt: the proxy did not retry");
+        assert!(e.no_retry, "the chain's policy decided");
         let body: serde_json::Value = serde_json::from_slice(&e.body()).expect("JSON");
         assert_eq!(
             body,
@@ -316,11 +325,11 @@ mod tests {
                 "type": "rate_limit_error", "message": "spend cap",
                 "details": {"error_code": "enforced_spend_limit_reached"}}})
         );
-        assert!(ApiError::of_upstream(&u, 2).no_retry);
+        assert!(!ApiError::of_upstream(&u, false).no_retry, "a pass-through");
         let t = UpstreamError::new(UpstreamErrorKind::Timeout, "slow".to_owned());
-        assert_eq!(ApiError::of_upstream(&t, 1).status.as_u16(), 504);
+        assert_eq!(ApiError::of_upstream(&t, true).status.as_u16(), 504);
         let c = UpstreamError::new(UpstreamErrorKind::Connect, "refused".to_owned());
-        assert_eq!(ApiError::of_upstream(&c, 1).status.as_u16(), 502);
+        assert_eq!(ApiError::of_upstream(&c, true).status.as_u16(), 502);
     }
 
     #[test]

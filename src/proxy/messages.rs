@@ -328,7 +328,7 @@ async fn plain(state: ProxyState, r: Routed) -> Response {
         Err(e) => {
             tracing::debug!(feature = %r.feature, error = %e, "no answer");
             let attempts = tried.load(Ordering::Relaxed);
-            with_attempts(ApiError::of_call(e, attempts).into_response(), attempts)
+            with_attempts(ApiError::of_call(e).into_response(), attempts)
         }
     }
 }
@@ -462,7 +462,7 @@ pub(super) async fn count_tokens(
             );
             resp
         }
-        Ok(Err(e)) => ApiError::of_upstream(&e, 1).into_response(),
+        Ok(Err(e)) => ApiError::of_upstream(&e, false).into_response(),
         Err(_) => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout_error",

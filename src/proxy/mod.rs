@@ -20,7 +20,7 @@
 //!   a cached answer is the stored message; the canned text is a message of one text block,
 //!   `stop_reason` `end_turn`, zero usage, with `retry-after` when a hint is known.
 //! * **Errors** the proxy makes use the API's shape (`{"type":"error","error":{...}}`);
-//!   refusals carry `retry-after`; after more than one attempt, `x-should-retry: false`.
+//!   refusals carry `retry-after`; an error that ends the chain, `x-should-retry: false`.
 //!   Upstream errors that end the chain keep the upstream's status, `error.type`, message
 //!   (any API key masked) and request id.
 //! * **Streams** fail over while nothing has reached the client; after the first event, an

@@ -124,7 +124,7 @@ pub(super) async fn messages(
         Err(e) => {
             tracing::debug!(feature = %r.feature, error = %e, "no answer");
             let attempts = tried.load(Ordering::Relaxed);
-            return with_attempts(ApiError::of_call(e, attempts).into_response(), attempts);
+            return with_attempts(ApiError::of_call(e).into_response(), attempts);
         }
     };
     let (a, held) = a;
