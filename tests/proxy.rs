@@ -681,6 +681,32 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
             !body.contains(KEY),
             "the key came back in the error: {body}"
         );
+        // The same with the key as a bearer token (`authorization`, as the official SDKs
+        // send an auth token), no x-api-key.
+        let echo = json!({"type": "error", "error": {"type": "authentication_error",
+            "message": format!("invalid bearer token: {KEY}")}});
+        s.mock.push(
+            PRIMARY,
+            [Reply::Raw {
+                status: 401,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: echo.to_string(),
+            }],
+        );
+        let bearer = Request::post("/v1/messages")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("anthropic-version", "2023-06-01")
+            .body(Body::from(ask(PRIMARY).to_string()))
+            .expect("request");
+        let (resp, bytes) = send(&s.state, bearer).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        assert!(body.contains("invalid bearer token"), "{body}");
+        assert!(
+            !body.contains(KEY),
+            "the bearer token came back in the error: {body}"
+        );
         // A stream failing mid-way (logged by the proxy).
         s.mock
             .push(PRIMARY, [Reply::error_after_start("api_error")]);

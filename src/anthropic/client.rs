@@ -143,6 +143,7 @@ impl ClientBuilder {
                 policy: self.policy,
             }),
             api_key: self.api_key,
+            secret: None,
         })
     }
 }
@@ -161,6 +162,9 @@ pub struct Client {
     http: reqwest::Client,
     shared: Arc<Shared>,
     api_key: Option<ApiKey>,
+    /// A credential sent some other way (the proxy forwards a client's `authorization`
+    /// header), masked in error messages as the API key is.
+    secret: Option<ApiKey>,
 }
 
 /// A successful non-streaming answer.
@@ -191,6 +195,16 @@ impl Client {
     pub fn with_api_key(&self, key: ApiKey) -> Client {
         Client {
             api_key: Some(key),
+            ..self.clone()
+        }
+    }
+
+    /// This client masking `secret` (a credential the caller sends in a header of its own,
+    /// such as a bearer token) in error messages, as it masks its API key.
+    #[cfg(feature = "proxy")]
+    pub(crate) fn masking(&self, secret: ApiKey) -> Client {
+        Client {
+            secret: Some(secret),
             ..self.clone()
         }
     }
@@ -299,7 +313,10 @@ impl Client {
     fn classify(&self, mut e: UpstreamError) -> UpstreamError {
         // An upstream that echoes the key in its error message ("invalid x-api-key: sk-...")
         // must not put it into our error, which callers log.
-        if let Some(key) = self.api_key.as_ref().and_then(|k| k.0.to_str().ok()) {
+        for key in [&self.api_key, &self.secret]
+            .into_iter()
+            .filter_map(|k| k.as_ref().and_then(|k| k.0.to_str().ok()))
+        {
             if !key.is_empty() && e.message.contains(key) {
                 e.message = e.message.replace(key, "***");
             }

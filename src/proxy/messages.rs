@@ -135,6 +135,28 @@ fn forwarded(headers: &HeaderMap) -> (HeaderMap, Option<HeaderValue>, Option<Str
     (forward, api_key, key)
 }
 
+/// The upstream client for a request: sending its `x-api-key`, or masking the bearer token
+/// of its forwarded `authorization` header in error messages (an upstream may echo it).
+fn keyed(
+    client: &crate::anthropic::Client,
+    api_key: Option<HeaderValue>,
+    forward: &HeaderMap,
+) -> crate::anthropic::Client {
+    if let Some(k) = api_key {
+        return client.with_api_key(ApiKey::from_header(k));
+    }
+    let bearer = forward
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
+        .filter(|t| !t.is_empty())
+        .and_then(|t| HeaderValue::from_str(t).ok());
+    match bearer {
+        Some(t) => client.masking(ApiKey::from_header(t)),
+        None => client.clone(),
+    }
+}
+
 impl ProxyState {
     /// The feature of a request: header, path route, model route, default; and whether a
     /// model route picked it.
@@ -218,10 +240,7 @@ impl ProxyState {
                 ))
             })?;
         let (forward, api_key, key) = forwarded(headers);
-        let client = match api_key {
-            Some(k) => self.inner.client.with_api_key(ApiKey::from_header(k)),
-            None => self.inner.client.clone(),
-        };
+        let client = keyed(&self.inner.client, api_key, &forward);
         Ok(Routed {
             feature,
             start,
@@ -438,10 +457,7 @@ pub(super) async fn count_tokens(
         Err(e) => return e.into_response(),
     };
     let (forward, api_key, _) = forwarded(&headers);
-    let client = match api_key {
-        Some(k) => state.inner.client.with_api_key(ApiKey::from_header(k)),
-        None => state.inner.client.clone(),
-    };
+    let client = keyed(&state.inner.client, api_key, &forward);
     let url = state.inner.count_tokens_url.clone();
     let sent = tokio::time::timeout(client.timeout(), async {
         let (resp, _) = client.send_raw(url, &forward, body).await?;
