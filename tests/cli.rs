@@ -382,6 +382,43 @@ fn the_config_file_comes_from_fusebox_config() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("from-env"));
 }
 
+/// A bad `TOKIO_WORKER_THREADS` (tokio panics on it, an empty one too) is an error naming
+/// it for the commands that run on several threads; the others ignore it. Seen before: exit
+/// 101, "panicked" (reported by the bench lane).
+#[test]
+fn a_bad_tokio_worker_threads_is_an_error_naming_it_not_a_panic() {
+    for value in ["", "0", "many"] {
+        let mut child = Command::new(bin())
+            .args(["mock-upstream", "--listen", "127.0.0.1:0"])
+            .env("RUST_BACKTRACE", "0")
+            .env("TOKIO_WORKER_THREADS", value)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let status = wait_bounded(&mut child, &["mock-upstream"]);
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("read stderr");
+        assert!(
+            !status.success() && status.code() != Some(101) && !stderr.contains("panicked"),
+            "TOKIO_WORKER_THREADS={value:?}: exit {status}, stderr:\n{stderr}"
+        );
+        assert!(stderr.contains("TOKIO_WORKER_THREADS"), "{stderr}");
+    }
+    let file = TempToml::new("[features.chat]\n");
+    let mut child = Command::new(bin())
+        .args(["-c", file.path(), "check"])
+        .env("TOKIO_WORKER_THREADS", "")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    assert!(wait_bounded(&mut child, &["check"]).success());
+}
+
 /// Writing to a closed pipe (`fusebox check | head -1`) is an error exit, not a panic.
 #[test]
 fn output_to_a_closed_pipe_is_not_a_panic() {

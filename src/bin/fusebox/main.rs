@@ -211,13 +211,30 @@ fn main() -> ExitCode {
 /// Servers (the proxy, the mock upstream) use every core; the operator commands make a
 /// few store calls on one thread.
 fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = match command {
+    let (mut builder, multi) = match command {
         #[cfg(feature = "server")]
-        Command::MockUpstream(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::MockUpstream(_) => (tokio::runtime::Builder::new_multi_thread(), true),
         #[cfg(feature = "proxy")]
-        Command::Serve { .. } | Command::Demo(_) => tokio::runtime::Builder::new_multi_thread(),
-        _ => tokio::runtime::Builder::new_current_thread(),
+        Command::Serve { .. } | Command::Demo(_) => {
+            (tokio::runtime::Builder::new_multi_thread(), true)
+        }
+        _ => (tokio::runtime::Builder::new_current_thread(), false),
     };
+    // Tokio reads TOKIO_WORKER_THREADS itself and panics on a bad value (an empty one too):
+    // read it here, so that a bad value is an error naming it.
+    if let Some(v) = std::env::var_os("TOKIO_WORKER_THREADS").filter(|_| multi) {
+        match v.to_str().and_then(|v| v.trim().parse::<usize>().ok()) {
+            Some(n) if n >= 1 => {
+                builder.worker_threads(n);
+            }
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "TOKIO_WORKER_THREADS must be a number of threads, 1 or more (it is {v:?}); \
+                     unset it to use one thread per core"
+                )))
+            }
+        }
+    }
     builder.enable_all().build()
 }
 
