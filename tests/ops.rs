@@ -773,6 +773,50 @@ async fn readyz_reports_local_mode_when_redis_is_killed() {
     .await;
 }
 
+/// Redis restarted under the operator's live connection: the first operator read after it
+/// (breaker, in flight, known names, store check, retry budget) and a force answer
+/// from Redis, not "broken pipe" from the dead connection (the proxy's `/readyz?strict`,
+/// `/metrics` and `/admin/*` said local mode once after every Redis restart).
+#[tokio::test]
+async fn the_first_operator_read_after_a_redis_restart_answers_from_redis() {
+    bounded(async {
+        let mut server = RedisServer::start();
+        let s = setup(Some(&server), None).await;
+        let c = &s.coordinator;
+        let reading = c.read_breaker("primary").await.expect("first read");
+        assert_eq!(reading.source, fusebox::Source::Shared);
+
+        server.restart();
+        let reading = c.read_breaker("primary").await;
+        assert!(
+            reading
+                .as_ref()
+                .is_ok_and(|r| r.source == fusebox::Source::Shared),
+            "breaker: {reading:?}"
+        );
+        server.restart();
+        let reading = c.read_in_flight("chat").await;
+        assert!(reading.is_ok(), "in flight: {reading:?}");
+        server.restart();
+        let reading = c.known_names().await;
+        assert!(reading.is_ok(), "known names: {reading:?}");
+        server.restart();
+        let reading = c.check_store().await;
+        assert!(reading.is_ok(), "check: {reading:?}");
+        server.restart();
+        let reading = c.read_retry_budget("primary").await;
+        assert!(reading.is_ok(), "budget: {reading:?}");
+        server.restart();
+        let forced = c.force("primary", fusebox::Force::Open).await;
+        assert!(forced.is_ok(), "force: {forced:?}");
+        assert_eq!(
+            c.read_breaker("primary").await.expect("read").value.state,
+            CircuitState::ForcedOpen
+        );
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // retry budget readings (what /admin/budgets and /metrics show)
 // ---------------------------------------------------------------------------------------------

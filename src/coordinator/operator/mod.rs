@@ -18,7 +18,7 @@ use super::Coordinator;
 use crate::breaker::{BreakerSnapshot, Force, Transition};
 use crate::observer::Event;
 use crate::store::Store;
-use crate::Error;
+use crate::{Error, StoreError};
 
 /// An operator read and the store that answered it.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,10 +101,14 @@ impl Coordinator {
         };
         Ok(Some(match self.shared.operator.get().await? {
             Some(link) => {
-                let now_ms = link.time_ms().await?;
-                let buckets = link.budget_buckets(&key, p.buckets).await?;
+                let (key, p) = (&key, &p);
+                let (now_ms, buckets) = read_retrying(|| async move {
+                    let now_ms = link.time_ms().await?;
+                    Ok((now_ms, link.budget_buckets(key, p.buckets).await?))
+                })
+                .await?;
                 Reading {
-                    value: status(crate::retry::budget::totals(&p, now_ms, buckets)),
+                    value: status(crate::retry::budget::totals(p, now_ms, buckets)),
                     source: Source::Shared,
                     now_ms,
                 }
@@ -129,11 +133,17 @@ impl Coordinator {
     pub async fn read_breaker(&self, target: &str) -> Result<Reading<BreakerSnapshot>, Error> {
         let t = self.shared.target(target)?;
         match self.shared.operator.get().await? {
-            Some(link) => Ok(Reading {
-                value: link.store.snapshot(&t).await?,
-                source: Source::Shared,
-                now_ms: link.time_ms().await?,
-            }),
+            Some(link) => {
+                let t = &t;
+                read_retrying(|| async move {
+                    Ok(Reading {
+                        value: link.store.snapshot(t).await?,
+                        source: Source::Shared,
+                        now_ms: link.time_ms().await?,
+                    })
+                })
+                .await
+            }
             None => Ok(self.embedded(self.shared.tiered.local.snapshot(&t).await?)),
         }
     }
@@ -163,11 +173,17 @@ impl Coordinator {
     pub async fn read_in_flight(&self, feature: &str) -> Result<Reading<u32>, Error> {
         let f = self.shared.feature(feature)?;
         match self.shared.operator.get().await? {
-            Some(link) => Ok(Reading {
-                value: link.store.in_flight(&f.spec).await?,
-                source: Source::Shared,
-                now_ms: link.time_ms().await?,
-            }),
+            Some(link) => {
+                let spec = &f.spec;
+                read_retrying(|| async move {
+                    Ok(Reading {
+                        value: link.store.in_flight(spec).await?,
+                        source: Source::Shared,
+                        now_ms: link.time_ms().await?,
+                    })
+                })
+                .await
+            }
             None => Ok(self.embedded(self.shared.tiered.local.in_flight(&f.spec).await?)),
         }
     }
@@ -182,11 +198,17 @@ impl Coordinator {
     /// this process has used.
     pub async fn known_names(&self) -> Result<Reading<KnownNames>, Error> {
         match self.shared.operator.get().await? {
-            Some(link) => Ok(Reading {
-                value: link.scan_names(&self.shared.namespace).await?,
-                source: Source::Shared,
-                now_ms: link.time_ms().await?,
-            }),
+            Some(link) => {
+                let namespace = &self.shared.namespace;
+                read_retrying(|| async move {
+                    Ok(Reading {
+                        value: link.scan_names(namespace).await?,
+                        source: Source::Shared,
+                        now_ms: link.time_ms().await?,
+                    })
+                })
+                .await
+            }
             None => {
                 let targets = self
                     .shared
@@ -211,11 +233,16 @@ impl Coordinator {
     /// ends before a failing connect can tell why). `Source::Embedded` without Redis.
     pub async fn check_store(&self) -> Result<Reading<()>, Error> {
         match self.shared.operator.get().await? {
-            Some(link) => Ok(Reading {
-                value: (),
-                source: Source::Shared,
-                now_ms: link.time_ms().await?,
-            }),
+            Some(link) => {
+                read_retrying(|| async move {
+                    Ok(Reading {
+                        value: (),
+                        source: Source::Shared,
+                        now_ms: link.time_ms().await?,
+                    })
+                })
+                .await
+            }
             None => Ok(self.embedded(())),
         }
     }
@@ -268,10 +295,17 @@ impl Coordinator {
         let t = self.shared.target(target)?;
         let tr = match self.shared.operator.get().await? {
             Some(link) => {
-                if !create && !known_here && !link.has_state(&t.keys).await? {
+                let keys = &t.keys;
+                if !create
+                    && !known_here
+                    && !read_retrying(|| async move { Ok(link.has_state(keys).await?) }).await?
+                {
                     return Err(Error::UnknownTarget(target.to_owned()));
                 }
-                link.store.force(&t, cmd).await?
+                match link.store.force(&t, cmd).await {
+                    Err(e) if surely_not_sent(&e) => link.store.force(&t, cmd).await?,
+                    r => r?,
+                }
             }
             None => {
                 if !create && !known_here {
@@ -316,5 +350,63 @@ impl OperatorLink {
             .get_or_try_init(|| Link::connect(config))
             .await
             .map(Some)
+    }
+}
+
+/// Runs an operator read, and once more when it failed because the operator's connection
+/// had been dropped (Redis restarted or the connection was cut while idle: the first use
+/// finds it dead, and the connection reconnects after that failure). Reads change nothing,
+/// so repeating one is safe. A timeout is not retried: the read would wait out the bound
+/// twice, and a slow Redis is the answer.
+async fn read_retrying<T, F, Fut>(mut read: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    match read().await {
+        Err(Error::Store(e)) if dropped(&e) => read().await,
+        r => r,
+    }
+}
+
+/// A failure of a connection that was dropped under the operator link (as opposed to a
+/// timeout, a refused credential or a bad reply): refused (nothing listens now, or not yet
+/// again), broken pipe, reset, aborted, closed by the peer.
+fn dropped(e: &StoreError) -> bool {
+    match e {
+        StoreError::Refused(_) => true,
+        StoreError::Connection(m) => {
+            let m = m.to_ascii_lowercase();
+            surely_not_sent(e)
+                || [
+                    "connection reset",
+                    "connection aborted",
+                    "connection closed",
+                    "unexpected end of file",
+                    "unexpected eof",
+                    "not connected",
+                ]
+                .iter()
+                .any(|s| m.contains(s))
+        }
+        _ => false,
+    }
+}
+
+/// A failure that proves a command never reached Redis, so that sending it again cannot
+/// apply it twice (what an operator *write* may be retried on):
+/// * refused: there was no connection to send it on;
+/// * broken pipe (`EPIPE`): the write of the command itself failed, because the peer had
+///   already closed the connection (a restarted Redis); the bytes were not accepted, and a
+///   Redis that closed the connection runs nothing more from it.
+///
+/// A reset or a closed connection is not enough: it may come after the command was written
+/// and run, only its reply lost; a force retried then would report "already in that state"
+/// (no transition) for a command that did change it. Neither is a timeout.
+fn surely_not_sent(e: &StoreError) -> bool {
+    match e {
+        StoreError::Refused(_) => true,
+        StoreError::Connection(m) => m.to_ascii_lowercase().contains("broken pipe"),
+        _ => false,
     }
 }
