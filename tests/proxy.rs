@@ -999,6 +999,80 @@ async fn shutdown_finishes_requests_in_flight_then_stops() {
     .await;
 }
 
+/// A client trickling its request headers, or its body, is cut off after
+/// `server.read_timeout`: the connection closed (headers) or a 408 (body). Seen before (the
+/// adversarial review): both stayed open past 75 s, and 20,000 half-sent requests took a
+/// replica's every file descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_after_the_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(async {
+        let s = setup_with(&Env::Memory, |c| {
+            c.server.read_timeout = Duration::from_secs(1)
+        })
+        .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(fusebox::proxy::serve(listener, s.state.clone(), async {
+            let _ = stopped.await;
+        }));
+        // Headers that never end: the server closes the connection (read returns 0 or a
+        // reset), well before the 20 s this waits.
+        let mut slow = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        slow.write_all(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("writes");
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(20), slow.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the half-sent request's connection is still open: {read:?}"
+        );
+        // A body that stops half-way: a 408 in the API's shape.
+        let mut slow = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\
+             content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\""
+        );
+        slow.write_all(head.as_bytes()).await.expect("writes");
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = slow.read(&mut buf).await?;
+                answer.extend_from_slice(&buf[..n]);
+                if n == 0 || String::from_utf8_lossy(&answer).contains("timeout_error") {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "no answer to the stalled body");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("server.read_timeout"), "{answer}");
+        // A normal request still works.
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", KEY)
+            .body(ask(PRIMARY).to_string())
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        let _ = stop.send(());
+        server.await.expect("joins").expect("served");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_what_outlives_the_grace() {
     bounded(async {

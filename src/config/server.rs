@@ -57,6 +57,12 @@ pub struct ServerConfig {
     /// flushed. 0 s to 10 min. Default: `30s`.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers, and then its whole body;
+    /// past it the connection is closed (headers) or the request gets a 408 in the API's
+    /// error shape (body), so that slow or idle clients cannot hold a replica's connections
+    /// and memory. 1 s to 10 min. Default: `30s`.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +76,7 @@ impl Default for ServerConfig {
             admin_token: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -170,6 +177,12 @@ impl ServerConfig {
             "server.shutdown_grace",
             self.shutdown_grace,
             Duration::ZERO,
+            Duration::from_secs(600),
+        )?;
+        check_range(
+            "server.read_timeout",
+            self.read_timeout,
+            Duration::from_secs(1),
             Duration::from_secs(600),
         )?;
         Ok(())

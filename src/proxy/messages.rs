@@ -1,6 +1,7 @@
 //! `POST /v1/messages` and `POST /v1/messages/count_tokens`.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
@@ -71,7 +72,32 @@ pub(super) fn with_attempts(mut resp: Response, attempts: u32) -> Response {
 }
 
 /// Reads the body, refusing more than `limit` bytes with a 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, ApiError> {
+/// The request body, at most `limit` bytes, arrived within `within` (else a 408: a client
+/// trickling its body must not hold a connection and a buffer for ever).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+    within: Duration,
+) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(within, read_body_unbounded(headers, body, limit)).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout_error",
+            format!(
+                "fusebox: the request body did not arrive within server.read_timeout ({})",
+                humantime_serde::re::humantime::format_duration(within)
+            ),
+        )),
+    }
+}
+
+async fn read_body_unbounded(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -205,7 +231,8 @@ impl ProxyState {
 
     /// Reads and routes a request.
     async fn route(&self, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Routed, ApiError> {
-        let body = read_body(headers, body, self.inner.server.max_body_bytes).await?;
+        let s = &self.inner.server;
+        let body = read_body(headers, body, s.max_body_bytes, s.read_timeout).await?;
         let head = Head::parse(&body)?;
         let (feature, model_routed) = self.feature_of(uri, headers, &head.model)?;
         let plan = self
@@ -452,7 +479,8 @@ pub(super) async fn count_tokens(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let body = match read_body(&headers, body, state.inner.server.max_body_bytes).await {
+    let s = &state.inner.server;
+    let body = match read_body(&headers, body, s.max_body_bytes, s.read_timeout).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };

@@ -38,7 +38,7 @@ pub mod ops;
 pub mod prom;
 mod stream;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,31 +153,81 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for requests cut at the end of the grace to let go of their permits.
 const CUT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Accepts connections until `shutdown`, then waits for the open ones to finish their
+/// request in flight (keep-alive connections close after it).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    read_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(read_timeout)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => break,
+        };
+        let (tcp, _) = match accepted {
+            Ok(a) => a,
+            // A failed accept (out of file descriptors, a connection reset before it was
+            // taken) is not the end of the server: wait a little, as axum's serve does.
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let conn =
+            http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Serves [`app`] on `listener` (TCP_NODELAY on every accepted socket) until `shutdown`
 /// completes; then stops accepting, lets requests in flight finish for up to
 /// `server.shutdown_grace` (streams included), ends those still running (a stream with an
 /// SSE `error` event, a plain request with a 503), so that their permits are released, and
 /// flushes the coordinator's queued settles (at most 5 s). Returns once all that is done.
+///
+/// Each connection is served by hyper's HTTP/1.1 server with a timer, so that a client must
+/// send a request's headers within `server.read_timeout` (axum's own `serve` sets no timer:
+/// a client trickling header lines, or thousands of half-open requests, held connections and
+/// file descriptors for ever, seen by the adversarial review; the body's bound is in the
+/// handler).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ProxyState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let grace = state.inner.server.shutdown_grace;
+    let read_timeout = state.inner.server.read_timeout;
     let coordinator = state.inner.coordinator.clone();
     let inner = Arc::clone(&state.inner);
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let server = accept_loop(listener, app(state), read_timeout, async move {
         shutdown.await;
         let _ = stopping.send(());
     });
-    let server = std::pin::pin!(server.into_future());
+    let server = std::pin::pin!(server);
     let out_of_grace = async move {
         if stopped.await.is_ok() {
             tracing::info!(grace = ?grace, "shutting down: finishing requests in flight");
