@@ -254,6 +254,30 @@ async fn a_dropped_connection_is_interrupted_and_retryable() {
     assert!(e.classification.health == CallOutcome::Failure);
 }
 
+/// A plain answer larger than 64 MiB is refused as an invalid response instead of being
+/// buffered whole (seen before, through the proxy: a 300 MB answer grew it by 300 MB a
+/// request).
+#[tokio::test]
+async fn an_oversized_answer_is_an_invalid_response_not_buffered() {
+    let mock = mock().await;
+    let huge = format!(
+        "{{\"type\":\"message\",\"pad\":\"{}\"}}",
+        "x".repeat(65 * 1024 * 1024)
+    );
+    let e = fail(
+        &mock,
+        "m",
+        Reply::Raw {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: huge,
+        },
+    )
+    .await;
+    assert_eq!(e.kind, UpstreamErrorKind::InvalidResponse, "{e}");
+    assert!(e.message.contains("larger than"), "{e}");
+}
+
 #[tokio::test]
 async fn garbage_and_truncated_bodies_are_classified() {
     let mock = mock().await;

@@ -156,6 +156,10 @@ struct Shared {
     policy: Arc<dyn Policy>,
 }
 
+/// The largest plain answer read from the upstream: 64 MiB (a Messages answer of the
+/// largest output is a few MB).
+pub(crate) const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 /// A Messages API client. Cheap to clone (one connection pool).
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -279,9 +283,7 @@ impl Client {
         &self,
         resp: reqwest::Response,
     ) -> Result<bytes::Bytes, UpstreamError> {
-        resp.bytes()
-            .await
-            .map_err(|e| self.transport(&e, UpstreamErrorKind::Interrupted))
+        self.bytes_capped(resp).await
     }
 
     /// A classified error of `kind` (the proxy's checks of what it forwards).
@@ -397,6 +399,51 @@ impl Client {
         self.classify(e)
     }
 
+    /// A plain answer's body, at most [`MAX_REPLY_BYTES`]: a larger one is an
+    /// `InvalidResponse` (an upstream sending 300 MB grew the proxy by 300 MB a request, seen
+    /// by the adversarial review; a Messages answer is far smaller).
+    async fn bytes_capped(
+        &self,
+        mut resp: reqwest::Response,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        let too_large = || {
+            self.classify(UpstreamError::new(
+                UpstreamErrorKind::InvalidResponse,
+                format!("the upstream's answer is larger than {MAX_REPLY_BYTES} bytes"),
+            ))
+        };
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_REPLY_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        let mut first: Option<bytes::Bytes> = None;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            let chunk = resp
+                .chunk()
+                .await
+                .map_err(|e| self.transport(&e, UpstreamErrorKind::Interrupted))?;
+            let Some(chunk) = chunk else { break };
+            let held = buf.len() + first.as_ref().map_or(0, bytes::Bytes::len);
+            if held + chunk.len() > MAX_REPLY_BYTES {
+                return Err(too_large());
+            }
+            // One chunk (the usual case) is kept as it is, without a copy.
+            match first.take() {
+                None if buf.is_empty() => first = Some(chunk),
+                f => {
+                    if let Some(f) = f {
+                        buf.extend_from_slice(&f);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(first.unwrap_or_else(|| bytes::Bytes::from(buf)))
+    }
+
     /// Sends `req` as a plain (non-streaming) request, whatever its `stream` field says.
     pub async fn send(&self, req: &MessagesRequest) -> Result<Reply, UpstreamError> {
         let timeout = self.shared.timeout;
@@ -404,10 +451,7 @@ impl Client {
             let (resp, headers) = self.send_request(req, false).await?;
             let status = resp.status().as_u16();
             let request_id = headers.request_id.clone();
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| self.transport(&e, UpstreamErrorKind::Interrupted))?;
+            let bytes = self.bytes_capped(resp).await?;
             match serde_json::from_slice::<MessagesResponse>(&bytes) {
                 Ok(message) => Ok(Reply {
                     status,
