@@ -9,6 +9,8 @@ pub mod headers;
 pub mod sse;
 mod types;
 
+/// The error of every call of this module (also at the crate root, `fusebox::UpstreamError`).
+pub use crate::error::{UpstreamError, UpstreamErrorKind};
 pub use client::{
     ApiKey, Client, ClientBuilder, MessageStream, Reply, DEFAULT_BASE_URL, DEFAULT_TIMEOUT,
     DEFAULT_VERSION,

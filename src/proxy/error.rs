@@ -144,6 +144,11 @@ impl ApiError {
         };
         let mut a = ApiError::new(status, error_type, format!("fusebox: {r}"));
         a.retry_after = Some(r.retry_after().unwrap_or(Duration::from_secs(1)));
+        // The refusal is the answer, made at once: an SDK retrying it would sleep out
+        // `retry-after` (an open breaker's whole open period: 30 s of the official SDK
+        // blocked per call, seen by the new-user review) and ask again. The caller has the
+        // `retry-after` to decide with.
+        a.no_retry = true;
         a
     }
 
@@ -305,6 +310,13 @@ mod tests {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok());
             assert_eq!(after, Some(secs.to_string().as_str()), "{r:?}");
+            assert_eq!(
+                resp.headers()
+                    .get("x-should-retry")
+                    .and_then(|v| v.to_str().ok()),
+                Some("false"),
+                "{r:?}: an SDK would sleep out retry-after and ask again"
+            );
         }
     }
 
