@@ -217,6 +217,36 @@ rate = { requests = 100, per = "1m", burst = 20 }
     assert_eq!(run.stderr, "");
 }
 
+/// A chain naming a target that is not under [targets] while a near name is (a letter or
+/// two away) is valid (it runs with the defaults) but most likely a typo: `check` says so,
+/// on stderr (and under "warnings" with --json), and still exits 0. A chain target with no
+/// near name ("opus" here) is taken as meant. Reported by the new-user review: "hiaku"
+/// passed silently.
+#[test]
+fn check_warns_about_a_chain_target_not_under_targets() {
+    let file = TempToml::new(
+        r#"
+[targets.sonnet]
+[targets.haiku]
+
+[features.chat]
+chain = ["sonnet", "hiaku", "opus"]
+"#,
+    );
+    let run = fb(&file, &["check"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("warning") && run.stderr.contains("\"hiaku\""),
+        "{run:#?}"
+    );
+    assert!(run.stderr.contains("\"haiku\" is"), "{run:#?}");
+    assert!(!run.stderr.contains("\"opus\""), "{run:#?}");
+    let (run, json) = fb_json(&file, &["check"]);
+    run.assert_ok();
+    let warnings = json["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{json}");
+}
+
 /// README's commands use `fusebox.example.toml`: it is in the repository, valid, and
 /// embedded (so `status` says the state is not visible from here, and `force` refuses).
 #[test]

@@ -11,7 +11,8 @@ pub(crate) const HELP: &str = "Exit codes:
   4  the shared store could not be read or written (the message names the cause:
      connection refused, authentication, DNS, TLS, timeout, protocol, script)
   5  refused: the command cannot work with this configuration (force without [redis],
-     force on a target neither configured nor known: use --create if that is meant)
+     force on a target neither configured nor known: use --create if that is meant;
+     status NAME with a name neither configured nor known)
   6  status printed everything it could, but some entries could not be read (each is
      marked in the listing with what is wrong, e.g. a stray key of the wrong type)";
 
