@@ -916,6 +916,11 @@ fn server_settings_are_checked_with_the_field_named() {
             "server.shutdown_grace",
             Box::new(|c| c.server.shutdown_grace = Duration::from_secs(3600)),
         ),
+        ("server.threads", Box::new(|c| c.server.threads = Some(0))),
+        (
+            "server.threads",
+            Box::new(|c| c.server.threads = Some(1025)),
+        ),
     ];
     for (field, edit) in cases {
         let mut c = base();
@@ -1198,7 +1203,10 @@ async fn a_cached_answer_serves_when_every_model_fails(env: Env) {
 }
 
 /// `fusebox serve` as a process: `--listen 127.0.0.1:0` prints the real port, the proxy answers
-/// on it through the configured chain, and SIGTERM stops it with exit 0.
+/// on it through the configured chain, and SIGTERM stops it with exit 0. With
+/// `server.threads = 3` it runs two serving threads of its own (`fusebox-serve-N`, Linux), the
+/// connections open at once are spread over the three, and SIGTERM waits for the requests in
+/// flight on every thread: all three are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
     use std::io::BufRead;
@@ -1211,7 +1219,7 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
             &path,
             format!(
                 "[server]\nlisten = \"127.0.0.1:9\"\nupstream = \"{}\"\ndefault_feature = \"chat\"\n\
-                 shutdown_grace = \"5s\"\n\
+                 shutdown_grace = \"5s\"\nthreads = 3\n\
                  [targets.primary]\nmodel = \"{PRIMARY}\"\n[features.chat]\nchain = [\"primary\"]\n",
                 mock.url()
             ),
@@ -1258,11 +1266,45 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
             resp.headers().get("x-fusebox-tier").and_then(|v| v.to_str().ok()),
             Some("primary")
         );
+        #[cfg(target_os = "linux")]
+        {
+            let serving = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+                .expect("/proc/PID/task")
+                .flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("fusebox-serve-"))
+                })
+                .count();
+            assert_eq!(serving, 2, "server.threads = 3: two serving threads of its own");
+        }
+        // Three connections at once, their requests in flight when SIGTERM comes.
+        mock.set(PRIMARY, Plan::answer().latency(Duration::from_millis(400)));
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let url = format!("http://{addr}/v1/messages");
+                tokio::spawn(async move {
+                    reqwest::Client::new()
+                        .post(&url)
+                        .header("x-api-key", KEY)
+                        .body(ask(PRIMARY).to_string())
+                        .send()
+                        .await
+                })
+            })
+            .collect();
+        while mock.in_flight(PRIMARY) < 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let status = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success());
+        for call in calls {
+            let resp = call.await.expect("joins").expect("answered across the shutdown");
+            assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        }
         let out = tokio::task::spawn_blocking(move || child.wait_with_output())
             .await
             .expect("joins")

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::headers::ResponseHeaders;
 use super::sse::{MessageStreamDecoder, StreamError, StreamEvent};
@@ -21,6 +21,9 @@ pub const DEFAULT_VERSION: &str = "2023-06-01";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most bytes of an error body read (a bigger one is cut there).
 const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The API key header (a constant: not parsed per request).
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// An API key. Its `Debug` never shows it, and its header is marked sensitive (HTTP/2 never
 /// indexes it, and `Debug` of the header map hides it).
@@ -221,7 +224,7 @@ impl Client {
     fn request(&self, req: &MessagesRequest, stream: bool) -> reqwest::RequestBuilder {
         let mut headers = self.shared.fixed.clone();
         if let Some(key) = &self.api_key {
-            headers.insert("x-api-key", key.0.clone());
+            headers.insert(X_API_KEY, key.0.clone());
         }
         let body = if req.is_stream() == stream {
             serde_json::to_vec(req)
@@ -256,7 +259,7 @@ impl Client {
             all.insert(name, value.clone());
         }
         if let Some(key) = &self.api_key {
-            all.insert("x-api-key", key.0.clone());
+            all.insert(X_API_KEY, key.0.clone());
         }
         all.insert(
             http::header::CONTENT_TYPE,

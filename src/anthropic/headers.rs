@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// The longest wait a `retry-after` / `retry-after-ms` value is read as: one day. Larger
 /// values (`1e12`, a date years ahead) are clamped to it; the retry configuration caps the
@@ -256,8 +256,32 @@ impl ResponseHeaders {
     pub fn parse(headers: &HeaderMap, now: SystemTime) -> Self {
         let mut out = ResponseHeaders::default();
         let mut problems = Vec::new();
-        let mut read = |name: &str| -> Option<String> {
-            let v = headers.get(name)?;
+        // One pass over the headers (the first value of each name), comparing names as
+        // strings: no header name is parsed or hashed per response (this runs on every
+        // answer the proxy forwards).
+        const FIXED: [&str; 4] = [
+            "request-id",
+            "retry-after-ms",
+            "retry-after",
+            "x-should-retry",
+        ];
+        let mut found: [Option<&HeaderValue>; 4 + RATE_LIMIT_HEADERS.len()] =
+            [None; 4 + RATE_LIMIT_HEADERS.len()];
+        for (name, value) in headers {
+            let n = name.as_str();
+            let at = match n.strip_prefix("anthropic-ratelimit-") {
+                Some(_) => RATE_LIMIT_HEADERS
+                    .iter()
+                    .position(|h| *h == n)
+                    .map(|i| i + 4),
+                None => FIXED.iter().position(|h| *h == n),
+            };
+            if let Some(slot) = at.and_then(|i| found.get_mut(i)) {
+                slot.get_or_insert(value);
+            }
+        }
+        let mut read = |i: usize, name: &str| -> Option<String> {
+            let v = found.get(i).copied().flatten()?;
             match v.to_str() {
                 Ok(s) => Some(s.to_owned()),
                 Err(_) => {
@@ -268,19 +292,21 @@ impl ResponseHeaders {
                 }
             }
         };
-        out.request_id = read("request-id").map(|s| s.chars().take(MAX_KEPT).collect());
-        let ms = read("retry-after-ms");
-        let secs = read("retry-after");
-        let should = read("x-should-retry");
+        out.request_id = read(0, FIXED[0]).map(|s| s.chars().take(MAX_KEPT).collect());
+        let ms = read(1, FIXED[1]);
+        let secs = read(2, FIXED[2]);
+        let should = read(3, FIXED[3]);
         let mut families = [
             ("requests", RateLimit::default()),
             ("tokens", RateLimit::default()),
             ("input-tokens", RateLimit::default()),
             ("output-tokens", RateLimit::default()),
         ];
-        // Static names, in `families` order: no name is formatted per response (this runs
-        // on every answer the proxy forwards).
-        let raw = RATE_LIMIT_HEADERS.map(|name| read(name).map(|v| (name, v)));
+        let mut i = 3;
+        let raw = RATE_LIMIT_HEADERS.map(|name| {
+            i += 1;
+            read(i, name).map(|v| (name, v))
+        });
 
         if let Some(v) = ms {
             match parse_retry_after_ms(&v) {

@@ -24,6 +24,8 @@ pub const DEFAULT_FEATURE_HEADER: &str = "x-fusebox-feature";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 /// The largest `max_body_bytes` allowed: 256 MiB.
 const MAX_BODY_LIMIT: u64 = 256 * 1024 * 1024;
+/// Most `server.threads`.
+const MAX_THREADS: u16 = 1024;
 
 /// The proxy's settings (`[server]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +65,12 @@ pub struct ServerConfig {
     /// and memory. 1 s to 10 min. Default: `30s`.
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// How many threads serve connections. Each connection is served from start to end on
+    /// one thread of its own runtime (the listener hands it to the thread with the fewest
+    /// open connections), so that a request never waits for a wake-up from another thread.
+    /// 1 to 1024. Default: one per core (`TOKIO_WORKER_THREADS`, when set, for `fusebox
+    /// serve`).
+    pub threads: Option<u16>,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +85,7 @@ impl Default for ServerConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: Duration::from_secs(30),
             read_timeout: Duration::from_secs(30),
+            threads: None,
         }
     }
 }
@@ -107,6 +116,14 @@ impl ServerConfig {
     pub(super) fn validate(&self, features: &dyn Fn(&str) -> bool) -> Result<(), Error> {
         self.listen_addr()?;
         check_upstream(&self.upstream)?;
+        if let Some(n) = self.threads {
+            if !(1..=MAX_THREADS).contains(&n) {
+                return Err(Error::config(
+                    "server.threads",
+                    format!("{n} is out of range: 1 to {MAX_THREADS} threads (or leave it out: one per core)"),
+                ));
+            }
+        }
         if let Some(f) = &self.default_feature {
             if !features(f) {
                 return Err(Error::config(

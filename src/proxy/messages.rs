@@ -67,7 +67,7 @@ pub(super) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> 
 /// `x-fusebox-attempts` on an answer without a body from the chain (an error).
 pub(super) fn with_attempts(mut resp: Response, attempts: u32) -> Response {
     resp.headers_mut()
-        .insert("x-fusebox-attempts", HeaderValue::from(attempts));
+        .insert(X_ATTEMPTS, HeaderValue::from(attempts));
     resp
 }
 
@@ -267,7 +267,7 @@ impl ProxyState {
                 ))
             })?;
         let (forward, api_key, key) = forwarded(headers);
-        let client = keyed(&self.inner.client, api_key, &forward);
+        let client = keyed(&self.client, api_key, &forward);
         Ok(Routed {
             feature,
             start,
@@ -416,6 +416,13 @@ fn answer(a: Answered<Fresh>, r: &Routed) -> Response {
     resp
 }
 
+/// The `x-fusebox-*` header names (constants: no name is parsed per response).
+const X_MODEL: HeaderName = HeaderName::from_static("x-fusebox-model");
+const X_TARGET: HeaderName = HeaderName::from_static("x-fusebox-target");
+const X_TIER: HeaderName = HeaderName::from_static("x-fusebox-tier");
+pub(super) const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-fusebox-attempts");
+const X_DEGRADED: HeaderName = HeaderName::from_static("x-fusebox-degraded");
+
 /// Sets the `x-fusebox-*` headers.
 pub(super) fn mark(
     h: &mut HeaderMap,
@@ -426,18 +433,18 @@ pub(super) fn mark(
     degraded: bool,
 ) {
     if let Some(v) = model.as_deref().and_then(|m| HeaderValue::from_str(m).ok()) {
-        h.insert("x-fusebox-model", v);
+        h.insert(X_MODEL, v);
     }
     if let Some(v) = target
         .as_deref()
         .and_then(|m| HeaderValue::from_str(m).ok())
     {
-        h.insert("x-fusebox-target", v);
+        h.insert(X_TARGET, v);
     }
-    h.insert("x-fusebox-tier", HeaderValue::from_static(tier.as_str()));
-    h.insert("x-fusebox-attempts", HeaderValue::from(attempts));
+    h.insert(X_TIER, HeaderValue::from_static(tier.as_str()));
+    h.insert(X_ATTEMPTS, HeaderValue::from(attempts));
     h.insert(
-        "x-fusebox-degraded",
+        X_DEGRADED,
         HeaderValue::from_static(if degraded { "true" } else { "false" }),
     );
 }
@@ -485,7 +492,7 @@ pub(super) async fn count_tokens(
         Err(e) => return e.into_response(),
     };
     let (forward, api_key, _) = forwarded(&headers);
-    let client = keyed(&state.inner.client, api_key, &forward);
+    let client = keyed(&state.client, api_key, &forward);
     let url = state.inner.count_tokens_url.clone();
     let sent = tokio::time::timeout(client.timeout(), async {
         let (resp, _) = client.send_raw(url, &forward, body).await?;

@@ -39,6 +39,7 @@ pub mod prom;
 mod stream;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,11 +51,14 @@ use crate::anthropic::Client;
 use crate::config::ServerConfig;
 use crate::{Coordinator, Error};
 
-/// The proxy's state: the coordinator, the `[server]` settings and the one upstream client
-/// (one connection pool, keep-alive, TCP_NODELAY). Cheap to clone.
+/// The proxy's state: the coordinator, the `[server]` settings and an upstream client (one
+/// connection pool, keep-alive, TCP_NODELAY; each serving thread has a client of its own, so
+/// that a request's upstream connection is driven by the thread that serves it). Cheap to
+/// clone.
 #[derive(Debug, Clone)]
 pub struct ProxyState {
     inner: Arc<Inner>,
+    client: Client,
     /// What `/metrics` renders of the `metrics` facade ([`prom`]); `None`: gauges only.
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -63,13 +67,19 @@ pub struct ProxyState {
 struct Inner {
     coordinator: Coordinator,
     server: ServerConfig,
-    client: Client,
     messages_url: reqwest::Url,
     count_tokens_url: reqwest::Url,
     feature_header: HeaderName,
     /// Set when the shutdown grace ran out: requests still in flight end at once (each holds
     /// a receiver, so the receiver count is the number still running).
     cut: tokio::sync::watch::Sender<bool>,
+}
+
+/// The upstream client of `server`.
+fn upstream_client(server: &ServerConfig) -> Result<Client, Error> {
+    Client::builder()
+        .base_url(server.upstream.trim_end_matches('/'))
+        .build()
 }
 
 impl ProxyState {
@@ -83,20 +93,29 @@ impl ProxyState {
         };
         let messages_url = url("/v1/messages")?;
         let count_tokens_url = url("/v1/messages/count_tokens")?;
-        let client = Client::builder().base_url(base).build()?;
+        let client = upstream_client(&server)?;
         let feature_header = HeaderName::from_bytes(server.feature_header.as_bytes())
             .map_err(|_| Error::config("server.feature_header", "not a header name"))?;
         Ok(ProxyState {
             inner: Arc::new(Inner {
                 coordinator,
                 server,
-                client,
                 messages_url,
                 count_tokens_url,
                 feature_header,
                 cut: tokio::sync::watch::Sender::new(false),
             }),
+            client,
             metrics: None,
+        })
+    }
+
+    /// This state with an upstream client (and connection pool) of its own, for another
+    /// serving thread.
+    fn for_thread(&self) -> Result<Self, Error> {
+        Ok(ProxyState {
+            client: upstream_client(&self.inner.server)?,
+            ..self.clone()
         })
     }
 
@@ -153,21 +172,115 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for requests cut at the end of the grace to let go of their permits.
 const CUT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Accepts connections until `shutdown`, then waits for the open ones to finish their
-/// request in flight (keep-alive connections close after it).
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    read_timeout: Duration,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
+/// The HTTP/1.1 server of one connection: a client must send a request's headers within
+/// `read_timeout`.
+fn http1(read_timeout: Duration) -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(read_timeout)
         .keep_alive(true);
+    http
+}
+
+/// Serves one accepted connection on the current runtime until it closes (or, once a
+/// graceful shutdown began, after its request in flight).
+fn spawn_connection(
+    http: &hyper::server::conn::http1::Builder,
+    router: &axum::Router,
+    tcp: tokio::net::TcpStream,
+    watcher: hyper_util::server::graceful::Watcher,
+    open: Arc<AtomicUsize>,
+) {
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
+    let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone()));
+    let conn = watcher.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// An accepted connection on its way to the thread that serves it.
+type Handoff = (std::net::TcpStream, hyper_util::server::graceful::Watcher);
+
+/// A serving thread: its own single-threaded runtime, its own upstream client, and the
+/// connections the accept loop hands it.
+struct Worker {
+    /// `None` for the accept loop's own runtime.
+    handoff: Option<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+    open: Arc<AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start(i: usize, state: ProxyState, read_timeout: Duration) -> std::io::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+        let open = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&open);
+        let thread = std::thread::Builder::new()
+            .name(format!("fusebox-serve-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let http = http1(read_timeout);
+                    let router = app(state);
+                    while let Some((tcp, watcher)) = rx.recv().await {
+                        match tokio::net::TcpStream::from_std(tcp) {
+                            Ok(tcp) => {
+                                spawn_connection(&http, &router, tcp, watcher, Arc::clone(&count))
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot serve an accepted connection");
+                                count.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+                // Dropping the runtime ends what still runs on it (the shutdown's cut has
+                // ended the requests by then); their permits go back to the coordinator.
+            })?;
+        Ok(Worker {
+            handoff: Some(tx),
+            open,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// How many threads serve connections: `server.threads`, else one per core.
+fn thread_count(server: &ServerConfig) -> usize {
+    match server.threads {
+        Some(n) => usize::from(n.max(1)),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    }
+}
+
+/// Accepts connections until `shutdown`, handing each to the serving thread with the fewest
+/// open connections (the accept loop's own runtime first); then waits for the open ones to
+/// finish their request in flight (keep-alive connections close after it).
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    state: ProxyState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let read_timeout = state.inner.server.read_timeout;
+    let http = http1(read_timeout);
+    let mut workers = vec![Worker {
+        handoff: None,
+        open: Arc::new(AtomicUsize::new(0)),
+        thread: None,
+    }];
+    for i in 1..thread_count(&state.inner.server) {
+        let state = state.for_thread().map_err(std::io::Error::other)?;
+        workers.push(Worker::start(i, state, read_timeout)?);
+    }
+    let router = app(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -188,18 +301,51 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let conn =
-            http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(router.clone()));
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        let Some(w) = workers
+            .iter()
+            .min_by_key(|w| w.open.load(Ordering::Relaxed))
+        else {
+            break;
+        };
+        w.open.fetch_add(1, Ordering::Relaxed);
+        let watcher = graceful.watcher();
+        match &w.handoff {
+            None => spawn_connection(&http, &router, tcp, watcher, Arc::clone(&w.open)),
+            Some(tx) => {
+                let sent = tcp.into_std().map(|tcp| tx.send((tcp, watcher)));
+                if !matches!(sent, Ok(Ok(()))) {
+                    tracing::warn!("a serving thread is gone: connection dropped");
+                    w.open.fetch_sub(1, Ordering::Relaxed);
+                }
             }
-        });
+        }
     }
     drop(listener);
     graceful.shutdown().await;
+    stop_workers(workers).await;
     Ok(())
+}
+
+/// Closes the serving threads' hand-off channels and waits for the threads to end.
+async fn stop_workers(workers: Vec<Worker>) {
+    let threads: Vec<_> = workers
+        .into_iter()
+        .filter_map(|mut w| {
+            w.handoff.take();
+            w.thread.take()
+        })
+        .collect();
+    if threads.is_empty() {
+        return;
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a serving thread panicked");
+            }
+        }
+    });
+    let _ = joined.await;
 }
 
 /// Serves [`app`] on `listener` (TCP_NODELAY on every accepted socket) until `shutdown`
@@ -213,17 +359,25 @@ async fn accept_loop(
 /// a client trickling header lines, or thousands of half-open requests, held connections and
 /// file descriptors for ever, seen by the adversarial review; the body's bound is in the
 /// handler).
+///
+/// Connections are served on `server.threads` threads (default: one per core): this task's
+/// runtime and one thread of the proxy's own per further thread (`fusebox-serve-N`), each
+/// with a single-threaded runtime and an upstream client of its own. A connection stays on
+/// the thread that took it (the one with the fewest open connections), so the HTTP work of
+/// a request, in and out, never waits for a wake-up from another thread: on a 2-core machine
+/// this took the proxy from about 105 to 75 µs of CPU per request (README "Measured"). The
+/// coordinator's background work (its Redis connection, batching, settles) stays on the
+/// runtime it was built on.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ProxyState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let grace = state.inner.server.shutdown_grace;
-    let read_timeout = state.inner.server.read_timeout;
     let coordinator = state.inner.coordinator.clone();
     let inner = Arc::clone(&state.inner);
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = accept_loop(listener, app(state), read_timeout, async move {
+    let server = accept_loop(listener, state, async move {
         shutdown.await;
         let _ = stopping.send(());
     });

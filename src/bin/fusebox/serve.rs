@@ -12,6 +12,13 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
     if let Some(l) = listen {
         config.server.listen = l.to_owned();
     }
+    // TOKIO_WORKER_THREADS (checked when the runtime was built) when server.threads is unset.
+    if config.server.threads.is_none() {
+        config.server.threads = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u16>().ok())
+            .map(|n| n.clamp(1, 1024));
+    }
     let addr = config.server.listen_addr().map_err(|e| {
         Failure::config(match listen {
             Some(_) => format!("--listen: {e}"),
