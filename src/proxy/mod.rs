@@ -267,19 +267,10 @@ fn thread_count(server: &ServerConfig) -> usize {
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     state: ProxyState,
+    workers: &[Worker],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let read_timeout = state.inner.server.read_timeout;
-    let http = http1(read_timeout);
-    let mut workers = vec![Worker {
-        handoff: None,
-        open: Arc::new(AtomicUsize::new(0)),
-        thread: None,
-    }];
-    for i in 1..thread_count(&state.inner.server) {
-        let state = state.for_thread().map_err(std::io::Error::other)?;
-        workers.push(Worker::start(i, state, read_timeout)?);
-    }
+    let http = http1(state.inner.server.read_timeout);
     let router = app(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -322,8 +313,23 @@ async fn accept_loop(
     }
     drop(listener);
     graceful.shutdown().await;
-    stop_workers(workers).await;
     Ok(())
+}
+
+/// The serving threads of `state`: the caller's runtime first (no thread of its own), then
+/// one started thread per further `server.threads`.
+fn start_workers(state: &ProxyState) -> std::io::Result<Vec<Worker>> {
+    let mut workers = vec![Worker {
+        handoff: None,
+        open: Arc::new(AtomicUsize::new(0)),
+        thread: None,
+    }];
+    let read_timeout = state.inner.server.read_timeout;
+    for i in 1..thread_count(&state.inner.server) {
+        let state = state.for_thread().map_err(std::io::Error::other)?;
+        workers.push(Worker::start(i, state, read_timeout)?);
+    }
+    Ok(workers)
 }
 
 /// Closes the serving threads' hand-off channels and waits for the threads to end.
@@ -377,35 +383,41 @@ pub async fn serve(
     let coordinator = state.inner.coordinator.clone();
     let inner = Arc::clone(&state.inner);
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = accept_loop(listener, state, async move {
-        shutdown.await;
-        let _ = stopping.send(());
-    });
-    let server = std::pin::pin!(server);
-    let out_of_grace = async move {
-        if stopped.await.is_ok() {
-            tracing::info!(grace = ?grace, "shutting down: finishing requests in flight");
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    let result = tokio::select! {
-        r = server => r,
-        () = out_of_grace => {
-            let running = inner.cut.receiver_count();
-            tracing::warn!(grace = ?grace, running, "shutdown grace ran out: ending requests still in flight");
-            inner.cut.send_replace(true);
-            let until = tokio::time::Instant::now() + CUT_TIMEOUT;
-            while inner.cut.receiver_count() > 0 && tokio::time::Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    let workers = start_workers(&state)?;
+    let result = {
+        let server = accept_loop(listener, state, &workers, async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        });
+        let server = std::pin::pin!(server);
+        let out_of_grace = async move {
+            if stopped.await.is_ok() {
+                tracing::info!(grace = ?grace, "shutting down: finishing requests in flight");
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
             }
-            Ok(())
+        };
+        tokio::select! {
+            r = server => r,
+            () = out_of_grace => {
+                let running = inner.cut.receiver_count();
+                tracing::warn!(grace = ?grace, running, "shutdown grace ran out: ending requests still in flight");
+                inner.cut.send_replace(true);
+                let until = tokio::time::Instant::now() + CUT_TIMEOUT;
+                while inner.cut.receiver_count() > 0 && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(())
+            }
         }
     };
+    // The serving threads' runtimes still run while the settles are flushed: a connection
+    // (to Redis, to the cache's pool) that a call on one of them opened is driven there.
     let report = coordinator.flush(FLUSH_TIMEOUT).await;
     if !report.is_complete() {
         tracing::warn!(?report, "not every queued settle reached the store");
     }
+    stop_workers(workers).await;
     result
 }
