@@ -371,7 +371,7 @@ async fn stop_workers(workers: Vec<Worker>) {
 /// with a single-threaded runtime and an upstream client of its own. A connection stays on
 /// the thread that took it (the one with the fewest open connections), so the HTTP work of
 /// a request, in and out, never waits for a wake-up from another thread: on a 2-core machine
-/// this took the proxy from about 105 to 75 µs of CPU per request (README "Measured"). The
+/// this took the proxy from 100–107 to 83 µs of CPU per request (README "Measured"). The
 /// coordinator's background work (its Redis connection, batching, settles) stays on the
 /// runtime it was built on.
 pub async fn serve(
