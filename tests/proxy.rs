@@ -1318,6 +1318,97 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
     .await;
 }
 
+/// An upstream that cannot be reached is logged with its cause, although the client gets a
+/// canned 200: seen by the new-user review (`upstream = "https://api.anthropic.com"` with no
+/// network answered "busy" and logged only the breaker opening).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_logged_with_its_cause() {
+    use std::io::BufRead;
+    bounded(async {
+        // A port nothing listens on: bound, then closed.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let dir = std::env::temp_dir().join(support::unique_name("serve-unreachable"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("fusebox.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://{closed}\"\n\
+                 default_feature = \"chat\"\nthreads = 1\n\
+                 [targets.primary]\nmodel = \"{PRIMARY}\"\n\
+                 [features.chat]\nchain = [\"primary\"]\ncanned = {{ text = \"busy\" }}\n"
+            ),
+        )
+        .expect("config written");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
+            .arg("-c")
+            .arg(&path)
+            .arg("serve")
+            .env_remove("FUSEBOX_LISTEN")
+            .env_remove("FUSEBOX_UPSTREAM")
+            .env_remove("FUSEBOX_REDIS_URL")
+            .env_remove("TOKIO_WORKER_THREADS")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("fusebox serve starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            line
+        })
+        .await
+        .expect("joins");
+        let addr = line
+            .trim()
+            .rsplit("listening on ")
+            .next()
+            .filter(|_| line.contains("listening on "))
+            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+            .to_owned();
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/messages"))
+            .header("x-api-key", KEY)
+            .body(ask(PRIMARY).to_string())
+            .send()
+            .await
+            .expect("the proxy answers");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(
+            resp.headers()
+                .get("x-fusebox-tier")
+                .and_then(|v| v.to_str().ok()),
+            Some("canned")
+        );
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("joins")
+            .expect("exits");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let failed: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("upstream attempt failed"))
+            .collect();
+        assert!(!failed.is_empty(), "no attempt failure logged:\n{stderr}");
+        assert!(
+            failed
+                .iter()
+                .all(|l| l.contains("primary") && l.contains("connect")),
+            "the target and the cause: {failed:?}"
+        );
+        assert!(!stderr.contains(KEY), "the key is in the logs");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
 /// A stream that fails after its first event is counted as such (the attempt itself was
 /// answered): `fusebox_stream_failures_total{feature, target, class}`.
 #[test]

@@ -25,7 +25,7 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 /// The largest `max_body_bytes` allowed: 256 MiB.
 const MAX_BODY_LIMIT: u64 = 256 * 1024 * 1024;
 /// Most `server.threads`.
-const MAX_THREADS: u16 = 1024;
+const MAX_THREADS: u32 = 1024;
 
 /// The proxy's settings (`[server]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,9 +68,9 @@ pub struct ServerConfig {
     /// How many threads serve connections. Each connection is served from start to end on
     /// one thread of its own runtime (the listener hands it to the thread with the fewest
     /// open connections), so that a request never waits for a wake-up from another thread.
-    /// 1 to 1024. Default: one per core (`TOKIO_WORKER_THREADS`, when set, for `fusebox
-    /// serve`).
-    pub threads: Option<u16>,
+    /// 1 to 1024. Default: one per core (for `fusebox serve`, `TOKIO_WORKER_THREADS` when
+    /// set; this field wins over it).
+    pub threads: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +102,14 @@ impl ServerConfig {
                 ),
             )
         })
+    }
+
+    /// How many threads serve connections: `threads`, else one per core.
+    pub fn serving_threads(&self) -> usize {
+        match self.threads {
+            Some(n) => usize::try_from(n.max(1)).unwrap_or(1),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
     }
 
     /// A copy with the admin token replaced by `***` (for printing).

@@ -399,6 +399,14 @@ impl Coordinator {
                     Err(_) => {
                         let timeout = Some("timeout");
                         metrics::attempt_ended(feature, &t.name, sent.elapsed(), timeout);
+                        // The caller may see only a fallback or degraded answer: say why.
+                        tracing::warn!(
+                            target: "fusebox",
+                            feature = %feature,
+                            breaker.target = %t.name,
+                            timeout_ms = timeout_ms(t.timeout.min(plan.deadline)),
+                            "attempt timed out"
+                        );
                         attempt.record(CallOutcome::Failure);
                         Class::Retryable { retry_after: None }
                     }
@@ -515,4 +523,9 @@ impl Coordinator {
             attempts,
         });
     }
+}
+
+/// A duration in whole milliseconds, for logs.
+fn timeout_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -342,22 +342,31 @@ async fn plain(state: ProxyState, r: Routed) -> Response {
         let body = body::for_target(&r.body, &r.head.model, t);
         let client = &r.client;
         let forward = &r.forward;
+        let feature = r.feature.as_str();
+        let target = t.name.clone();
         async move {
-            let (resp, _) = client.send_raw(url.clone(), forward, body).await?;
-            let status = resp.status();
-            let headers = passback(resp.headers());
-            let body = client.read_body(resp).await?;
-            if !body::is_object(&body) {
-                return Err(client.failed(
-                    crate::UpstreamErrorKind::InvalidResponse,
-                    format!("{status} with a body that is not a JSON object"),
-                ));
+            let sent = async {
+                let (resp, _) = client.send_raw(url.clone(), forward, body).await?;
+                let status = resp.status();
+                let headers = passback(resp.headers());
+                let body = client.read_body(resp).await?;
+                if !body::is_object(&body) {
+                    return Err(client.failed(
+                        crate::UpstreamErrorKind::InvalidResponse,
+                        format!("{status} with a body that is not a JSON object"),
+                    ));
+                }
+                Ok(Fresh {
+                    status,
+                    headers,
+                    body,
+                })
             }
-            Ok(Fresh {
-                status,
-                headers,
-                body,
-            })
+            .await;
+            if let Err(e) = &sent {
+                attempt_failed(feature, &target, e);
+            }
+            sent
         }
     };
     let classify = |e: &UpstreamError| e.classification;
@@ -377,6 +386,19 @@ async fn plain(state: ProxyState, r: Routed) -> Response {
             with_attempts(ApiError::of_call(e).into_response(), attempts)
         }
     }
+}
+
+/// Logs an attempt's failure: the client may see only a fallback or degraded answer, and an
+/// operator must be able to tell a wrong upstream URL from an overloaded model. The message
+/// has any API key masked ([`crate::anthropic::Client`] masks it).
+pub(super) fn attempt_failed(feature: &str, target: &str, e: &UpstreamError) {
+    tracing::warn!(
+        target: "fusebox",
+        feature = %feature,
+        breaker.target = %target,
+        error = %e,
+        "upstream attempt failed"
+    );
 }
 
 /// The response of an answer.

@@ -253,14 +253,6 @@ impl Worker {
     }
 }
 
-/// How many threads serve connections: `server.threads`, else one per core.
-fn thread_count(server: &ServerConfig) -> usize {
-    match server.threads {
-        Some(n) => usize::from(n.max(1)),
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    }
-}
-
 /// Accepts connections until `shutdown`, handing each to the serving thread with the fewest
 /// open connections (the accept loop's own runtime first); then waits for the open ones to
 /// finish their request in flight (keep-alive connections close after it).
@@ -325,7 +317,7 @@ fn start_workers(state: &ProxyState) -> std::io::Result<Vec<Worker>> {
         thread: None,
     }];
     let read_timeout = state.inner.server.read_timeout;
-    for i in 1..thread_count(&state.inner.server) {
+    for i in 1..state.inner.server.serving_threads() {
         let state = state.for_thread().map_err(std::io::Error::other)?;
         workers.push(Worker::start(i, state, read_timeout)?);
     }

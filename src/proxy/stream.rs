@@ -111,7 +111,15 @@ pub(super) async fn messages(
     let call = |t: &ChainTarget, n: u32| {
         tried.fetch_max(n, Ordering::Relaxed);
         let body = body::for_target(&r.body, &r.head.model, t);
-        start(&r.client, url.clone(), &r.forward, body, t.timeout)
+        let started = start(&r.client, url.clone(), &r.forward, body, t.timeout);
+        let (feature, target) = (r.feature.as_str(), t.name.clone());
+        async move {
+            let r = started.await;
+            if let Err(e) = &r {
+                super::messages::attempt_failed(feature, &target, e);
+            }
+            r
+        }
     };
     let classify = |e: &UpstreamError| e.classification;
     let result = tokio::select! {

@@ -105,6 +105,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the Anthropic-compatible proxy (`POST /v1/messages`) until SIGTERM or Ctrl-C.
     /// Prints `fusebox serve: listening on ADDR` once bound; logs go to stderr (`RUST_LOG`).
+    /// Serves on `[server] threads` threads (default one per core, or TOKIO_WORKER_THREADS).
     #[cfg(feature = "proxy")]
     Serve {
         /// Listen address (`host:port`; port 0 picks one), over `server.listen` and

@@ -12,12 +12,19 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
     if let Some(l) = listen {
         config.server.listen = l.to_owned();
     }
-    // TOKIO_WORKER_THREADS (checked when the runtime was built) when server.threads is unset.
+    // TOKIO_WORKER_THREADS when server.threads is unset (the file wins, as it says).
     if config.server.threads.is_none() {
-        config.server.threads = std::env::var("TOKIO_WORKER_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<u16>().ok())
-            .map(|n| n.clamp(1, 1024));
+        if let Ok(v) = std::env::var("TOKIO_WORKER_THREADS") {
+            match v.trim().parse::<u32>() {
+                Ok(n) if (1..=1024).contains(&n) => config.server.threads = Some(n),
+                _ => {
+                    return Err(Failure::config(format!(
+                        "TOKIO_WORKER_THREADS: {v:?} is not a number of serving threads, 1 to \
+                         1024 (or set [server] threads, which wins over it)"
+                    )))
+                }
+            }
+        }
     }
     let addr = config.server.listen_addr().map_err(|e| {
         Failure::config(match listen {
@@ -26,6 +33,7 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
         })
     })?;
     let server = config.server.clone();
+    let config_threads = server.serving_threads();
     let coordinator = Coordinator::new(config)
         .await
         .map_err(|e| Failure::config(e.to_string()))?;
@@ -50,7 +58,12 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
         .map_err(|e| Failure::internal(format!("cannot read the listen address: {e}")))?;
     // The line scripts wait for (with the real port when --listen asked for port 0).
     crate::print(&format!("fusebox serve: listening on {bound}\n"))?;
-    tracing::info!(listen = %bound, upstream = %server.upstream, "serving");
+    tracing::info!(
+        listen = %bound,
+        upstream = %server.upstream,
+        threads = config_threads,
+        "serving"
+    );
     serve(listener, state, shutdown_signal())
         .await
         .map_err(|e| Failure::internal(format!("server failed: {e}")))?;
