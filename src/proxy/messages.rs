@@ -64,6 +64,10 @@ pub(super) async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> 
     .into_response()
 }
 
+/// Request bodies up to this size are parsed on the serving thread; larger ones on the
+/// blocking pool.
+const PARSE_INLINE_BYTES: usize = 256 * 1024;
+
 /// `x-fusebox-attempts` on an answer without a body from the chain (an error).
 pub(super) fn with_attempts(mut resp: Response, attempts: u32) -> Response {
     resp.headers_mut()
@@ -233,7 +237,18 @@ impl ProxyState {
     async fn route(&self, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Routed, ApiError> {
         let s = &self.inner.server;
         let body = read_body(headers, body, s.max_body_bytes, s.read_timeout).await?;
-        let head = Head::parse(&body)?;
+        let head = if body.len() > PARSE_INLINE_BYTES {
+            // A large body is read off the serving thread, whose other connections would
+            // wait for it (a 30 MB body takes tens of milliseconds).
+            let b = body.clone();
+            tokio::task::spawn_blocking(move || Head::parse(&b))
+                .await
+                .map_err(|e| {
+                    ApiError::invalid(format!("fusebox: the body could not be read: {e}"))
+                })??
+        } else {
+            Head::parse(&body)?
+        };
         let (feature, model_routed) = self.feature_of(uri, headers, &head.model)?;
         let plan = self
             .inner

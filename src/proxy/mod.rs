@@ -254,8 +254,8 @@ impl Worker {
 }
 
 /// Accepts connections until `shutdown`, handing each to the serving thread with the fewest
-/// open connections (the accept loop's own runtime first); then waits for the open ones to
-/// finish their request in flight (keep-alive connections close after it).
+/// open connections; then waits for the open ones to finish their request in flight
+/// (keep-alive connections close after it).
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     state: ProxyState,
@@ -308,20 +308,29 @@ async fn accept_loop(
     Ok(())
 }
 
-/// The serving threads of `state`: the caller's runtime first (no thread of its own), then
-/// one started thread per further `server.threads`.
+/// The serving threads of `state`. With one (`server.threads = 1`), the caller's runtime
+/// serves every connection itself. With more, each is a thread of the proxy's own and the
+/// caller's runtime only accepts and runs the coordinator's background work (its Redis
+/// connection, batching, settles), so that no request's work (parsing a 30 MB body, say) can
+/// hold up accepting, or the Redis calls of every other thread (the adversarial review saw
+/// `/healthz` on new connections wait 120 ms behind one large request when the accept loop
+/// also served connections).
 fn start_workers(state: &ProxyState) -> std::io::Result<Vec<Worker>> {
-    let mut workers = vec![Worker {
-        handoff: None,
-        open: Arc::new(AtomicUsize::new(0)),
-        thread: None,
-    }];
-    let read_timeout = state.inner.server.read_timeout;
-    for i in 1..state.inner.server.serving_threads() {
-        let state = state.for_thread().map_err(std::io::Error::other)?;
-        workers.push(Worker::start(i, state, read_timeout)?);
+    let threads = state.inner.server.serving_threads();
+    if threads <= 1 {
+        return Ok(vec![Worker {
+            handoff: None,
+            open: Arc::new(AtomicUsize::new(0)),
+            thread: None,
+        }]);
     }
-    Ok(workers)
+    let read_timeout = state.inner.server.read_timeout;
+    (1..=threads)
+        .map(|i| {
+            let state = state.for_thread().map_err(std::io::Error::other)?;
+            Worker::start(i, state, read_timeout)
+        })
+        .collect()
 }
 
 /// Closes the serving threads' hand-off channels and waits for the threads to end.
@@ -358,14 +367,13 @@ async fn stop_workers(workers: Vec<Worker>) {
 /// file descriptors for ever, seen by the adversarial review; the body's bound is in the
 /// handler).
 ///
-/// Connections are served on `server.threads` threads (default: one per core): this task's
-/// runtime and one thread of the proxy's own per further thread (`fusebox-serve-N`), each
-/// with a single-threaded runtime and an upstream client of its own. A connection stays on
-/// the thread that took it (the one with the fewest open connections), so the HTTP work of
-/// a request, in and out, never waits for a wake-up from another thread: on a 2-core machine
-/// this took the proxy from 100–107 to 83 µs of CPU per request (README "Measured"). The
-/// coordinator's background work (its Redis connection, batching, settles) stays on the
-/// runtime it was built on.
+/// Connections are served on `server.threads` threads (default: one per core), each a thread
+/// of the proxy's own (`fusebox-serve-N`) with a single-threaded runtime and an upstream
+/// client of its own; the caller's runtime accepts and runs the coordinator's background
+/// work (with `threads = 1` it also serves every connection). A connection stays on the
+/// thread that took it (the one with the fewest open connections), so the HTTP work of a
+/// request, in and out, never waits for a wake-up from another thread: on a 2-core machine
+/// this took the proxy from 100–107 to 83 µs of CPU per request (README "Measured").
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ProxyState,

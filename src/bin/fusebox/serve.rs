@@ -50,6 +50,7 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
              /admin/... answers 403"
         );
     }
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Failure::internal(format!("cannot listen on {addr}: {e}")))?;
@@ -64,7 +65,7 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
         threads = config_threads,
         "serving"
     );
-    serve(listener, state, shutdown_signal())
+    serve(listener, state, shutdown)
         .await
         .map_err(|e| Failure::internal(format!("server failed: {e}")))?;
     tracing::info!("stopped");
@@ -82,27 +83,41 @@ fn init_logging() {
         .try_init();
 }
 
-/// Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Ctrl-C, or SIGTERM on Unix. The handlers are installed when this is called (before the
+/// `listening on` line, which scripts wait for: a SIGTERM right after it must be a graceful
+/// stop, not the default action; seen by the adversarial review, exit 143); the returned
+/// future completes on the first signal.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (term, int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(term) => {}
+                () = wait(int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        tracing::info!("shutdown signal received");
     }
-    tracing::info!("shutdown signal received");
 }
