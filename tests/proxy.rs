@@ -184,6 +184,13 @@ fn header<'a>(resp: &'a Response<()>, name: &str) -> Option<&'a str> {
     resp.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// `x-fusebox-tier` of an answer over HTTP.
+fn tier_of(resp: &reqwest::Response) -> Option<&str> {
+    resp.headers()
+        .get("x-fusebox-tier")
+        .and_then(|v| v.to_str().ok())
+}
+
 fn json_of(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|e| {
         panic!(
@@ -991,12 +998,7 @@ async fn shutdown_finishes_requests_in_flight_then_stops() {
             .expect("joins")
             .expect("the request in flight is answered");
         assert_eq!(resp.status(), reqwest::StatusCode::OK);
-        assert_eq!(
-            resp.headers()
-                .get("x-fusebox-tier")
-                .and_then(|v| v.to_str().ok()),
-            Some("primary")
-        );
+        assert_eq!(tier_of(&resp), Some("primary"));
         server.await.expect("joins").expect("served");
         // Stopped: no one listens any more.
         assert!(client.post(&url).body("{}").send().await.is_err());
@@ -1064,13 +1066,7 @@ async fn slow_clients_are_cut_off_after_the_read_timeout() {
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("server.read_timeout"), "{answer}");
         // A normal request still works.
-        let resp = reqwest::Client::new()
-            .post(format!("http://{addr}/v1/messages"))
-            .header("x-api-key", KEY)
-            .body(ask(PRIMARY).to_string())
-            .send()
-            .await
-            .expect("answered");
+        let resp = ask_at(&addr).await.expect("answered");
         assert_eq!(resp.status(), reqwest::StatusCode::OK);
         let _ = stop.send(());
         server.await.expect("joins").expect("served");
@@ -1202,6 +1198,56 @@ async fn a_cached_answer_serves_when_every_model_fails(env: Env) {
     );
 }
 
+/// A configuration file with `text` in a fresh temporary folder: (folder, file).
+fn config_file(name: &str, text: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(support::unique_name(name));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("fusebox.toml");
+    std::fs::write(&path, text).expect("config written");
+    (dir, path)
+}
+
+/// A plain request for the primary's model, with the test key, to the proxy at `addr`.
+async fn ask_at(addr: impl std::fmt::Display) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/v1/messages"))
+        .header("x-api-key", KEY)
+        .body(ask(PRIMARY).to_string())
+        .send()
+        .await
+}
+
+/// `fusebox -c CONFIG serve --listen 127.0.0.1:0` at `RUST_LOG=log` (stderr piped), without
+/// the environment's overrides; returns the process once it printed `listening on ADDR`, and
+/// ADDR.
+fn start_serve(config: &std::path::Path, log: &str) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
+        .arg("-c")
+        .arg(config)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("FUSEBOX_LISTEN")
+        .env_remove("FUSEBOX_UPSTREAM")
+        .env_remove("FUSEBOX_REDIS_URL")
+        .env_remove("TOKIO_WORKER_THREADS")
+        .env("RUST_LOG", log)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fusebox serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    let addr = line
+        .trim()
+        .rsplit("listening on ")
+        .next()
+        .filter(|_| line.contains("listening on "))
+        .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+        .to_owned();
+    (child, addr)
+}
+
 /// `fusebox serve` as a process: `--listen 127.0.0.1:0` prints the real port, the proxy answers
 /// on it through the configured chain, and SIGTERM stops it with exit 0. With
 /// `server.threads = 3` it runs three serving threads of its own (`fusebox-serve-N`, Linux),
@@ -1209,49 +1255,21 @@ async fn a_cached_answer_serves_when_every_model_fails(env: Env) {
 /// flight on every thread: all three are answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
-    use std::io::BufRead;
     bounded(async {
         let mock = MockUpstream::builder().start().await.expect("mock binds");
-        let dir = std::env::temp_dir().join(support::unique_name("serve"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("fusebox.toml");
-        std::fs::write(
-            &path,
-            format!(
+        let (dir, path) = config_file(
+            "serve",
+            &format!(
                 "[server]\nlisten = \"127.0.0.1:9\"\nupstream = \"{}\"\ndefault_feature = \"chat\"\n\
                  shutdown_grace = \"5s\"\nthreads = 3\n\
                  [targets.primary]\nmodel = \"{PRIMARY}\"\n[features.chat]\nchain = [\"primary\"]\n",
                 mock.url()
             ),
-        )
-        .expect("config written");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
-            .arg("-c")
-            .arg(&path)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env_remove("FUSEBOX_LISTEN")
-            .env_remove("FUSEBOX_UPSTREAM")
-            .env_remove("FUSEBOX_REDIS_URL")
-            .env("RUST_LOG", "debug")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("fusebox serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            line
-        })
-        .await
-        .expect("joins");
-        let addr = line
-            .trim()
-            .rsplit("listening on ")
-            .next()
-            .filter(|_| line.contains("listening on "))
-            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-            .to_owned();
+        );
+        let config = path.clone();
+        let (child, addr) = tokio::task::spawn_blocking(move || start_serve(&config, "debug"))
+            .await
+            .expect("joins");
         assert!(!addr.ends_with(":0"), "the real port: {addr}");
         let resp = reqwest::Client::new()
             .post(format!("http://{addr}/v1/messages"))
@@ -1282,15 +1300,8 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
         mock.set(PRIMARY, Plan::answer().latency(Duration::from_millis(400)));
         let calls: Vec<_> = (0..3)
             .map(|_| {
-                let url = format!("http://{addr}/v1/messages");
-                tokio::spawn(async move {
-                    reqwest::Client::new()
-                        .post(&url)
-                        .header("x-api-key", KEY)
-                        .body(ask(PRIMARY).to_string())
-                        .send()
-                        .await
-                })
+                let addr = addr.clone();
+                tokio::spawn(async move { ask_at(&addr).await })
             })
             .collect();
         while mock.in_flight(PRIMARY) < 3 {
@@ -1324,36 +1335,16 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
 #[cfg(unix)]
 #[test]
 fn sigterm_right_after_the_listening_line_stops_gracefully() {
-    use std::io::BufRead;
-    let dir = std::env::temp_dir().join(support::unique_name("serve-sigterm"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("fusebox.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (dir, path) = config_file(
+        "serve-sigterm",
+        &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:9\"\n\
              default_feature = \"chat\"\nthreads = 4\n\
              [targets.primary]\nmodel = \"{PRIMARY}\"\n[features.chat]\nchain = [\"primary\"]\n"
         ),
-    )
-    .expect("config written");
+    );
     for _ in 0..8 {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
-            .arg("-c")
-            .arg(&path)
-            .arg("serve")
-            .env_remove("FUSEBOX_LISTEN")
-            .env_remove("FUSEBOX_UPSTREAM")
-            .env_remove("FUSEBOX_REDIS_URL")
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("fusebox serve starts");
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("stdout");
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        assert!(line.contains("listening on"), "{line:?}");
+        let (mut child, _) = start_serve(&path, "warn");
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -1370,67 +1361,27 @@ fn sigterm_right_after_the_listening_line_stops_gracefully() {
 /// network answered "busy" and logged only the breaker opening).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_is_logged_with_its_cause() {
-    use std::io::BufRead;
     bounded(async {
         // A port nothing listens on: bound, then closed.
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port");
-        let dir = std::env::temp_dir().join(support::unique_name("serve-unreachable"));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("fusebox.toml");
-        std::fs::write(
-            &path,
-            format!(
+        let (dir, path) = config_file(
+            "serve-unreachable",
+            &format!(
                 "[server]\nlisten = \"127.0.0.1:0\"\nupstream = \"http://{closed}\"\n\
                  default_feature = \"chat\"\nthreads = 1\n\
                  [targets.primary]\nmodel = \"{PRIMARY}\"\n\
                  [features.chat]\nchain = [\"primary\"]\ncanned = {{ text = \"busy\" }}\n"
             ),
-        )
-        .expect("config written");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fusebox"))
-            .arg("-c")
-            .arg(&path)
-            .arg("serve")
-            .env_remove("FUSEBOX_LISTEN")
-            .env_remove("FUSEBOX_UPSTREAM")
-            .env_remove("FUSEBOX_REDIS_URL")
-            .env_remove("TOKIO_WORKER_THREADS")
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("fusebox serve starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let line = tokio::task::spawn_blocking(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-            line
-        })
-        .await
-        .expect("joins");
-        let addr = line
-            .trim()
-            .rsplit("listening on ")
-            .next()
-            .filter(|_| line.contains("listening on "))
-            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-            .to_owned();
-        let resp = reqwest::Client::new()
-            .post(format!("http://{addr}/v1/messages"))
-            .header("x-api-key", KEY)
-            .body(ask(PRIMARY).to_string())
-            .send()
-            .await
-            .expect("the proxy answers");
-        assert_eq!(resp.status(), reqwest::StatusCode::OK);
-        assert_eq!(
-            resp.headers()
-                .get("x-fusebox-tier")
-                .and_then(|v| v.to_str().ok()),
-            Some("canned")
         );
+        let config = path.clone();
+        let (child, addr) = tokio::task::spawn_blocking(move || start_serve(&config, "warn"))
+            .await
+            .expect("joins");
+        let resp = ask_at(&addr).await.expect("the proxy answers");
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(tier_of(&resp), Some("canned"));
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
