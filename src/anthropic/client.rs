@@ -421,30 +421,19 @@ impl Client {
         {
             return Err(too_large());
         }
-        let mut first: Option<bytes::Bytes> = None;
-        let mut buf: Vec<u8> = Vec::new();
+        let mut body = super::gathered::Gathered::default();
         loop {
             let chunk = resp
                 .chunk()
                 .await
                 .map_err(|e| self.transport(&e, UpstreamErrorKind::Interrupted))?;
             let Some(chunk) = chunk else { break };
-            let held = buf.len() + first.as_ref().map_or(0, bytes::Bytes::len);
-            if held + chunk.len() > MAX_REPLY_BYTES {
+            if body.len() + chunk.len() > MAX_REPLY_BYTES {
                 return Err(too_large());
             }
-            // One chunk (the usual case) is kept as it is, without a copy.
-            match first.take() {
-                None if buf.is_empty() => first = Some(chunk),
-                f => {
-                    if let Some(f) = f {
-                        buf.extend_from_slice(&f);
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-            }
+            body.push(chunk);
         }
-        Ok(first.unwrap_or_else(|| bytes::Bytes::from(buf)))
+        Ok(body.into_bytes())
     }
 
     /// Sends `req` as a plain (non-streaming) request, whatever its `stream` field says.

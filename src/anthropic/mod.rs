@@ -4,6 +4,7 @@
 //! classified by [`crate::classify`].
 
 mod client;
+pub(crate) mod gathered;
 mod guarded;
 pub mod headers;
 pub mod sse;

@@ -15,6 +15,7 @@ use super::body::{self, Head};
 use super::error::{retry_after_secs, ApiError};
 use super::stream;
 use super::ProxyState;
+use crate::anthropic::gathered::Gathered;
 use crate::anthropic::{ApiKey, Client};
 use crate::cache::{Answer, Caller};
 use crate::pipeline::{Answered, CacheUse, ChainTarget, Reply};
@@ -117,30 +118,20 @@ async fn read_body_unbounded(
         return Err(too_large());
     }
     let mut stream = body.into_data_stream();
-    let mut buf = match declared {
-        Some(n) => Vec::with_capacity(n as usize),
-        None => Vec::new(),
+    let mut gathered = match declared {
+        Some(n) => Gathered::with_capacity(n as usize),
+        None => Gathered::default(),
     };
-    let mut first: Option<Bytes> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::invalid(format!("fusebox: the request body could not be read: {e}"))
         })?;
-        if (buf.len() + chunk.len() + first.as_ref().map_or(0, Bytes::len)) as u64 > limit {
+        if (gathered.len() + chunk.len()) as u64 > limit {
             return Err(too_large());
         }
-        // One chunk (the usual case) is kept as it is, without a copy.
-        match first.take() {
-            None if buf.is_empty() => first = Some(chunk),
-            f => {
-                if let Some(f) = f {
-                    buf.extend_from_slice(&f);
-                }
-                buf.extend_from_slice(&chunk);
-            }
-        }
+        gathered.push(chunk);
     }
-    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+    Ok(gathered.into_bytes())
 }
 
 /// The headers forwarded upstream, and the caller's key.
