@@ -2345,3 +2345,121 @@ async fn replicas_is_read_from_redis_or_fails() {
     })
     .await;
 }
+
+/// What [`bound_thread_run`] saw on its thread.
+struct BoundRun {
+    admitted: usize,
+    degraded: bool,
+    /// Whether the feature's rate key exists in Redis afterwards: the admissions were
+    /// decided there, not on local state.
+    decided_in_redis: bool,
+}
+
+/// Builds a coordinator on a single-threaded runtime, makes one call there (so the shared
+/// connection is up and the scripts loaded), flushes, and leaves that runtime idle: nothing
+/// drives it any more, nor the shared connection's task. Then a thread with a runtime of its
+/// own (bound with `bind_thread` when `bind`) makes 20 sequential calls of a feature with a
+/// bulkhead of 1 and a rate limit.
+fn bound_thread_run(url: &str, bind: bool) -> BoundRun {
+    let namespace = support::unique_name("bound");
+    let mut config = Config {
+        namespace: namespace.clone(),
+        redis: Some(RedisConfig {
+            timeout: Duration::from_millis(300),
+            ..redis_config(url)
+        }),
+        ..Config::default()
+    };
+    config
+        .features
+        .insert("warm".into(), FeatureConfig::default());
+    config.features.insert(
+        "bound".into(),
+        FeatureConfig {
+            max_concurrent: Some(1),
+            rate: Some(RateConfig {
+                requests: 1_000,
+                per: Duration::from_secs(1),
+                burst: Some(1_000),
+            }),
+            ..FeatureConfig::default()
+        },
+    );
+    let home = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let c = home.block_on(async {
+        let c = Coordinator::new(config).await.expect("coordinator");
+        c.call("warm", "model", || async { Ok::<(), ()>(()) })
+            .await
+            .expect("the warm-up call runs");
+        flush(&c).await;
+        assert!(!c.is_degraded(), "the warm-up ran on Redis");
+        c
+    });
+    let worker = std::thread::spawn({
+        let c = c.clone();
+        move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let _binding = if bind {
+                    Some(c.bind_thread().expect("a single node binds"))
+                } else {
+                    None
+                };
+                let mut admitted = 0;
+                for _ in 0..20 {
+                    let ran = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        c.call("bound", "model", || async { Ok::<(), ()>(()) }),
+                    )
+                    .await;
+                    if matches!(ran, Ok(Ok(()))) {
+                        admitted += 1;
+                    }
+                }
+                (admitted, c.is_degraded())
+            })
+        }
+    });
+    let (admitted, degraded) = worker.join().expect("the calling thread");
+    let mut redis = support::sync_connection(url);
+    let decided_in_redis: bool = redis::cmd("EXISTS")
+        .arg(format!("fusebox:{{{namespace}:f:bound}}:v1:rate"))
+        .query(&mut redis)
+        .expect("EXISTS");
+    drop(c);
+    drop(home);
+    BoundRun {
+        admitted,
+        degraded,
+        decided_in_redis,
+    }
+}
+
+/// `Coordinator::bind_thread` gives a thread a Redis connection its own runtime drives: its
+/// calls are decided in Redis (a bulkhead of 1 sees every one of its own releases) while the
+/// runtime that built the coordinator, which drives the shared connection, does not run at
+/// all. The control: the same thread unbound waits for that runtime, times out, and falls
+/// back to local state.
+#[test]
+fn a_bound_thread_calls_redis_over_a_connection_of_its_own() {
+    let server = RedisServer::start();
+    let bound = bound_thread_run(&server.url(), true);
+    assert_eq!(bound.admitted, 20, "every sequential call is admitted");
+    assert!(!bound.degraded, "the bound thread stayed on Redis");
+    assert!(
+        bound.decided_in_redis,
+        "the admissions were decided in Redis"
+    );
+
+    let unbound = bound_thread_run(&server.url(), false);
+    assert!(
+        unbound.degraded && !unbound.decided_in_redis,
+        "unbound, the calls wait for the idle runtime and fall back to local state"
+    );
+}

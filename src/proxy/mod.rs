@@ -228,6 +228,8 @@ impl Worker {
             .name(format!("fusebox-serve-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
+                    // This thread's store calls go over a Redis connection of its own.
+                    let _bound = state.coordinator().bind_thread();
                     let http = http1(read_timeout);
                     let router = app(state);
                     while let Some((tcp, watcher)) = rx.recv().await {
