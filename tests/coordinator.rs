@@ -2365,7 +2365,7 @@ fn bound_thread_run(url: &str, bind: bool) -> BoundRun {
     let mut config = Config {
         namespace: namespace.clone(),
         redis: Some(RedisConfig {
-            timeout: Duration::from_millis(300),
+            timeout: Duration::from_secs(1),
             ..redis_config(url)
         }),
         ..Config::default()
