@@ -53,4 +53,3 @@ pub use coordinator::{
 };
 pub use error::{CallError, Error, Rejection, StoreError, UpstreamError, UpstreamErrorKind};
 pub use observer::{Event, Observer};
-pub use store::redis::ThreadBinding;

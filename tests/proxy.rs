@@ -9,7 +9,7 @@
 mod support;
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
@@ -1324,73 +1324,6 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
         assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
         assert!(stderr.contains("shutdown signal received"), "{stderr}");
         assert!(!stderr.contains(KEY), "the key is in the logs");
-        let _ = std::fs::remove_dir_all(&dir);
-    })
-    .await;
-}
-
-/// The last command of each client connection Redis has, from `CLIENT LIST` (the asking
-/// connection left out).
-fn last_commands(url: &str) -> Vec<String> {
-    let mut redis = support::sync_connection(url);
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query(&mut redis)
-        .expect("CLIENT LIST");
-    list.lines()
-        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("cmd=")))
-        .filter(|c| *c != "client|list")
-        .map(str::to_owned)
-        .collect()
-}
-
-/// On Redis each serving thread has a connection of its own (`Coordinator::bind_thread`),
-/// connected at start (a PING each), and a request's admission goes over the connection of
-/// the thread that serves it, not over the shared one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_serving_thread_talks_to_redis_over_a_connection_of_its_own() {
-    bounded(async {
-        let redis = RedisServer::start();
-        let url = redis.url();
-        let mock = MockUpstream::builder().start().await.expect("mock binds");
-        let (dir, path) = config_file(
-            "serve-bound",
-            &format!(
-                "namespace = \"{}\"\n[server]\nlisten = \"127.0.0.1:9\"\nupstream = \"{}\"\n\
-                 default_feature = \"chat\"\nthreads = 3\n\
-                 [targets.primary]\nmodel = \"{PRIMARY}\"\n[features.chat]\nchain = [\"primary\"]\n\
-                 max_concurrent = 10\n[redis]\nurl = \"{url}\"\ntimeout = \"2s\"\n",
-                support::unique_name("bound"),
-                mock.url()
-            ),
-        );
-        let (mut child, addr) = tokio::task::spawn_blocking(move || start_serve(&path, "warn"))
-            .await
-            .expect("joins");
-        let pings = |cmds: &[String]| cmds.iter().filter(|c| *c == "ping").count();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut cmds = last_commands(&url);
-        while pings(&cmds) < 3 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            cmds = last_commands(&url);
-        }
-        assert_eq!(
-            pings(&cmds),
-            3,
-            "one connection per serving thread: {cmds:?}"
-        );
-        assert_eq!(cmds.len(), 4, "and the shared one: {cmds:?}");
-        let resp = ask_at(&addr).await.expect("the proxy answers");
-        assert_eq!(resp.status(), reqwest::StatusCode::OK);
-        assert_eq!(tier_of(&resp), Some("primary"));
-        let cmds = last_commands(&url);
-        assert_eq!(
-            pings(&cmds),
-            2,
-            "the admission went over the serving thread's connection: {cmds:?}"
-        );
-        let _ = child.kill();
-        let _ = child.wait();
         let _ = std::fs::remove_dir_all(&dir);
     })
     .await;

@@ -499,17 +499,6 @@ impl Coordinator {
         self.shared.emit(event);
     }
 
-    /// Gives the current thread a Redis connection of its own for this coordinator's calls
-    /// made on it: for a server that runs one single-threaded runtime per thread
-    /// (`fusebox serve` binds each of its serving threads). Without it every store call made
-    /// on such a thread hops to the thread whose runtime drives the shared connection and
-    /// back. Call it on the thread's runtime and keep the binding while that runtime runs;
-    /// the connection is made in the background. Decisions are the same either way. `None`
-    /// without Redis, or on Redis Cluster.
-    pub fn bind_thread(&self) -> Option<crate::ThreadBinding> {
-        self.shared.tiered.remote.as_ref()?.store.bind_thread()
-    }
-
     /// True while Redis is configured but unreachable and this replica runs on local state.
     pub fn is_degraded(&self) -> bool {
         self.shared.tiered.is_degraded()

@@ -228,8 +228,6 @@ impl Worker {
             .name(format!("fusebox-serve-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    // This thread's store calls go over a Redis connection of its own.
-                    let _bound = state.coordinator().bind_thread();
                     let http = http1(read_timeout);
                     let router = app(state);
                     while let Some((tcp, watcher)) = rx.recv().await {
@@ -372,9 +370,7 @@ async fn stop_workers(workers: Vec<Worker>) {
 /// Connections are served on `server.threads` threads (default: one per core), each a thread
 /// of the proxy's own (`fusebox-serve-N`) with a single-threaded runtime and an upstream
 /// client of its own; the caller's runtime accepts and runs the coordinator's background
-/// work (with `threads = 1` it also serves every connection). Each serving thread binds the
-/// coordinator ([`Coordinator::bind_thread`]): with Redis, its store calls go over a Redis
-/// connection of its own, driven by its own runtime. A connection stays on the
+/// work (with `threads = 1` it also serves every connection). A connection stays on the
 /// thread that took it (the one with the fewest open connections), so the HTTP work of a
 /// request, in and out, never waits for a wake-up from another thread: on a 2-core machine
 /// this took the proxy from 100–107 to 83 µs of CPU per request (README "Measured").

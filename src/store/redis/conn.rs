@@ -201,17 +201,6 @@ pub(super) enum Conn {
 const NOSCRIPT_TRIES: u32 = 3;
 
 impl Conn {
-    /// Another connection to the same single node (lazy: it connects, and its tasks run, on
-    /// the runtime that first uses it); `None` on Cluster.
-    pub(super) fn another(&self) -> Option<Conn> {
-        match self {
-            Conn::Single(h) => SingleHandle::new(h.client.clone(), h.config.clone())
-                .ok()
-                .map(|h| Conn::Single(Arc::new(h))),
-            Conn::Cluster(_) => None,
-        }
-    }
-
     /// Runs one script invocation (EVALSHA, with SCRIPT LOAD + retry on NOSCRIPT).
     ///
     /// redis-rs loads and retries once; when the scripts are flushed again between its load

@@ -21,7 +21,6 @@ mod admit;
 mod alert;
 mod attempt;
 mod batch;
-mod bound;
 mod budget;
 mod cache;
 #[cfg(test)]
@@ -53,7 +52,6 @@ use std::time::Duration;
 use redis::{ScriptInvocation, Value};
 use tokio::sync::mpsc;
 
-pub use self::bound::ThreadBinding;
 use self::conn::{map_err, Conn};
 use super::{Admission, AdmitRequest, FeatureSpec, Settle, Store, TargetSpec};
 use crate::breaker::{BreakerSnapshot, Force, Transition};
@@ -62,8 +60,6 @@ use crate::{Error, StoreError};
 
 /// Bound on loading the scripts (at least the store's timeout).
 const SCRIPT_LOAD_TIMEOUT: Duration = Duration::from_secs(1);
-/// Longest wait of [`RedisStore::bind_thread`]'s background connect (a PING).
-const CONNECT_WARM_UP: Duration = Duration::from_secs(1);
 
 /// [`Store`] on Redis (single node or Cluster). Cheap to clone (clones share connections and
 /// the admission batcher).
@@ -81,8 +77,6 @@ pub struct RedisStore {
 /// of the admission queue, so the batcher does not keep itself alive.
 struct Core {
     conn: Conn,
-    /// This store, in the table of connections bound to threads (`bound.rs`).
-    id: u64,
     timeout: Duration,
     settle_batch: usize,
     /// Where compensations run (captured at connect, so they can be spawned from anywhere).
@@ -166,7 +160,6 @@ impl RedisStore {
         };
         let core = Arc::new(Core {
             conn,
-            id: bound::next_id(),
             timeout: config.timeout,
             settle_batch: config.settle_batch.max(1),
             runtime: runtime.clone(),
@@ -240,29 +233,11 @@ impl RedisStore {
         r
     }
 
-    /// Gives the current thread a connection of its own to this store's Redis (see
-    /// `bound.rs`): the script calls this store makes on this thread go over it, driven by
-    /// this thread's runtime, instead of hopping to the thread that drives the shared
-    /// connection and back. For a thread that runs a single-threaded runtime of its own
-    /// (thread-per-core serving); call it on that runtime. It connects now, in the
-    /// background. `None` on Redis Cluster.
-    pub fn bind_thread(&self) -> Option<ThreadBinding> {
-        let conn = self.core.conn.another()?;
-        if let Ok(here) = tokio::runtime::Handle::try_current() {
-            let (warm, t) = (conn.clone(), self.core.timeout.max(CONNECT_WARM_UP));
-            here.spawn(async move {
-                let _ = tokio::time::timeout(t, warm.ping()).await;
-            });
-        }
-        Some(bound::bind(self.core.id, conn))
-    }
-
     /// One call of a script that is safe to repeat: retried once (within the same timeout)
     /// when the connection turned out to be dropped, since the connection manager reconnects
     /// in the background but does not resend the failed command.
     async fn call_idempotent(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
-        let bound = bound::conn_for(self.core.id);
-        let conn = bound.as_ref().unwrap_or(&self.core.conn);
+        let conn = &self.core.conn;
         let r = self
             .core
             .bounded(async move {
@@ -280,9 +255,7 @@ impl RedisStore {
 impl Core {
     /// One script call, bounded by the timeout.
     async fn call(&self, inv: &ScriptInvocation<'static>) -> Result<Value, StoreError> {
-        let bound = bound::conn_for(self.id);
-        let conn = bound.as_ref().unwrap_or(&self.conn);
-        let r = self.bounded(conn.invoke(inv)).await;
+        let r = self.bounded(self.conn.invoke(inv)).await;
         self.note(&r);
         r
     }
