@@ -365,3 +365,41 @@ fn bad_flags_exit_two_naming_the_flag() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
 }
+
+/// `POST /v1/messages/count_tokens` answers `{"input_tokens": N}` as the API does (so the
+/// proxy's pass-through can be tried against the mock), even while the model's plan fails
+/// every call (counting says nothing about a model's health); a body without `model` and
+/// `messages` is a 400 in the API's error shape.
+#[tokio::test]
+async fn count_tokens_answers_input_tokens_whatever_the_plan() {
+    let mock = MockUpstream::builder().start().await.expect("mock binds");
+    mock.set("m", Plan::always(Reply::overloaded()));
+    let count = |body: Value| {
+        let url = format!("{}/v1/messages/count_tokens", mock.url());
+        async move {
+            let resp = http()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("the mock answers");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.expect("JSON"))
+        }
+    };
+    let (status, v) = count(json!({"model": "m", "system": "be brief",
+        "messages": [{"role": "user", "content": "hello there, how are you today?"}]}))
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // "be brief" (8 bytes) + "user" (4) + the text (31): 43 bytes, 10 tokens.
+    assert_eq!(v, json!({"input_tokens": 10}));
+    let (status, v) = count(json!({"messages": []})).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    assert_eq!(
+        ask(&mock.url(), "m", false).await.status().as_u16(),
+        529,
+        "the plan still applies to messages"
+    );
+}

@@ -20,7 +20,9 @@ use super::state::{Fixed, InFlight, Shared};
 use super::{control, Reply, Seen};
 
 pub(super) fn app(shared: Shared) -> Router {
-    let control = control::routes().with_state(shared.clone());
+    let control = control::routes()
+        .route("/v1/messages/count_tokens", post(count_tokens))
+        .with_state(shared.clone());
     match shared.fixed.clone() {
         Some(fixed) => Router::new()
             .route("/v1/messages", post(fixed_answer))
@@ -31,6 +33,49 @@ pub(super) fn app(shared: Shared) -> Router {
             .with_state(shared)
             .merge(control),
     }
+}
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": N}`, N a rough count (a token per four
+/// bytes of the text in `system` and `messages`, at least 1), the way the API answers; a body
+/// that is not a JSON object with `model` and `messages` is a 400 `invalid_request_error`.
+/// Never subject to plans (counting says nothing about a model's health).
+async fn count_tokens(body: Bytes) -> Response {
+    fn text_bytes(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(text_bytes).sum(),
+            Value::Object(fields) => fields.values().map(text_bytes).sum(),
+            _ => 0,
+        }
+    }
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let (status, answer) = match parsed.as_ref().and_then(Value::as_object) {
+        Some(req)
+            if req.get("model").is_some_and(Value::is_string)
+                && req.get("messages").is_some_and(Value::is_array) =>
+        {
+            let bytes =
+                req.get("system").map_or(0, text_bytes) + req.get("messages").map_or(0, text_bytes);
+            (
+                StatusCode::OK,
+                serde_json::json!({"input_tokens": (bytes / 4).max(1)}),
+            )
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            error_body(
+                "invalid_request_error",
+                "count_tokens: the body must be a JSON object with `model` and `messages`",
+                None,
+                "req_mock_count_tokens",
+            ),
+        ),
+    };
+    let mut resp = Response::new(Body::from(answer.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// The fixed-response mode's hot path: no parsing, no lock, no draw; one relaxed count.
