@@ -916,6 +916,11 @@ fn the_example_file_parses() {
     assert!(c.redis.is_none(), "the example runs embedded by default");
     assert!(text.contains("# [redis]"), "with a commented Redis section");
     assert!(!c.targets.is_empty() && !c.features.is_empty());
+    // Every feature can be served by `fusebox serve` (a feature without a chain is a 500
+    // there: the new-user review asked for one with `x-fusebox-feature` and got it).
+    for (name, f) in &c.features {
+        assert!(!f.chain.is_empty(), "features.{name} has no chain");
+    }
 }
 
 /// Issue 5 §2.9: `requests = 1, per = "24h", burst = 1000000` pushed the limiter's stored
