@@ -48,8 +48,9 @@ pub enum Event {
         /// Attempts sent upstream.
         attempts: u32,
     },
-    /// Outcomes or releases could not be delivered to the store and were dropped (permits
-    /// still come back when their lease ends).
+    /// Outcomes or rate refunds could not be delivered to the store and were dropped. (A
+    /// permit release that could not reach the store is retried until its lease has passed,
+    /// and permits come back when their lease ends in any case.)
     SettleDropped {
         /// How many.
         count: usize,

@@ -754,8 +754,9 @@ impl Coordinator {
 ///
 /// Counted per call. Settles that rode along with this replica's own next admission are
 /// delivered by that admission and not counted here. Each dropped settle was also reported
-/// as an [`Event::SettleDropped`] when it was dropped; its permit (if any) comes back when
-/// its lease ends, and its outcome is not counted by the breaker.
+/// as an [`Event::SettleDropped`] when it was dropped; its outcome is not counted by the
+/// breaker, and its permit (if any) is released by a take-back retried until Redis answers
+/// (when Redis could not be reached) or comes back when its lease ends.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FlushReport {

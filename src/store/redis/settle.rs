@@ -3,11 +3,13 @@
 //! calls (on a single node a feature's first release rides with a target's settle call).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures_util::future::{join, join_all};
 
 use super::reply;
 use super::scripts::{self, Outcome, Release};
+use super::takeback::Work;
 use super::RedisStore;
 use crate::breaker::{CallOutcome, Transition};
 use crate::store::{FeatureSpec, Settle, TargetSpec};
@@ -160,18 +162,59 @@ impl RedisStore {
                 .copied()
                 .unwrap_or(false)
         };
-        result.dropped = places
-            .iter()
-            .filter(|p| {
-                let outcome_ok = p
-                    .outcome
-                    .is_none_or(|(t, entry)| entries_done.get(t).is_some_and(|done| entry < *done));
-                let release_ok = p.release.is_none_or(|(f, id, refund)| {
-                    id.is_none_or(|id| chunk_ok(f, id / batch)) && (!refund || chunk_ok(f, 0))
-                });
-                !(outcome_ok && release_ok)
-            })
-            .count();
+        // A permit release or a probe slot that did not land because Redis could not be
+        // reached is safe to repeat: it goes to the take-backs, retried until delivered or
+        // its lease has passed, instead of holding the permit (or slot) for its whole lease.
+        // (Seen by the adversarial review: a flush on a dropped connection left a bulkhead of
+        // 1 full for its lease, 30 of 40 sequential requests refused.) Outcome counts and
+        // rate refunds are not safe to repeat: they stay dropped, and reported.
+        let retry_releases = result
+            .release_error
+            .as_ref()
+            .is_some_and(StoreError::is_unavailable);
+        let retry_probes = result
+            .outcome_error
+            .as_ref()
+            .is_some_and(StoreError::is_unavailable);
+        let mut dropped = 0;
+        for (s, p) in items.iter().zip(&places) {
+            let outcome_ok = p
+                .outcome
+                .is_none_or(|(t, entry)| entries_done.get(t).is_some_and(|done| entry < *done));
+            let (mut permit_ok, mut refund_ok) = (true, true);
+            if let Some((f, id, refund)) = p.release {
+                permit_ok = id.is_none_or(|id| chunk_ok(f, id / batch));
+                refund_ok = !refund || chunk_ok(f, 0);
+            }
+            if !permit_ok && retry_releases {
+                if let Some(b) = &s.feature.bulkhead {
+                    let work = Work::Release {
+                        feature: std::sync::Arc::clone(&s.feature),
+                        permit: true,
+                        refund: false,
+                    };
+                    self.core
+                        .take_back(work, &s.call_id, Duration::from_millis(b.lease_ms));
+                    permit_ok = true;
+                }
+            }
+            let mut counted_ok = outcome_ok;
+            if !outcome_ok && s.probe && retry_probes {
+                let timeout = Duration::from_millis(s.target.params.probe_timeout_ms);
+                self.core.take_back(
+                    Work::FreeProbe(std::sync::Arc::clone(&s.target)),
+                    &s.call_id,
+                    timeout,
+                );
+                // An ignored probe outcome only frees the slot: handed over, not lost. Any
+                // other outcome is lost (its slot is still given back).
+                counted_ok = s.outcome == CallOutcome::Ignored;
+            }
+            if !(counted_ok && permit_ok && refund_ok) {
+                dropped += 1;
+            }
+        }
+        result.dropped = dropped;
         result
     }
 }
