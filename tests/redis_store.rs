@@ -2106,14 +2106,16 @@ async fn at_the_slowest_rate_allowed_both_stores_agree() {
     assert!(tat < (1u64 << 53) / 4, "TAT {tat} µs");
 }
 
-/// A permit release that cannot reach Redis (paused: the settle times out) is retried until it
-/// lands, instead of holding the permit for its whole lease: a bulkhead of 1 admits again
-/// within seconds of Redis answering again, not after the 30 s lease. Seen by the adversarial
-/// review: a flush over a dropped connection left a bulkhead of 1 full for its lease (30 of 40
-/// sequential requests refused).
+/// A permit release that cannot reach Redis is retried until it lands, instead of holding the
+/// permit for its whole lease. The settle times out against a SIGSTOPped Redis, which is then
+/// killed (so the stalled call never runs) and restarted from its append-only file (so the
+/// permit is still held there): a bulkhead of 1 admits again within seconds, not after the
+/// 30 s lease. Seen by the adversarial review: a flush over a dropped connection left a
+/// bulkhead of 1 full for its lease (30 of 40 sequential requests refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_could_not_reach_redis_is_retried_until_it_lands() {
-    let server = RedisServer::start();
+    let mut server =
+        RedisServer::start_with_args(&["--appendonly", "yes", "--appendfsync", "always"]);
     let store = RedisStore::connect(&RedisConfig {
         timeout: Duration::from_millis(200),
         ..config(&server.url())
@@ -2133,17 +2135,28 @@ async fn a_release_that_could_not_reach_redis_is_retried_until_it_lands() {
     let settled = store
         .settle(&[settle_of(&t, &f, "first", &a, CallOutcome::Ignored)])
         .await;
-    server.resume();
     assert!(
         matches!(settled, Err(ref e) if e.is_unavailable()),
         "the settle did not reach the paused Redis: {settled:?}"
+    );
+    tokio::task::block_in_place(|| server.restart());
+    assert_eq!(
+        server.cli(&["ZCARD", &f.keys.permits]),
+        "1",
+        "the permit survived the restart"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut n = 0;
     loop {
         n += 1;
-        match admit(&store, &t, &f, &format!("next-{n}")).await {
-            Admission::Admitted(_) => break,
+        let id = format!("next-{n}");
+        let req = AdmitRequest {
+            target: &t,
+            feature: &f,
+            call_id: &id,
+        };
+        match store.admit(req).await {
+            Ok(Admission::Admitted(_)) => break,
             other => assert!(
                 Instant::now() < deadline,
                 "still refused 10 s after Redis came back (lease 30 s): {other:?}"

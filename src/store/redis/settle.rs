@@ -125,42 +125,47 @@ impl RedisStore {
             release_error: None,
             dropped: 0,
         };
-        // Which release chunks of each feature were delivered.
-        let mut released: Vec<Vec<bool>> = features
+        // How each release chunk of each feature went.
+        let mut released: Vec<Vec<Chunk>> = features
             .iter()
-            .map(|g| vec![false; g.ids.len().div_ceil(batch).max(1)])
+            .map(|g| vec![Chunk::Failed; g.ids.len().div_ceil(batch).max(1)])
             .collect();
+        let mut mark = |f: usize, c: usize, r: &Result<(), StoreError>| {
+            if let Some(chunk) = released.get_mut(f).and_then(|cs| cs.get_mut(c)) {
+                *chunk = match r {
+                    Ok(()) => Chunk::Done,
+                    Err(e) if e.is_unavailable() => Chunk::Unreachable,
+                    Err(_) => Chunk::Failed,
+                };
+            }
+        };
+        // Per target: entries recorded, and whether its failure was Redis out of reach.
         let mut entries_done = Vec::with_capacity(target_results.len());
+        let mut target_unreachable = Vec::with_capacity(target_results.len());
         for (i, r) in target_results.into_iter().enumerate() {
             result.transitions.extend(r.transitions);
-            result.outcome_error = result.outcome_error.take().or(r.error);
             entries_done.push(r.entries_done);
-            match r.ride {
-                Some(Ok(())) => {
-                    if let Some(done) = released.get_mut(i).and_then(|c| c.get_mut(0)) {
-                        *done = true;
-                    }
+            target_unreachable.push(r.error.as_ref().is_some_and(StoreError::is_unavailable));
+            result.outcome_error = result.outcome_error.take().or(r.error);
+            if let Some(ride) = r.ride {
+                mark(i, 0, &ride);
+                if let Err(e) = ride {
+                    result.release_error = result.release_error.take().or(Some(e));
                 }
-                Some(Err(e)) => result.release_error = result.release_error.take().or(Some(e)),
-                None => {}
             }
         }
         for ((f, c, _), r) in alone.iter().zip(feature_results) {
-            match r {
-                Ok(()) => {
-                    if let Some(done) = released.get_mut(*f).and_then(|cs| cs.get_mut(*c)) {
-                        *done = true;
-                    }
-                }
-                Err(e) => result.release_error = result.release_error.take().or(Some(e)),
+            mark(*f, *c, &r);
+            if let Err(e) = r {
+                result.release_error = result.release_error.take().or(Some(e));
             }
         }
-        let chunk_ok = |f: usize, c: usize| {
+        let chunk = |f: usize, c: usize| {
             released
                 .get(f)
                 .and_then(|cs| cs.get(c))
                 .copied()
-                .unwrap_or(false)
+                .unwrap_or(Chunk::Failed)
         };
         // A permit release or a probe slot that did not land because Redis could not be
         // reached is safe to repeat: it goes to the take-backs, retried until delivered or
@@ -168,25 +173,22 @@ impl RedisStore {
         // (Seen by the adversarial review: a flush on a dropped connection left a bulkhead of
         // 1 full for its lease, 30 of 40 sequential requests refused.) Outcome counts and
         // rate refunds are not safe to repeat: they stay dropped, and reported.
-        let retry_releases = result
-            .release_error
-            .as_ref()
-            .is_some_and(StoreError::is_unavailable);
-        let retry_probes = result
-            .outcome_error
-            .as_ref()
-            .is_some_and(StoreError::is_unavailable);
         let mut dropped = 0;
         for (s, p) in items.iter().zip(&places) {
             let outcome_ok = p
                 .outcome
                 .is_none_or(|(t, entry)| entries_done.get(t).is_some_and(|done| entry < *done));
             let (mut permit_ok, mut refund_ok) = (true, true);
+            let mut permit_unreachable = false;
             if let Some((f, id, refund)) = p.release {
-                permit_ok = id.is_none_or(|id| chunk_ok(f, id / batch));
-                refund_ok = !refund || chunk_ok(f, 0);
+                if let Some(id) = id {
+                    let c = chunk(f, id / batch);
+                    permit_ok = c == Chunk::Done;
+                    permit_unreachable = c == Chunk::Unreachable;
+                }
+                refund_ok = !refund || chunk(f, 0) == Chunk::Done;
             }
-            if !permit_ok && retry_releases {
+            if !permit_ok && permit_unreachable {
                 if let Some(b) = &s.feature.bulkhead {
                     let work = Work::Release {
                         feature: std::sync::Arc::clone(&s.feature),
@@ -199,7 +201,10 @@ impl RedisStore {
                 }
             }
             let mut counted_ok = outcome_ok;
-            if !outcome_ok && s.probe && retry_probes {
+            let probe_unreachable = p
+                .outcome
+                .is_some_and(|(t, _)| target_unreachable.get(t).copied().unwrap_or(false));
+            if !outcome_ok && s.probe && probe_unreachable {
                 let timeout = Duration::from_millis(s.target.params.probe_timeout_ms);
                 self.core.take_back(
                     Work::FreeProbe(std::sync::Arc::clone(&s.target)),
@@ -217,6 +222,17 @@ impl RedisStore {
         result.dropped = dropped;
         result
     }
+}
+
+/// How one release call of a settle batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Done,
+    /// Not delivered: Redis could not be reached (it may still have run; a release is safe
+    /// to repeat).
+    Unreachable,
+    /// Not delivered for another reason (retrying would fail the same way).
+    Failed,
 }
 
 /// What one target's settle calls did.
