@@ -1151,6 +1151,110 @@ async fn a_permit_granted_during_a_short_stall_stays_counted_after_it() {
     .await;
 }
 
+/// Keeps Redis busy for `ms` milliseconds with a script (nothing else runs meanwhile, and what
+/// is sent to it queues up and runs afterwards), from a thread of its own.
+fn busy_redis(url: String, ms: u64) -> std::thread::JoinHandle<()> {
+    let started = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let seen = std::sync::Arc::clone(&started);
+    let handle = std::thread::spawn(move || {
+        let client = redis::Client::open(url).expect("url");
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connect");
+        seen.wait();
+        let _: i64 = redis::cmd("EVAL")
+            .arg(
+                "local s = redis.call('TIME') local t0 = s[1] * 1000000 + s[2] \
+                 repeat local n = redis.call('TIME') until n[1] * 1000000 + n[2] - t0 > tonumber(ARGV[1]) \
+                 return 1",
+            )
+            .arg(0)
+            .arg(ms * 1000)
+            .query(&mut con)
+            .expect("busy script");
+    });
+    started.wait();
+    handle
+}
+
+/// Regression (found by an adversarial run: a 2 s SIGSTOP, then 11 of 12 requests refused
+/// `bulkhead_full` for the lease): after an outage, registering this replica's local permits
+/// in Redis timed out, but the registration still ran when Redis got to it. The replica then
+/// forgot those permits were (maybe) registered, so when they ended no release was sent, and
+/// the bulkhead stayed full for the whole lease. A registration that may have run is now
+/// released like one that did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_permit_whose_registration_timed_out_is_released_in_redis() {
+    bounded(async {
+        let env = Env::redis();
+        // Local after one 100 ms timeout; one probe of Redis per second.
+        let mut config = quick_local(&env);
+        config.features.insert(
+            "one".into(),
+            FeatureConfig {
+                max_concurrent: Some(1),
+                lease: Duration::from_secs(30),
+                ..FeatureConfig::default()
+            },
+        );
+        let (a, _) = env.start(config.clone()).await;
+        a.admit("two", "warm").await.expect("warm up").success();
+        flush(&a).await;
+        env.server().pause();
+        let held = a.admit("one", "m").await.expect("admitted locally");
+        let down = Instant::now();
+        assert!(held.is_local());
+        env.server().resume();
+        // Redis answers again but is busy from 0.9 s to 1.7 s after the replica went local.
+        // The first probe (1 s after) starts by registering `held` (adopt.lua): it times out
+        // after 100 ms, and the registration runs once the busy script is done.
+        tokio::time::sleep_until(down + Duration::from_millis(900)).await;
+        let busy = busy_redis(env.server().url(), 800);
+        tokio::time::sleep_until(down + Duration::from_millis(1050)).await;
+        let _ = a.admit("two", "m").await;
+        assert!(a.is_degraded(), "the probe failed against the busy Redis");
+        // The local call ends after that probe failed and before the next one (2 s after).
+        tokio::time::sleep_until(down + Duration::from_millis(1400)).await;
+        drop(held);
+        tokio::task::spawn_blocking(move || busy.join().expect("busy thread"))
+            .await
+            .expect("join");
+        // Back on Redis; the limit of 1 must be free again well before the 30 s lease.
+        let started = Instant::now();
+        loop {
+            if let Ok(p) = a.admit("two", "m").await {
+                p.success();
+            }
+            if !a.is_degraded() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never recovered"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (b, _) = env.start(config).await;
+        let started = Instant::now();
+        loop {
+            flush(&a).await;
+            match b.admit("one", "m").await {
+                Ok(p) => {
+                    p.success();
+                    break;
+                }
+                Err(e) => assert!(
+                    started.elapsed() < Duration::from_secs(8),
+                    "the bulkhead of 1 is still full 8 s after Redis came back (lease 30 s): \
+                     the ended local permit was never released there: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
 /// Regression (§2.4): local breakers started empty, so a replica that degraded during an
 /// outage tried the dead target again although it was open fleet-wide. Now the local breaker
 /// is seeded from what the shared store said: an open transition this replica made, or a

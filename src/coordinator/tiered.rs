@@ -289,7 +289,21 @@ impl Tiered {
                 .filter(|(id, _)| ids.contains(id.as_str()))
                 .collect();
             if let Err(e) = r.store.adopt(feature, &live).await {
-                self.grants().adopting.clear();
+                // A registration that failed may still have run (a timeout, a dropped
+                // connection: Redis can run the script after the caller gave up), and the
+                // ones before it did: whatever was being registered is treated as registered,
+                // so its end sends a release (a release of a permit Redis never had changes
+                // nothing; a missing one would hold a slot for the whole lease). The ones
+                // that ended meanwhile were released by `local_ended`. Those still running
+                // are registered again by the next operation.
+                let mut g = self.grants();
+                let adopting = std::mem::take(&mut g.adopting);
+                for (id, grant) in adopting {
+                    if g.live.contains_key(&id) {
+                        g.adopted.insert(id, grant);
+                    }
+                }
+                drop(g);
                 self.reconcile_pending.store(true, Ordering::Release);
                 return Err(e);
             }
