@@ -412,14 +412,21 @@ fn the_config_file_comes_from_fusebox_config() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("from-env"));
 }
 
-/// A bad `TOKIO_WORKER_THREADS` (tokio panics on it, an empty one too) is an error naming
-/// it for the commands that run on several threads; the others ignore it. Seen before: exit
-/// 101, "panicked" (reported by the bench lane).
+/// A bad `TOKIO_WORKER_THREADS` (tokio panics on it, an empty one too) is a configuration
+/// error (exit 3) naming it for the commands that run on several threads; the others ignore
+/// it. Seen before: exit 101, "panicked" (reported by the bench lane); then exit 1, the code
+/// of an internal error.
 #[test]
 fn a_bad_tokio_worker_threads_is_an_error_naming_it_not_a_panic() {
-    for value in ["", "0", "many"] {
+    let file = TempToml::new("[features.chat]\n");
+    for (args, value) in [
+        (&["mock-upstream", "--listen", "127.0.0.1:0"][..], ""),
+        (&["mock-upstream", "--listen", "127.0.0.1:0"][..], "0"),
+        (&["mock-upstream", "--listen", "127.0.0.1:0"][..], "many"),
+        (&["-c", file.path(), "serve", "--listen", "127.0.0.1:0"][..], "abc"),
+    ] {
         let mut child = Command::new(bin())
-            .args(["mock-upstream", "--listen", "127.0.0.1:0"])
+            .args(args)
             .env("RUST_BACKTRACE", "0")
             .env("TOKIO_WORKER_THREADS", value)
             .stdin(Stdio::null())
@@ -427,17 +434,16 @@ fn a_bad_tokio_worker_threads_is_an_error_naming_it_not_a_panic() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn");
-        let status = wait_bounded(&mut child, &["mock-upstream"]);
+        let status = wait_bounded(&mut child, args);
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
             .expect("read stderr");
         assert!(
-            !status.success() && status.code() != Some(101) && !stderr.contains("panicked"),
-            "TOKIO_WORKER_THREADS={value:?}: exit {status}, stderr:\n{stderr}"
+            status.code() == Some(3) && !stderr.contains("panicked"),
+            "{args:?} with TOKIO_WORKER_THREADS={value:?}: exit {status} (want 3), stderr:\n{stderr}"
         );
         assert!(stderr.contains("TOKIO_WORKER_THREADS"), "{stderr}");
     }
-    let file = TempToml::new("[features.chat]\n");
     let mut child = Command::new(bin())
         .args(["-c", file.path(), "check"])
         .env("TOKIO_WORKER_THREADS", "")

@@ -7,7 +7,8 @@ pub(crate) const HELP: &str = "Exit codes:
   0  done
   1  internal error (cannot write output, cannot start)
   2  usage error (unknown command or option, bad --timeout)
-  3  configuration error (file missing or invalid: the message names the field)
+  3  configuration error (file missing or invalid: the message names the field;
+     or a bad TOKIO_WORKER_THREADS)
   4  the shared store could not be read or written (the message names the cause:
      connection refused, authentication, DNS, TLS, timeout, protocol, script)
   5  refused: the command cannot work with this configuration (force without [redis],

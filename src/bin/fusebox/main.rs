@@ -204,9 +204,7 @@ fn main() -> ExitCode {
     };
     let runtime = match runtime(&cli.command) {
         Ok(rt) => rt,
-        Err(e) => {
-            return Failure::internal(format!("cannot start the runtime: {e}")).report(cli.json)
-        }
+        Err(failure) => return failure.report(cli.json),
     };
     match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -216,7 +214,7 @@ fn main() -> ExitCode {
 
 /// Servers (the proxy, the mock upstream) use every core; the operator commands make a
 /// few store calls on one thread.
-fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+fn runtime(command: &Command) -> Result<tokio::runtime::Runtime, Failure> {
     let (mut builder, multi) = match command {
         #[cfg(feature = "server")]
         Command::MockUpstream(_) => (tokio::runtime::Builder::new_multi_thread(), true),
@@ -237,15 +235,20 @@ fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
             Some(n) if n >= 1 => {
                 builder.worker_threads(n);
             }
+            // A setting from the environment: a configuration error (exit 3), like a bad
+            // `server.threads`.
             _ => {
-                return Err(std::io::Error::other(format!(
+                return Err(Failure::config(format!(
                     "TOKIO_WORKER_THREADS must be a number of threads, 1 or more (it is {v:?}); \
                      unset it to use one thread per core"
                 )))
             }
         }
     }
-    builder.enable_all().build()
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::internal(format!("cannot start the runtime: {e}")))
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
