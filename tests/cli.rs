@@ -191,6 +191,10 @@ open_duration = "30s"
 max_concurrent = 20
 max_wait = "200ms"
 rate = { requests = 100, per = "1m", burst = 20 }
+chain = ["claude-haiku-4-5"]
+
+[redis]
+url = "redis://127.0.0.1:1"
 "#,
     );
     let run = fb(&file, &["check"]);
@@ -207,13 +211,25 @@ rate = { requests = 100, per = "1m", burst = 20 }
     let text = std::fs::read_to_string(&file.path).expect("read");
     let original = Config::from_toml(&text).expect("valid");
     assert_eq!(reparsed.resolved(), original.resolved());
-    for shown in ["\"my-app\"", "claude-haiku-4-5", "consecutive_failures = 7"] {
+    // Defaults that take effect are spelled out (seen missing before: a target's model and
+    // attempt timeout, a chained feature's deadline, the serving threads), and an unset
+    // list is not printed as an empty one (`cluster = []` next to `url`).
+    for shown in [
+        "\"my-app\"",
+        "claude-haiku-4-5",
+        "consecutive_failures = 7",
+        "model = \"claude-haiku-4-5\"",
+        "timeout = \"15s\"",
+        "deadline = \"1m\"",
+        "# server.threads is not set: fusebox serve uses one serving thread per core",
+    ] {
         assert!(
             run.stdout.contains(shown),
             "{shown:?} missing:\n{}",
             run.stdout
         );
     }
+    assert!(!run.stdout.contains("cluster"), "{}", run.stdout);
     assert_eq!(run.stderr, "");
 }
 

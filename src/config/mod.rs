@@ -97,14 +97,23 @@ impl Config {
     }
 
     /// The configuration as it takes effect: every default filled in, every target's
-    /// breaker spelled out field by field (inherited fields included).
+    /// breaker spelled out field by field (inherited fields included), each listed target's
+    /// model and attempt timeout, and each chained feature's deadline. (`server.threads`
+    /// stays unset when it is: its default, one per core, depends on the machine.)
     pub fn resolved(&self) -> Config {
         let mut c = self.clone();
         if let Some(r) = c.redis.as_mut() {
             r.operator_timeout = Some(r.resolved_operator_timeout());
         }
-        for t in c.targets.values_mut() {
+        for (name, t) in &mut c.targets {
             t.breaker = BreakerOverrides::all(&t.breaker(&self.breaker));
+            t.model.get_or_insert_with(|| name.clone());
+            t.timeout.get_or_insert(DEFAULT_ATTEMPT_TIMEOUT);
+        }
+        for f in c.features.values_mut() {
+            if !f.chain.is_empty() {
+                f.deadline.get_or_insert(DEFAULT_DEADLINE);
+            }
         }
         c
     }

@@ -17,6 +17,7 @@ pub struct RedisConfig {
     /// Exactly one of `url` and `cluster` is set. Default: none.
     pub url: Option<String>,
     /// Redis Cluster seed nodes (`redis://host:port` each). Default: empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub cluster: Vec<String>,
     /// Longest round trip of one script call (from sending it to its reply) before it counts
     /// as failed and the call goes on per the feature's policy. Time an admission spends

@@ -70,8 +70,16 @@ pub(crate) fn run(cli: &Cli, config: &Config) -> Result<(), Failure> {
     }
     let text = toml::to_string(&resolved)
         .map_err(|e| Failure::internal(format!("cannot encode TOML: {e}")))?;
+    let threads = match resolved.server.threads {
+        Some(_) => String::new(),
+        None => format!(
+            "\n# server.threads is not set: fusebox serve uses one serving thread per core \
+             ({} on this machine)\n",
+            resolved.server.serving_threads()
+        ),
+    };
     print(&format!(
-        "# {}: valid. Resolved (defaults filled in, passwords redacted):\n\n{text}",
+        "# {}: valid. Resolved (defaults filled in, passwords redacted):\n\n{text}{threads}",
         cli.config.display()
     ))
 }
