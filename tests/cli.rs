@@ -439,7 +439,10 @@ fn a_bad_tokio_worker_threads_is_an_error_naming_it_not_a_panic() {
         (&["mock-upstream", "--listen", "127.0.0.1:0"][..], ""),
         (&["mock-upstream", "--listen", "127.0.0.1:0"][..], "0"),
         (&["mock-upstream", "--listen", "127.0.0.1:0"][..], "many"),
-        (&["-c", file.path(), "serve", "--listen", "127.0.0.1:0"][..], "abc"),
+        (
+            &["-c", file.path(), "serve", "--listen", "127.0.0.1:0"][..],
+            "abc",
+        ),
     ] {
         let mut child = Command::new(bin())
             .args(args)
