@@ -1356,6 +1356,69 @@ fn sigterm_right_after_the_listening_line_stops_gracefully() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A second SIGTERM ends the requests still in flight at once (a 503 each) instead of waiting
+/// out `server.shutdown_grace`; the first alone keeps waiting for them. Before, a second signal
+/// changed nothing: an operator had to wait the whole grace (30 s by default) or SIGKILL,
+/// which loses the queued settles.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_requests_in_flight_at_once() {
+    bounded(async {
+        let mock = MockUpstream::builder().start().await.expect("mock binds");
+        mock.set(PRIMARY, Plan::answer().latency(Duration::from_secs(60)));
+        let (dir, path) = config_file(
+            "serve-second-sigterm",
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\ndefault_feature = \"chat\"\n\
+                 shutdown_grace = \"60s\"\nthreads = 2\n\
+                 [targets.primary]\nmodel = \"{PRIMARY}\"\ntimeout = \"2m\"\n\
+                 [features.chat]\nchain = [\"primary\"]\ndeadline = \"5m\"\n",
+                mock.url()
+            ),
+        );
+        let config = path.clone();
+        let (mut child, addr) = tokio::task::spawn_blocking(move || start_serve(&config, "info"))
+            .await
+            .expect("joins");
+        let call = tokio::spawn(async move { ask_at(&addr).await });
+        while mock.in_flight(PRIMARY) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let term = |pid: u32| {
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill runs");
+            assert!(sent.success());
+        };
+        term(child.id());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the first SIGTERM waits for the request in flight (grace 60 s)"
+        );
+        assert!(!call.is_finished(), "the request still runs");
+        let sent = std::time::Instant::now();
+        term(child.id());
+        let resp = call.await.expect("joins").expect("answered");
+        assert_eq!(resp.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("joins")
+            .expect("exits");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the second SIGTERM stopped it in {:?}, not the 60 s grace",
+            sent.elapsed()
+        );
+        assert!(out.status.success(), "exit {:?}: {stderr}", out.status);
+        assert!(stderr.contains("second shutdown signal"), "{stderr}");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await;
+}
+
 /// An upstream that cannot be reached is logged with its cause, although the client gets a
 /// canned 200: seen by the new-user review (`upstream = "https://api.anthropic.com"` with no
 /// network answered "busy" and logged only the breaker opening).

@@ -83,6 +83,15 @@ fn upstream_client(server: &ServerConfig) -> Result<Client, Error> {
 }
 
 impl ProxyState {
+    /// Ends the requests in flight at once, as when `server.shutdown_grace` runs out (a
+    /// stream with an SSE `error` event, a plain request with a 503), so that a graceful
+    /// shutdown under way completes without waiting out the grace: for a second shutdown
+    /// signal. Outside a shutdown it also ends every request from then on; call it only once
+    /// the server is stopping.
+    pub fn end_requests_now(&self) {
+        self.inner.cut.send_replace(true);
+    }
+
     /// The state for `coordinator` with `server`'s settings; an error names the field that
     /// is wrong.
     pub fn new(coordinator: Coordinator, server: ServerConfig) -> Result<Self, Error> {
