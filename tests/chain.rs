@@ -201,6 +201,40 @@ async fn open_breakers_are_skipped_without_an_upstream_call(env: Env) {
     );
 }
 
+/// When every target's breaker refuses, the refusal returned is that of the target that
+/// reopens first, so its retry-after is when some model may answer again. Before, it was the
+/// last target's: with the primary half-opening in 2 s and the fallback in a minute, callers
+/// were told to wait a minute.
+async fn every_target_refused_says_when_the_first_reopens(env: Env) {
+    let mut config = env.config(&["a", "b"]);
+    config.targets.insert(
+        "a".into(),
+        TargetConfig {
+            breaker: fusebox::BreakerOverrides {
+                open_duration: Some(Duration::from_secs(2)),
+                ..Default::default()
+            },
+            ..TargetConfig::default()
+        },
+    );
+    let c = env.start(config).await;
+    let up = Upstream::with(&[("a", Err(RETRYABLE)), ("b", Err(RETRYABLE))]);
+    // One failure each opens both: a for 2 s, b for 60 s.
+    let _ = c.guarded_call("f", up.call(), classify).await;
+    let refused = c.guarded_call("f", up.call(), classify).await;
+    match refused {
+        Err(CallError::Rejected(Rejection::CircuitOpen {
+            target,
+            retry_after: Some(after),
+            ..
+        })) => {
+            assert_eq!(target, "a", "the target that reopens first");
+            assert!(after <= Duration::from_secs(2), "retry-after {after:?}");
+        }
+        other => panic!("every breaker open: {other:?}"),
+    }
+}
+
 async fn a_final_error_ends_the_chain(env: Env) {
     let c = env.start(env.config(&["a", "b"])).await;
     let up = Upstream::with(&[("a", Err(Class::Final)), ("b", Ok("B"))]);
@@ -402,6 +436,7 @@ on_all!(
     stop_before_a_weaker_model,
     the_canned_answer_when_every_target_fails,
     one_permit_per_request_across_the_chain,
+    every_target_refused_says_when_the_first_reopens,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

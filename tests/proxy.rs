@@ -1144,6 +1144,16 @@ async fn every_breaker_open_is_a_529_with_retry_after_and_no_upstream_call(env: 
     let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
     assert_eq!(resp.status().as_u16(), 529);
     assert_eq!(api_error_type(&bytes), "overloaded_error");
+    // It says the whole chain is refused (seen before: only the last target was named).
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes).expect("JSON")["error"]
+        ["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("every model of the chain is unavailable"),
+        "{message}"
+    );
     let wait = header(&resp, "retry-after").and_then(|v| v.parse::<u64>().ok());
     assert!(
         wait.is_some_and(|w| w >= 1),

@@ -79,6 +79,16 @@ fn sooner(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
+/// Whether `a` lets a call through no later than `b` (no retry-after: not by itself, e.g.
+/// forced open).
+fn not_later(a: &Rejection, b: &Rejection) -> bool {
+    match (a.retry_after(), b.retry_after()) {
+        (Some(a), Some(b)) => a <= b,
+        (Some(_), None) | (None, None) => true,
+        (None, Some(_)) => false,
+    }
+}
+
 impl Coordinator {
     /// Runs one call of `feature` through its fallback chain (`[features."x"] chain`) and
     /// returns the best answer available, with what answered it (see [`crate::pipeline`]).
@@ -316,7 +326,14 @@ impl Coordinator {
                             Rejection::CircuitOpen { .. } | Rejection::NotBefore { .. }
                         );
                         hint = sooner(hint, r.retry_after());
-                        last_rej = Some(r);
+                        // Of the targets refused by their breakers, the one that can be
+                        // tried soonest (the better model on a tie) is the refusal to
+                        // return, so that its retry-after is when some model may answer
+                        // again, not when the last one of the chain does.
+                        last_rej = Some(match last_rej.take() {
+                            Some(prev) if target_level && not_later(&prev, &r) => prev,
+                            _ => r,
+                        });
                         if target_level {
                             i += 1;
                             continue 'chain;

@@ -87,7 +87,21 @@ impl ApiError {
     pub(crate) fn of_call(e: CallError<UpstreamError>) -> Self {
         match e {
             CallError::Inner(u) => ApiError::of_upstream(&u, true),
-            CallError::Rejected(r) => ApiError::of_rejection(&r),
+            CallError::Rejected(r) => {
+                let mut a = ApiError::of_rejection(&r);
+                // A chain moves past a target its breaker refuses: such a refusal here
+                // means every model of the chain was refused (this one reopens first).
+                if matches!(
+                    r,
+                    Rejection::CircuitOpen { .. } | Rejection::NotBefore { .. }
+                ) {
+                    a.message = format!(
+                        "fusebox: every model of the chain is unavailable; the first to \
+                         reopen: {r}"
+                    );
+                }
+                a
+            }
             CallError::RetryLater { retry_after } => {
                 let mut a = ApiError::new(
                     StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
