@@ -2449,3 +2449,49 @@ async fn replicas_is_read_from_redis_or_fails() {
     })
     .await;
 }
+
+/// Regression: the coordinator's background loops (here fleet membership) ran on whichever
+/// runtime first needed them. In `fusebox serve` that is a serving thread's; a loop there ended
+/// with that runtime, and the replica's membership entry expired although it still served.
+/// They now run on the runtime the shared store connected from.
+#[test]
+fn background_loops_outlive_the_runtime_that_started_them() {
+    let env = Env::redis();
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut config = env.config();
+    if let Some(r) = config.redis.as_mut() {
+        // Renewed every 100 ms; an entry lives 300 ms.
+        r.retry_interval = Duration::from_millis(100);
+    }
+    let c = home
+        .block_on(Coordinator::new(config))
+        .expect("coordinator");
+    // Another runtime (a serving thread's, say) makes the first admission, then ends.
+    let other = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    other.block_on(async {
+        c.admit("chat", "m").await.expect("admitted").success();
+        // The membership loop has run at least once.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    });
+    drop(other);
+    std::thread::sleep(Duration::from_secs(1));
+    let members = home
+        .block_on(async { tokio::time::timeout(FLUSH, c.replicas()).await })
+        .expect("in time")
+        .expect("read from Redis");
+    assert!(
+        members.iter().any(|m| m.this),
+        "this replica's membership expired 1 s after the runtime that started its renewals \
+         ended (entry lifetime 300 ms): {} listed",
+        members.len()
+    );
+    drop(c);
+    drop(home);
+}

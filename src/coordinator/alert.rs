@@ -85,11 +85,11 @@ impl Shared {
         if a.running.load(Ordering::Relaxed) || a.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(deliver_loop(Arc::downgrade(self)));
-            }
-            Err(_) => a.running.store(false, Ordering::Release),
+        if !self
+            .tiered
+            .spawn_background(deliver_loop(Arc::downgrade(self)))
+        {
+            a.running.store(false, Ordering::Release);
         }
     }
 

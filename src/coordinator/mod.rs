@@ -403,7 +403,8 @@ impl Shared {
     /// Starts renewing this replica's fleet membership (once; with a shared store only).
     fn join_fleet(self: &Arc<Self>) {
         if self.tiered.remote.is_some() && self.fleet.join_once() {
-            tokio::spawn(fleet::run(Arc::downgrade(self)));
+            self.tiered
+                .spawn_background(fleet::run(Arc::downgrade(self)));
         }
     }
 

@@ -225,12 +225,12 @@ impl Shared {
         if r.depositing.load(Ordering::Relaxed) || r.depositing.swap(true, Ordering::AcqRel) {
             return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                h.spawn(deposit_loop(Arc::downgrade(self)));
-            }
-            // Outside a runtime: counted, delivered with the next withdrawal.
-            Err(_) => r.depositing.store(false, Ordering::Release),
+        // Outside a runtime: counted, delivered with the next withdrawal.
+        if !self
+            .tiered
+            .spawn_background(deposit_loop(Arc::downgrade(self)))
+        {
+            r.depositing.store(false, Ordering::Release);
         }
     }
 }

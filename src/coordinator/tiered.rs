@@ -328,6 +328,26 @@ impl Tiered {
         Ok(())
     }
 
+    /// Spawns a background loop of the coordinator (fleet membership, retry-budget deposits,
+    /// fallback alerts: all about the shared store) on the shared store's runtime, where its
+    /// connection lives, rather than on whichever runtime first needed the loop: in
+    /// `fusebox serve` that was a serving thread, and a loop there stopped with it, or
+    /// waited behind its requests. Without a shared store, on the current runtime. False
+    /// when there is none to run it on.
+    pub(crate) fn spawn_background(&self, work: impl Future<Output = ()> + Send + 'static) -> bool {
+        match (&self.remote, tokio::runtime::Handle::try_current()) {
+            (Some(r), _) => {
+                r.store.runtime().spawn(work);
+                true
+            }
+            (None, Ok(h)) => {
+                h.spawn(work);
+                true
+            }
+            (None, Err(_)) => false,
+        }
+    }
+
     pub(crate) fn health(&self) -> Option<&Arc<Health>> {
         self.reporter.health.as_ref()
     }

@@ -206,6 +206,12 @@ impl RedisStore {
         let _ = self.core.lost.set(sink);
     }
 
+    /// The runtime the store's connection and background tasks run on (the one it was
+    /// connected from).
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.core.runtime
+    }
+
     /// The queue of settles this replica has not delivered yet (see `pending.rs`).
     pub(crate) fn settles(&self) -> &SettleQueue {
         &self.core.settles
