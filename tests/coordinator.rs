@@ -1015,6 +1015,20 @@ fn quick_local(env: &Env) -> Config {
     config
 }
 
+/// [`quick_local`] with feature `one` as well: a limit of 1, a 30 s lease.
+fn quick_local_with_one(env: &Env) -> Config {
+    let mut config = quick_local(env);
+    config.features.insert(
+        "one".into(),
+        FeatureConfig {
+            max_concurrent: Some(1),
+            lease: Duration::from_secs(30),
+            ..FeatureConfig::default()
+        },
+    );
+    config
+}
+
 /// Regression (§2.4): going local ignored this replica's shared permits still running, so
 /// with a limit of 2 held in Redis, a SIGSTOP let 2 more in locally: 4 in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1111,15 +1125,7 @@ async fn after_recovery_redis_counts_the_local_permits_still_running() {
 async fn a_permit_granted_during_a_short_stall_stays_counted_after_it() {
     bounded(async {
         let env = Env::redis();
-        let mut config = quick_local(&env);
-        config.features.insert(
-            "one".into(),
-            FeatureConfig {
-                max_concurrent: Some(1),
-                lease: Duration::from_secs(30),
-                ..FeatureConfig::default()
-            },
-        );
+        let mut config = quick_local_with_one(&env);
         if let Some(r) = config.redis.as_mut() {
             r.retry_interval = Duration::from_millis(100);
         }
@@ -1188,15 +1194,7 @@ async fn a_local_permit_whose_registration_timed_out_is_released_in_redis() {
     bounded(async {
         let env = Env::redis();
         // Local after one 100 ms timeout; one probe of Redis per second.
-        let mut config = quick_local(&env);
-        config.features.insert(
-            "one".into(),
-            FeatureConfig {
-                max_concurrent: Some(1),
-                lease: Duration::from_secs(30),
-                ..FeatureConfig::default()
-            },
-        );
+        let config = quick_local_with_one(&env);
         let (a, _) = env.start(config.clone()).await;
         a.admit("two", "warm").await.expect("warm up").success();
         flush(&a).await;

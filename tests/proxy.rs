@@ -1258,6 +1258,15 @@ fn start_serve(config: &std::path::Path, log: &str) -> (std::process::Child, Str
     (child, addr)
 }
 
+/// Sends SIGTERM to process `pid` (with `kill`, which must succeed).
+fn sigterm(pid: u32) {
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -TERM {pid}: {sent}");
+}
+
 /// `fusebox serve` as a process: `--listen 127.0.0.1:0` prints the real port, the proxy answers
 /// on it through the configured chain, and SIGTERM stops it with exit 0. With
 /// `server.threads = 3` it runs three serving threads of its own (`fusebox-serve-N`, Linux),
@@ -1317,11 +1326,7 @@ async fn fusebox_serve_prints_its_address_serves_and_stops_on_sigterm() {
         while mock.in_flight(PRIMARY) < 3 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
+        sigterm(child.id());
         for call in calls {
             let resp = call.await.expect("joins").expect("answered across the shutdown");
             assert_eq!(resp.status(), reqwest::StatusCode::OK);
@@ -1355,11 +1360,7 @@ fn sigterm_right_after_the_listening_line_stops_gracefully() {
     );
     for _ in 0..8 {
         let (mut child, _) = start_serve(&path, "warn");
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success());
+        sigterm(child.id());
         let status = child.wait().expect("exits");
         assert!(status.success(), "SIGTERM right after the line: {status:?}");
     }
@@ -1394,14 +1395,7 @@ async fn a_second_sigterm_ends_the_requests_in_flight_at_once() {
         while mock.in_flight(PRIMARY) < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let term = |pid: u32| {
-            let sent = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .expect("kill runs");
-            assert!(sent.success());
-        };
-        term(child.id());
+        sigterm(child.id());
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(
             child.try_wait().expect("try_wait").is_none(),
@@ -1409,7 +1403,7 @@ async fn a_second_sigterm_ends_the_requests_in_flight_at_once() {
         );
         assert!(!call.is_finished(), "the request still runs");
         let sent = std::time::Instant::now();
-        term(child.id());
+        sigterm(child.id());
         let resp = call.await.expect("joins").expect("answered");
         assert_eq!(resp.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
         let out = tokio::task::spawn_blocking(move || child.wait_with_output())
