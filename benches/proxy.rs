@@ -6,6 +6,7 @@
 //! cargo bench --bench proxy
 //! FUSEBOX_BENCH_SECS=10 cargo bench --bench proxy      # seconds per row (default 5)
 //! FUSEBOX_BENCH_WRK_THREADS=1 cargo bench --bench proxy  # wrk threads at c=64 (default 2)
+//! TOKIO_WORKER_THREADS=1 cargo bench --bench proxy     # fusebox serve's threads (default: one per core)
 //! ```
 //!
 //! The upstream is nginx answering every request with one fixed Messages API response
@@ -101,9 +102,15 @@ fn main() {
         run_wrk(&wrk, &script, port, c, threads, secs)
     };
 
+    // `fusebox serve` takes its thread count from TOKIO_WORKER_THREADS (passed through).
+    let serving = std::env::var("TOKIO_WORKER_THREADS").map_or_else(
+        |_| "one per core".to_owned(),
+        |v| format!("TOKIO_WORKER_THREADS={v}"),
+    );
     println!(
         "fusebox proxy bench: {secs} s per row, wrk {wrk_threads} threads at c=64, nginx \
-         fixed-response upstream, one fusebox serve (release), same machine"
+         fixed-response upstream, one fusebox serve (release; serving threads: {serving}), \
+         same machine"
     );
     println!(
         "{:<30} {:>3} {:>8} {:>9} {:>9}   {:>22} {:>6}   {:>12}",
