@@ -128,7 +128,7 @@ async fn main() {
     let admit = || {
         let c = c.clone();
         async move {
-            let p = c.admit("chat", "claude-sonnet-4-5").await.expect("admit");
+            let p = c.admit("chat", "claude-sonnet-4-6").await.expect("admit");
             p.record(CallOutcome::Success);
         }
     };
@@ -144,7 +144,7 @@ async fn main() {
         let (c, stop, written) = (c.clone(), Arc::clone(&stop), Arc::clone(&written));
         tasks.push(tokio::spawn(async move {
             let body = json!({"type": "message", "content": [{"type": "text", "text": "x".repeat(VALUE_BYTES)}]});
-            let ans = Answer::success(200, "claude-sonnet-4-5", body).expect("answer");
+            let ans = Answer::success(200, "claude-sonnet-4-6", body).expect("answer");
             let who = Caller { api_key: Some("bench-key"), tenant_id: None };
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {

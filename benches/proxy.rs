@@ -41,10 +41,10 @@ use std::time::{Duration, Instant};
 mod support;
 
 /// The upstream's fixed answer: a realistic non-streaming Messages response.
-const ANSWER: &str = r#"{"id":"msg_01Bench","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hello! How can I help you today?"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":10}}"#;
+const ANSWER: &str = r#"{"id":"msg_01Bench","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"Hello! How can I help you today?"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":10}}"#;
 
 /// The request every row sends.
-const REQUEST: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hello"}]}"#;
+const REQUEST: &str = r#"{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{"role":"user","content":"Hello"}]}"#;
 
 /// wrk's request and report: one `FUSEBOX_WRK` line, numbers only.
 const WRK_SCRIPT: &str = r#"
@@ -498,7 +498,7 @@ impl Proxy {
              [features.chat]\n\
              max_concurrent = 1000\n\
              rate = {{ requests = 1000000, per = \"1s\", burst = 100000 }}\n\
-             chain = [\"claude-sonnet-4-5\", \"claude-haiku-4-5\"]\n"
+             chain = [\"claude-sonnet-4-6\", \"claude-haiku-4-5\"]\n"
         );
         if let Some(url) = redis {
             let _ = write!(config, "\n[redis]\nurl = \"{url}\"\n");

@@ -22,7 +22,8 @@
 //! | connection error, timeout, body cut off, garbage body on a 2xx | retryable | failure |
 //! | `error` event inside a stream (`api_error`, ...) | as its status | as its status |
 //! | 413, or a 400 saying the prompt exceeds the context window | context too large | ignored |
-//! | 400, 401, 402, 403, 404 | final | ignored |
+//! | 404 whose message names the model (`model: claude-...`: retired, or unknown to the key) | overloaded (the next target at once) | failure |
+//! | 400, 401, 402, 403, other 404s | final | ignored |
 //! | other statuses | final | failure |
 //!
 //! `x-should-retry: true` makes any failure retryable; `x-should-retry: false` turns a
@@ -211,6 +212,9 @@ pub enum Reason {
     Permission,
     /// 404: the model or endpoint does not exist.
     NotFound,
+    /// 404 naming the model (`model: claude-...`): this target's model is retired or unknown
+    /// to the key, so the next target may well answer (and the breaker keeps calls off it).
+    ModelNotFound,
     /// The account: a spend cap (429 `enforced_spend_limit_reached`) or billing (402). No
     /// model of the same account can answer.
     Account,
@@ -237,6 +241,7 @@ impl Reason {
             Reason::Credentials => "credentials",
             Reason::Permission => "permission",
             Reason::NotFound => "not_found",
+            Reason::ModelNotFound => "model_not_found",
             Reason::Account => "account",
             Reason::UnexpectedStatus => "unexpected_status",
         }
@@ -387,10 +392,24 @@ impl AnthropicPolicy {
             401 => Classification::final_(Reason::Credentials),
             402 => Classification::final_(Reason::Account),
             403 => Classification::final_(Reason::Permission),
+            // The API's answer for a model it does not serve (a retired one, say):
+            // `{"type":"not_found_error","message":"model: claude-..."}`. That is the target's
+            // model, not the request: another model of the chain can answer.
+            404 if f.message.is_some_and(names_the_model) => {
+                Classification::overloaded(Reason::ModelNotFound, None)
+            }
             404 => Classification::final_(Reason::NotFound),
             _ => Classification::final_(Reason::UnexpectedStatus).with_health(CallOutcome::Failure),
         }
     }
+}
+
+/// Whether a 404's message is the API's "no such model" (`model: claude-sonnet-9`).
+fn names_the_model(message: &str) -> bool {
+    message
+        .trim_start()
+        .get(..6)
+        .is_some_and(|head| head.eq_ignore_ascii_case("model:"))
 }
 
 /// Whether an error message says the prompt does not fit the model's context window
@@ -524,6 +543,45 @@ mod tests {
             assert_eq!(c, Classification::final_(reason), "{s}");
             assert_eq!(c.health, CallOutcome::Ignored, "{s}");
         }
+    }
+
+    /// A model the API does not serve (retired, as `claude-sonnet-4-5` is from 2026-11-30, or
+    /// unknown to the key) moves the chain to its next target and counts against the
+    /// target's breaker; a 404 that does not name the model (a wrong path) stays final.
+    /// Seen before: a retired primary ended every request with its 404 and the fallback was
+    /// never tried.
+    #[test]
+    fn a_model_the_api_does_not_serve_moves_to_the_next_target() {
+        for message in ["model: claude-sonnet-4-5", "  Model: x"] {
+            let c = AnthropicPolicy::new().classify(&Failure::Status(
+                StatusFailure::new(404)
+                    .error_type(Some("not_found_error"))
+                    .message(Some(message)),
+            ));
+            assert_eq!(
+                c,
+                Classification::overloaded(Reason::ModelNotFound, None),
+                "{message}"
+            );
+            assert_eq!(c.health, CallOutcome::Failure);
+        }
+        for message in [
+            None,
+            Some("Not Found"),
+            Some("the model is fine"),
+            Some("mod"),
+        ] {
+            let c = AnthropicPolicy::new().classify(&Failure::Status(
+                StatusFailure::new(404)
+                    .error_type(Some("not_found_error"))
+                    .message(message),
+            ));
+            assert_eq!(c, Classification::final_(Reason::NotFound), "{message:?}");
+        }
+        let event = AnthropicPolicy::new().classify(&Failure::StreamError {
+            error_type: "not_found_error",
+        });
+        assert_eq!(event, Classification::final_(Reason::NotFound));
     }
 
     #[test]

@@ -93,9 +93,9 @@ mod tests {
 
     #[test]
     fn keys_of_one_script_share_one_hash_tag() {
-        let t = target_keys("app", "claude-sonnet-4-5");
+        let t = target_keys("app", "claude-sonnet-4-6");
         assert_eq!(tag(&t.breaker), tag(&t.probes));
-        assert_eq!(tag(&t.breaker), "app:t:claude-sonnet-4-5");
+        assert_eq!(tag(&t.breaker), "app:t:claude-sonnet-4-6");
         let f = feature_keys("app", "chat");
         assert_eq!(tag(&f.rate), tag(&f.permits));
         assert_ne!(tag(&f.rate), tag(&t.breaker));
@@ -103,7 +103,7 @@ mod tests {
         assert_eq!(tag(&c.index), tag(&f.rate));
         assert_eq!(tag(&c.entry("ab", "cd")), tag(&c.index));
         assert_eq!(
-            tag(&budget_key("app", "claude-sonnet-4-5")),
+            tag(&budget_key("app", "claude-sonnet-4-6")),
             tag(&t.breaker)
         );
     }

@@ -78,7 +78,8 @@ async fn every_status_class_is_classified() {
         (401, Classification::final_(Reason::Credentials)),
         (402, Classification::final_(Reason::Account)),
         (403, Classification::final_(Reason::Permission)),
-        (404, Classification::final_(Reason::NotFound)),
+        // The mock answers a 404 as the API does for a model it does not serve.
+        (404, Classification::overloaded(Reason::ModelNotFound, None)),
         (408, retryable(Reason::UpstreamTimeout)),
         (
             409,

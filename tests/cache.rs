@@ -122,7 +122,7 @@ fn on() -> CacheConfig {
 
 fn ask(text: &str) -> Value {
     json!({
-        "model": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-6",
         "max_tokens": 512,
         "system": "You are a geography tutor.",
         "messages": [{"role": "user", "content": text}],
@@ -182,7 +182,7 @@ on_all!(
 async fn trivial_variants_hit_and_different_questions_miss(env: Env) {
     let (c, rec) = env.start(on()).await;
     let q = ask("What is the capital of France?");
-    put(&c, a(), &q, &answer("claude-sonnet-4-5", "Paris.")).await;
+    put(&c, a(), &q, &answer("claude-sonnet-4-6", "Paris.")).await;
 
     // Same request, another model, streaming, metadata: an exact hit.
     let mut same = q.clone();
@@ -193,7 +193,7 @@ async fn trivial_variants_hit_and_different_questions_miss(env: Env) {
     let hit = hit.expect("exact hit");
     assert_eq!(hit.matched, Match::Exact);
     assert_eq!(text_of(&hit), "Paris.");
-    assert_eq!(hit.model, "claude-sonnet-4-5");
+    assert_eq!(hit.model, "claude-sonnet-4-6");
     assert!(hit.is_degraded());
     assert_eq!(hit.source.as_str(), "cache");
     assert!(hit.age < Duration::from_secs(60), "{:?}", hit.age);

@@ -272,18 +272,18 @@ fn the_example_file_works_with_every_command() {
     let run = fusebox(&["-c", path, "check"]);
     run.assert_ok();
     assert!(
-        run.stdout.contains("[targets.claude-sonnet-4-5.breaker]"),
+        run.stdout.contains("[targets.claude-sonnet-4-6.breaker]"),
         "{run:#?}"
     );
     let run = fusebox(&["-c", path, "status"]);
     run.assert_ok();
     assert!(run.stdout.contains("store: embedded"), "{run:#?}");
-    assert!(run.stdout.contains("claude-sonnet-4-5"), "{run:#?}");
+    assert!(run.stdout.contains("claude-sonnet-4-6"), "{run:#?}");
     let run = fusebox(&["-c", path, "--json", "status"]);
     run.assert_ok();
     let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
     assert_eq!(v["state_visible"], false, "{v}");
-    fusebox(&["-c", path, "force", "claude-sonnet-4-5", "open"]).assert_exit(5);
+    fusebox(&["-c", path, "force", "claude-sonnet-4-6", "open"]).assert_exit(5);
 }
 
 /// The configuration example of the README is valid as written.
@@ -623,13 +623,13 @@ fn status_refuses_a_name_neither_configured_nor_known() {
     let server = RedisServer::start();
     let file = TempToml::new(&format!(
         "namespace = \"typo\"\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
-         [targets.claude-sonnet-4-5.breaker]\nconsecutive_failures = 2\n[features.chat]\n",
+         [targets.claude-sonnet-4-6.breaker]\nconsecutive_failures = 2\n[features.chat]\n",
         server.url()
     ));
-    let run = fb(&file, &["status", "claude-sonet-4-5"]);
+    let run = fb(&file, &["status", "claude-sonet-4-6"]);
     run.assert_exit(5);
     assert!(run.stderr.contains("neither configured"), "{run:#?}");
-    assert!(run.stderr.contains("claude-sonet-4-5"), "{run:#?}");
+    assert!(run.stderr.contains("claude-sonet-4-6"), "{run:#?}");
     assert!(!run.stdout.contains("closed"), "{run:#?}");
     let run = fusebox(&["-c", file.path(), "--json", "status", "nosuch"]);
     run.assert_exit(5);
@@ -637,7 +637,7 @@ fn status_refuses_a_name_neither_configured_nor_known() {
     assert_eq!(v["error"]["exit_code"], 5, "{run:#?}");
 
     // Configured (no state yet), a feature, and a target known only to the store: shown.
-    assert_eq!(state_of(&file, "claude-sonnet-4-5"), "closed");
+    assert_eq!(state_of(&file, "claude-sonnet-4-6"), "closed");
     fb(&file, &["status", "chat"]).assert_ok();
     fb(&file, &["force", "--create", "other", "open"]).assert_ok();
     assert_eq!(state_of(&file, "other"), "forced_open");
@@ -660,10 +660,10 @@ fn force_refuses_an_unknown_target_unless_create() {
     let server = RedisServer::start();
     let file = TempToml::new(&format!(
         "namespace = \"typo\"\n[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\
-         [targets.claude-sonnet-4-5.breaker]\nconsecutive_failures = 2\n[features.chat]\n",
+         [targets.claude-sonnet-4-6.breaker]\nconsecutive_failures = 2\n[features.chat]\n",
         server.url()
     ));
-    let run = fb(&file, &["force", "claude-sonet-4-5", "open"]);
+    let run = fb(&file, &["force", "claude-sonet-4-6", "open"]);
     run.assert_exit(5);
     assert!(run.stderr.contains("unknown target"), "{run:#?}");
     assert!(run.stderr.contains("--create"), "{run:#?}");
@@ -675,7 +675,7 @@ fn force_refuses_an_unknown_target_unless_create() {
         file.path(),
         "--json",
         "force",
-        "claude-sonet-4-5",
+        "claude-sonet-4-6",
         "open",
     ];
     let run = fusebox(&all);
@@ -683,15 +683,15 @@ fn force_refuses_an_unknown_target_unless_create() {
     let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON error");
     assert_eq!(v["error"]["exit_code"], 5, "{run:#?}");
 
-    fb(&file, &["force", "claude-sonnet-4-5", "open"]).assert_ok();
-    assert_eq!(state_of(&file, "claude-sonnet-4-5"), "forced_open");
+    fb(&file, &["force", "claude-sonnet-4-6", "open"]).assert_ok();
+    assert_eq!(state_of(&file, "claude-sonnet-4-6"), "forced_open");
 
     all.insert(4, "--create");
     fusebox(&all).assert_ok();
-    assert_eq!(state_of(&file, "claude-sonet-4-5"), "forced_open");
+    assert_eq!(state_of(&file, "claude-sonet-4-6"), "forced_open");
     // Known now (it has state): no --create needed.
-    fb(&file, &["force", "claude-sonet-4-5", "reset"]).assert_ok();
-    assert_eq!(state_of(&file, "claude-sonet-4-5"), "closed");
+    fb(&file, &["force", "claude-sonet-4-6", "reset"]).assert_ok();
+    assert_eq!(state_of(&file, "claude-sonet-4-6"), "closed");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1448,7 +1448,7 @@ fn the_demo_runs_shortened_without_a_terminal_and_its_summary_shows_the_outage()
     assert!(summary_number(out, "fallback answers:") > 0, "{out}");
     assert!(summary_number(out, "degraded answers:") > 0, "{out}");
     assert!(summary_number(out, "primary answers:") > 0, "{out}");
-    let sonnet = "breaker claude-sonnet-4-5: opened";
+    let sonnet = "breaker claude-sonnet-4-6: opened";
     assert!(
         summary_number(out, sonnet) >= 1,
         "the primary's breaker opened:\n{out}"
@@ -1464,7 +1464,7 @@ fn the_demo_runs_shortened_without_a_terminal_and_its_summary_shows_the_outage()
         "the primary's breaker closed again:\n{out}"
     );
     assert!(
-        out.contains("breaker claude-sonnet-4-5: half_open -> closed"),
+        out.contains("breaker claude-sonnet-4-6: half_open -> closed"),
         "the closing was reported as it happened:\n{out}"
     );
 }

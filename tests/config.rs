@@ -494,7 +494,7 @@ half_open_probes = 3
 half_open_successes = 2
 probe_timeout = "45s"
 
-[targets."claude-sonnet-4-5".breaker]
+[targets."claude-sonnet-4-6".breaker]
 consecutive_failures = 3
 open_duration = "15s"
 
@@ -514,7 +514,7 @@ fn a_realistic_toml_file_parses_into_exactly_what_it_says() {
     let got = Config::from_toml(REALISTIC).expect("the realistic file is valid");
     let mut targets = BTreeMap::new();
     targets.insert(
-        "claude-sonnet-4-5".to_owned(),
+        "claude-sonnet-4-6".to_owned(),
         TargetConfig {
             breaker: BreakerOverrides {
                 consecutive_failures: Some(Some(3)),
@@ -990,7 +990,7 @@ fn idle_ttl_must_outlive_an_open_period_and_a_probe() {
 
 const CHAINED: &str = r#"
 [targets.sonnet]
-model = "claude-sonnet-4-5"
+model = "claude-sonnet-4-6"
 max_tokens = 4096
 timeout = "20s"
 context_window = 200000
@@ -1013,7 +1013,7 @@ retry_after = "1m"
 fn a_chained_feature_parses_and_round_trips() {
     let c = Config::from_toml(CHAINED).unwrap_or_else(|e| panic!("{e}"));
     let t = &c.targets["sonnet"];
-    assert_eq!(t.model.as_deref(), Some("claude-sonnet-4-5"));
+    assert_eq!(t.model.as_deref(), Some("claude-sonnet-4-6"));
     assert_eq!(
         (t.max_tokens, t.timeout, t.context_window),
         (Some(4096), Some(20 * SEC), Some(200_000))

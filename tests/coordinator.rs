@@ -1743,9 +1743,9 @@ async fn force_refuses_an_unknown_target(env: Env) {
         .insert("listed".into(), fusebox::TargetConfig::default());
     let (c, rec) = env.start(config).await;
 
-    let r = c.force("claude-sonet-4-5", Force::Open).await;
+    let r = c.force("claude-sonet-4-6", Force::Open).await;
     assert!(
-        matches!(&r, Err(Error::UnknownTarget(name)) if name == "claude-sonet-4-5"),
+        matches!(&r, Err(Error::UnknownTarget(name)) if name == "claude-sonet-4-6"),
         "{r:?}"
     );
     assert!(
@@ -1759,7 +1759,7 @@ async fn force_refuses_an_unknown_target(env: Env) {
         assert_eq!(env.server().cli(&["DBSIZE"]), "0", "no key written");
     }
     assert!(matches!(
-        c.force("claude-sonet-4-5", Force::Reset).await,
+        c.force("claude-sonet-4-6", Force::Reset).await,
         Err(Error::UnknownTarget(_))
     ));
 

@@ -311,6 +311,32 @@ async fn fallback_replaces_the_model_and_says_so(env: Env) {
     assert_eq!(seen[1].body, expected, "only the model was replaced");
 }
 
+/// A model the API does not serve any more (404 `not_found_error`, "model: ..."; the mock's
+/// 404 plan answers so) falls back to the next model, and the breaker counts it. Seen by the
+/// new-user review: with the examples' primary retired (`claude-sonnet-4-5`, end of life
+/// 2026-11-30), every request ended with the 404 and the fallback was never tried.
+async fn a_retired_model_falls_back_to_the_next(env: Env) {
+    let s = setup(&env).await;
+    s.mock.set(PRIMARY, Plan::always(Reply::status(404)));
+    let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert_eq!(header(&resp, "x-fusebox-tier"), Some("fallback"));
+    assert_eq!(json_of(&bytes)["model"], FALLBACK);
+    let seen = s.mock.seen();
+    assert_eq!(seen.len(), 2, "the primary once, then the fallback");
+    s.coordinator.flush(Duration::from_secs(5)).await;
+    let snap = s.coordinator.snapshot("primary").await.expect("snapshot");
+    assert_eq!(
+        snap.window.failures, 1,
+        "the retired model counts on its breaker"
+    );
+}
+
 async fn bad_input_gets_400s_and_413s_in_the_api_shape(env: Env) {
     let s = setup_with(&env, |c| c.server.max_body_bytes = 4096).await;
     let raw = |body: &str| {
@@ -1543,6 +1569,7 @@ on_both!(
     the_canned_answer_is_a_normal_message_marked_degraded,
     unknown_fields_and_headers_pass_through_untouched,
     fallback_replaces_the_model_and_says_so,
+    a_retired_model_falls_back_to_the_next,
 );
 on_memory!(
     bad_input_gets_400s_and_413s_in_the_api_shape,

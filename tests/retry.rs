@@ -17,7 +17,7 @@ use fusebox::{
 };
 use support::{unique_name, Recorder, RedisCluster, RedisServer};
 
-const TARGET: &str = "claude-sonnet-4-5";
+const TARGET: &str = "claude-sonnet-4-6";
 
 fn config(budget: BudgetConfig) -> Config {
     let mut c = Config {

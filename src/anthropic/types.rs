@@ -154,7 +154,7 @@ mod tests {
     #[test]
     fn unknown_request_fields_pass_through_untouched() {
         let body = json!({
-            "model": "claude-sonnet-4-5",
+            "model": "claude-sonnet-4-6",
             "max_tokens": 1024,
             "stream": true,
             "system": [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}],
@@ -165,7 +165,7 @@ mod tests {
             "a_field_from_the_future": {"nested": [1, 2.5, null, "x"]}
         });
         let req: MessagesRequest = serde_json::from_value(body.clone()).expect("parses");
-        assert_eq!(req.model, "claude-sonnet-4-5");
+        assert_eq!(req.model, "claude-sonnet-4-6");
         assert_eq!(req.max_tokens, 1024);
         assert!(req.is_stream());
         assert_eq!(serde_json::to_value(&req).expect("serializes"), body);

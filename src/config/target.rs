@@ -1,5 +1,5 @@
 //! `[targets."<name>"]`: one target (a model or endpoint). Today it holds breaker settings,
-//! in a `breaker` table of its own (`[targets."claude-sonnet-4-5".breaker]`), so that the
+//! in a `breaker` table of its own (`[targets."claude-sonnet-4-6".breaker]`), so that the
 //! target can grow (model, upstream, timeout, max_tokens) without moving them.
 //!
 //! Breaker fields inherit from `[breaker]` one by one: a field set here replaces

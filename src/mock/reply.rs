@@ -95,6 +95,14 @@ impl Reply {
         })
     }
 
+    /// The error message of an error reply (empty for others).
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Reply::Error(e) => &e.message,
+            _ => "",
+        }
+    }
+
     /// 529 `overloaded_error`.
     pub fn overloaded() -> Reply {
         Reply::status(529)

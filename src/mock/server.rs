@@ -193,6 +193,12 @@ async fn respond(
     match reply {
         Reply::Answer if asked.stream => sse(&request_id, chunks(asked.events(&id))),
         Reply::Answer => json(StatusCode::OK, &request_id, asked.message(&id).to_string()),
+        // A 404 plan answers as the API does for a model it does not serve (retired, or
+        // unknown to the key): `not_found_error`, "model: <the model asked for>".
+        Reply::Error(mut e) if e.status == 404 && e.message == Reply::status(404).message() => {
+            e.message = format!("model: {}", asked.model);
+            error(&e, &request_id)
+        }
         Reply::Error(e) => error(&e, &request_id),
         Reply::ErrorAfterStart { error_type } if asked.stream => {
             let mut events = vec![asked.message_start(&id)];

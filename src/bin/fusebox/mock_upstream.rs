@@ -22,7 +22,7 @@ pub(crate) struct MockArgs {
     #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDR")]
     listen: SocketAddr,
     /// MODEL answers every request (or, with --failure-rate, the failing share) with this
-    /// error status, e.g. `claude-sonnet-4-5=529`.
+    /// error status, e.g. `claude-sonnet-4-6=529`.
     #[arg(long, value_name = "MODEL=STATUS", value_parser = model_status)]
     fail: Vec<(String, u16)>,
     /// A share (0.0 to 1.0) of MODEL's requests fails (529 unless --fail gives the status),

@@ -350,8 +350,8 @@ mod tests {
             &mut names,
             "app",
             vec![
-                "fusebox:{app:t:claude-sonnet-4-5}:v1:breaker".into(),
-                "fusebox:{app:t:claude-sonnet-4-5}:v1:probes".into(),
+                "fusebox:{app:t:claude-sonnet-4-6}:v1:breaker".into(),
+                "fusebox:{app:t:claude-sonnet-4-6}:v1:probes".into(),
                 "fusebox:{app:t:a:b}:v1:breaker".into(),
                 "fusebox:{app:f:chat}:v1:permits".into(),
                 "fusebox:{app:f:batch}:v1:rate".into(),
@@ -362,7 +362,7 @@ mod tests {
         );
         assert_eq!(
             names.targets.iter().map(String::as_str).collect::<Vec<_>>(),
-            ["a:b", "claude-sonnet-4-5"]
+            ["a:b", "claude-sonnet-4-6"]
         );
         assert_eq!(
             names

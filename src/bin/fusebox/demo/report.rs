@@ -286,7 +286,7 @@ impl Tally {
     }
 }
 
-/// `claude-sonnet-4-5` -> `sonnet`, for the narrow per-second line.
+/// `claude-sonnet-4-6` -> `sonnet`, for the narrow per-second line.
 fn short(target: &str) -> &str {
     target
         .strip_prefix("claude-")

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fusebox::mock::{Plan, Reply};
 
-pub(super) const PRIMARY: &str = "claude-sonnet-4-5";
+pub(super) const PRIMARY: &str = "claude-sonnet-4-6";
 pub(super) const FALLBACK: &str = "claude-haiku-4-5";
 pub(super) const FEATURE: &str = "chat";
 
