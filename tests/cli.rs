@@ -324,6 +324,39 @@ fn check_accepts_the_readme_example() {
     fb(&file, &["check"]).assert_ok();
 }
 
+/// A feature the proxy serves without being told (the default feature, a routed one) must
+/// have a chain: without one every proxied request was a 500 while `check` said valid and
+/// `serve` started (seen by the new-user review). Other features without a chain are valid
+/// (the library's calls need none) and `check` says what they mean for the proxy.
+#[test]
+fn check_rejects_a_served_feature_without_a_chain_and_warns_about_the_others() {
+    for (text, field) in [
+        (
+            "[server]\ndefault_feature = \"chat\"\n[features.chat]\nmax_concurrent = 2\n",
+            "server.default_feature",
+        ),
+        (
+            "[server.routes]\n\"/support\" = \"chat\"\n[features.chat]\n",
+            "server.routes.\"/support\"",
+        ),
+    ] {
+        let file = TempToml::new(text);
+        let run = fb(&file, &["check"]);
+        run.assert_exit(3);
+        assert!(
+            run.stderr.contains(field) && run.stderr.contains("has no chain"),
+            "{run:#?}"
+        );
+    }
+    let file = TempToml::new("[features.batch]\nmax_concurrent = 2\n");
+    let run = fb(&file, &["check"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("warning: features.batch has no chain"),
+        "{run:#?}"
+    );
+}
+
 #[test]
 fn check_rejects_an_out_of_range_value_naming_the_field() {
     let file = TempToml::new("[features.x]\nmax_concurrent = 0\n");

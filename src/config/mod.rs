@@ -177,6 +177,32 @@ impl Config {
         self.fallback_alert.validate("fallback_alert")?;
         self.server
             .validate(&|f: &str| self.features.contains_key(f))?;
+        // What the proxy serves without being told the feature must be servable: a feature
+        // without a chain answers every proxied request with a 500 (it serves library calls
+        // only). Seen by the new-user review: `check` said valid, `serve` started, and
+        // every request failed.
+        let served = self
+            .server
+            .default_feature
+            .iter()
+            .map(|f| ("server.default_feature".to_owned(), f))
+            .chain(
+                self.server
+                    .routes
+                    .iter()
+                    .map(|(key, f)| (format!("server.routes.{key:?}"), f)),
+            );
+        for (field, f) in served {
+            if self.features.get(f).is_some_and(|x| x.chain.is_empty()) {
+                return Err(Error::config(
+                    field,
+                    format!(
+                        "feature {f:?} has no chain: the proxy cannot serve it (give it one: \
+                         [features.{f:?}] chain = [\"<model>\", ...])"
+                    ),
+                ));
+            }
+        }
         if let Some(r) = &self.redis {
             self.check_idle_ttl(r.idle_ttl)?;
         }

@@ -13,6 +13,16 @@ use crate::{print, print_json, Cli};
 /// may well run on the defaults).
 fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
+    // (The default feature and routed ones must have a chain: a configuration error.)
+    for (name, feature) in &config.features {
+        if feature.chain.is_empty() {
+            out.push(format!(
+                "features.{name} has no chain: fusebox serve answers a request for it (the \
+                 {} header) with a 500; it serves the library's calls only",
+                config.server.feature_header
+            ));
+        }
+    }
     for (name, feature) in &config.features {
         for target in &feature.chain {
             if config.targets.contains_key(target) {

@@ -34,6 +34,17 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
     })?;
     let server = config.server.clone();
     let config_threads = server.serving_threads();
+    let chainless: Vec<String> = config
+        .features
+        .iter()
+        .filter(|(_, f)| f.chain.is_empty())
+        .map(|(name, _)| name.clone())
+        .collect();
+    let store = match &config.redis {
+        None => "embedded (in this process)",
+        Some(r) if r.cluster.is_empty() => "Redis",
+        Some(_) => "Redis Cluster",
+    };
     let coordinator = Coordinator::new(config)
         .await
         .map_err(|e| Failure::config(e.to_string()))?;
@@ -69,8 +80,15 @@ pub(crate) async fn run(mut config: Config, listen: Option<&str>) -> Result<(), 
         listen = %bound,
         upstream = %server.upstream,
         threads = config_threads,
+        store,
         "serving"
     );
+    for name in &chainless {
+        tracing::warn!(
+            feature = %name,
+            "feature has no chain: requests for it get a 500 (set [features.{name:?}] chain)"
+        );
+    }
     serve(listener, state, shutdown)
         .await
         .map_err(|e| Failure::internal(format!("server failed: {e}")))?;
