@@ -1253,6 +1253,53 @@ async fn a_local_permit_whose_registration_timed_out_is_released_in_redis() {
     .await;
 }
 
+/// Regression (found by an adversarial run: with one feature's permits key corrupted, another
+/// feature's limit of 1 held twice across two proxies): after an outage, registering the
+/// local permits of a feature whose permits key had the wrong type failed with WRONGTYPE,
+/// and every later operation of the replica, on every feature, was decided on local state
+/// for as long as such a permit ran. Now that feature's permits stay unregistered (reported)
+/// and the rest goes on with Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_key_of_one_feature_keeps_no_other_feature_off_redis() {
+    bounded(async {
+        let env = Env::redis();
+        let mut config = quick_local_with_one(&env);
+        if let Some(r) = config.redis.as_mut() {
+            r.retry_interval = Duration::from_millis(100);
+        }
+        let (a, _) = env.start(config).await;
+        a.admit("two", "warm").await.expect("warm up").success();
+        flush(&a).await;
+        env.server().pause();
+        let held = a.admit("one", "m").await.expect("admitted locally");
+        assert!(held.is_local());
+        env.server().resume();
+        let permits = fusebox::keys::feature_keys("coordinator-test", "one").permits;
+        assert_eq!(env.server().cli(&["SET", &permits, "garbage"]), "OK");
+        let started = Instant::now();
+        while a.is_degraded() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "never recovered"
+            );
+            if let Ok(p) = a.admit("two", "m").await {
+                p.success();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for _ in 0..3 {
+            let p = a.admit("two", "m").await.expect("admitted");
+            assert!(
+                !p.is_local(),
+                "feature two's keys are fine: decided on Redis, while one's local permit runs"
+            );
+            p.success();
+        }
+        drop(held);
+    })
+    .await;
+}
+
 /// Regression (§2.4): local breakers started empty, so a replica that degraded during an
 /// outage tried the dead target again although it was open fleet-wide. Now the local breaker
 /// is seeded from what the shared store said: an open transition this replica made, or a

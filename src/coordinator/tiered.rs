@@ -202,6 +202,21 @@ fn release_of(call_id: String, g: Grant) -> Settle {
     }
 }
 
+/// Whether a store call that failed with `e` may still have run in Redis: its command was
+/// (maybe) sent and Redis can run it after the caller stopped waiting (a timeout, a connection
+/// dropped mid-call), or it ran and its reply was not understood. Not when it cannot have been
+/// sent (refused, authentication, DNS, TLS, the store marked down) or Redis refused it
+/// (`Command`: the scripts check every key before their first write).
+fn may_have_run(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Timeout(_)
+            | StoreError::Connection(_)
+            | StoreError::Protocol(_)
+            | StoreError::Reply(_)
+    )
+}
+
 impl Tiered {
     pub(crate) fn new(remote: Option<Remote>, local: MemoryStore, reporter: Reporter) -> Self {
         Tiered {
@@ -275,6 +290,10 @@ impl Tiered {
         for (_, grant) in &snapshot {
             features.insert(grant.feature.name.as_str(), &grant.feature);
         }
+        // Features whose permits Redis now counts, or may count (a registration that failed
+        // after it may have run: Redis can run a script after the caller gave up on it).
+        let mut registered: HashSet<&str> = HashSet::new();
+        let mut unreachable: Option<StoreError> = None;
         for feature in features.values() {
             // Lease left per permit, from the local store (same keys as the shared spec).
             let ids: HashSet<&str> = snapshot
@@ -288,24 +307,27 @@ impl Tiered {
                 .into_iter()
                 .filter(|(id, _)| ids.contains(id.as_str()))
                 .collect();
-            if let Err(e) = r.store.adopt(feature, &live).await {
-                // A registration that failed may still have run (a timeout, a dropped
-                // connection: Redis can run the script after the caller gave up), and the
-                // ones before it did: whatever was being registered is treated as registered,
-                // so its end sends a release (a release of a permit Redis never had changes
-                // nothing; a missing one would hold a slot for the whole lease). The ones
-                // that ended meanwhile were released by `local_ended`. Those still running
-                // are registered again by the next operation.
-                let mut g = self.grants();
-                let adopting = std::mem::take(&mut g.adopting);
-                for (id, grant) in adopting {
-                    if g.live.contains_key(&id) {
-                        g.adopted.insert(id, grant);
-                    }
+            match r.store.adopt(feature, &live).await {
+                Ok(_) => {
+                    registered.insert(feature.name.as_str());
                 }
-                drop(g);
-                self.reconcile_pending.store(true, Ordering::Release);
-                return Err(e);
+                Err(e) => {
+                    if may_have_run(&e) {
+                        registered.insert(feature.name.as_str());
+                    }
+                    if e.is_unavailable() {
+                        // Unreachable: the rest waits for the next operation.
+                        unreachable = Some(e);
+                        break;
+                    }
+                    // Redis answered and refused this feature (a key of the wrong type): its
+                    // local permits stay unregistered (only an operator can mend the key),
+                    // and the other features, and the operation, go on with shared state.
+                    // Seen before: one corrupted permits key sent every operation of the
+                    // replica, on every feature, to local state for as long as a local
+                    // permit of that feature ran.
+                    self.reporter.store_failed(&e);
+                }
             }
         }
         let ended: Vec<(String, Grant)> = {
@@ -313,6 +335,13 @@ impl Tiered {
             let adopting = std::mem::take(&mut g.adopting);
             let mut ended = Vec::new();
             for (id, grant) in adopting {
+                if !registered.contains(grant.feature.name.as_str()) {
+                    // Still running: registered by a later reconciliation if the store was
+                    // unreachable. Ended meanwhile: `local_ended` sent its release already.
+                    continue;
+                }
+                // (May be) registered: its end sends a release (one of a permit Redis never
+                // had changes nothing; a missing one would hold a slot for the whole lease).
                 if g.live.contains_key(&id) {
                     g.adopted.insert(id, grant);
                 } else {
@@ -324,6 +353,10 @@ impl Tiered {
         // Ended while being registered: their release may have reached Redis first.
         for (id, grant) in ended {
             self.enqueue(release_of(id, grant), false);
+        }
+        if let Some(e) = unreachable {
+            self.reconcile_pending.store(true, Ordering::Release);
+            return Err(e);
         }
         Ok(())
     }
@@ -461,6 +494,38 @@ impl Tiered {
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move { flusher::deliver(&sink, &[s]).await });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A registration that cannot have been sent is not treated as registered (its end then
+    /// sends no release to retry against a dead Redis for the whole lease); one that may have
+    /// run is. Seen by the adversarial review: with Redis down (connection refused), every
+    /// local call's end became a release retried until its lease passed.
+    #[test]
+    fn only_a_call_that_may_have_reached_redis_may_have_run() {
+        let s = || "x".to_owned();
+        for e in [
+            StoreError::Timeout(std::time::Duration::from_millis(50)),
+            StoreError::Connection(s()),
+            StoreError::Protocol(s()),
+            StoreError::Reply(s()),
+        ] {
+            assert!(may_have_run(&e), "{e}");
+        }
+        for e in [
+            StoreError::Refused(s()),
+            StoreError::Auth(s()),
+            StoreError::Dns(s()),
+            StoreError::Tls(s()),
+            StoreError::Command(s()),
+            StoreError::Unavailable,
+        ] {
+            assert!(!may_have_run(&e), "{e}");
         }
     }
 }
