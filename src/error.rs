@@ -174,7 +174,7 @@ pub enum Rejection {
         retry_after: Option<Duration>,
     },
     /// An upstream `retry-after` set a fleet-wide "not before" instant for the target.
-    #[error("target {target:?} asked callers to wait {retry_after:?}")]
+    #[error("target {target:?} asked callers to wait {}", readable(*retry_after))]
     NotBefore {
         /// The target.
         target: String,
@@ -430,6 +430,15 @@ impl std::error::Error for UpstreamError {}
 
 /// Classifies a redis-rs error by its cause, keeping the server's (or the OS's) message.
 /// `timeout` is the bound that was in force, for [`StoreError::Timeout`].
+/// A wait as people read it: `350 ms`, `12.4 s` (not `977.440144ms`).
+fn readable(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{} ms", d.as_millis())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
 pub(crate) fn store_error_from_redis(e: &redis::RedisError, timeout: Duration) -> StoreError {
     use redis::{ErrorKind, ServerErrorKind};
     if e.is_timeout() {
@@ -538,5 +547,24 @@ mod tests {
         assert_eq!(auth.kind(), "auth");
         assert!(auth.to_string().contains("Password authentication failed"));
         assert!(auth.is_unavailable());
+    }
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::*;
+
+    /// Seen by the new-user review: the proxy's 529 said `asked callers to wait 977.440144ms`.
+    #[test]
+    fn a_not_before_says_its_wait_as_people_read_it() {
+        let r = |ms: u64| {
+            Rejection::NotBefore {
+                target: "t".into(),
+                retry_after: Duration::from_micros(ms * 1000 + 440),
+            }
+            .to_string()
+        };
+        assert_eq!(r(977), "target \"t\" asked callers to wait 977 ms");
+        assert_eq!(r(12_400), "target \"t\" asked callers to wait 12.4 s");
     }
 }

@@ -1059,3 +1059,20 @@ fn bad_chain_settings_name_their_field() {
         assert_eq!(from_toml_field(text).0, field, "{text}");
     }
 }
+
+/// A long `open_duration` alone meets the default cap on the grown open duration (5 m): the
+/// error names the field to change and says so; durations come back in the unit they were
+/// written in. Seen by the new-user review: `breaker.max_open_duration: "5m" is out of range
+/// ("10m" to "1day")`, and `"31d"` echoed as `"1month 13h 26m 24s"`.
+#[test]
+fn a_long_open_duration_says_to_raise_the_cap_and_durations_read_as_written() {
+    let (field, reason) = from_toml_field("[breaker]\nopen_duration = \"10m\"\n");
+    assert_eq!(field, "breaker.max_open_duration");
+    assert!(
+        reason.contains("shorter than open_duration (\"10m\")")
+            && reason.contains("raise max_open_duration"),
+        "{reason}"
+    );
+    let (_, reason) = from_toml_field("[breaker]\nopen_duration = \"31d\"\n");
+    assert!(reason.contains("\"31d\""), "{reason}");
+}

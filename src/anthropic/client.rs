@@ -323,7 +323,7 @@ impl Client {
             .filter_map(|k| k.as_ref().and_then(|k| k.0.to_str().ok()))
         {
             if !key.is_empty() && e.message.contains(key) {
-                e.message = e.message.replace(key, "***");
+                e.message = mask_key(&e.message, key);
             }
         }
         let failure = e.failure();
@@ -609,5 +609,70 @@ fn stream_error_of(e: StreamError) -> UpstreamError {
             ),
             StreamError::Invalid(m) => UpstreamError::new(UpstreamErrorKind::InvalidResponse, m),
         }
+    }
+}
+
+/// `message` with every occurrence of `key` that stands as a token of its own (not inside a
+/// longer run of key characters: letters, digits, `-`, `_`) replaced by `***`. A key echoed
+/// back ("invalid x-api-key: sk-ant-...") is masked; a short test key that happens to be part
+/// of a word is not (seen by the new-user review: with `x-api-key: error`, "overloaded_error"
+/// came back as "overloaded_***").
+fn mask_key(message: &str, key: &str) -> String {
+    let keyish = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    let mut before: Option<char> = None;
+    while let Some(at) = rest.find(key) {
+        let (head, tail) = rest.split_at(at);
+        let prev = head.chars().next_back().or(before);
+        let next = tail[key.len()..].chars().next();
+        out.push_str(head);
+        if prev.is_some_and(keyish) || next.is_some_and(keyish) {
+            // Part of a longer token: keep its first character and look on after it.
+            let first = tail.chars().next().map_or(0, char::len_utf8);
+            out.push_str(&tail[..first]);
+            before = tail[..first].chars().next_back();
+            rest = &tail[first..];
+        } else {
+            out.push_str("***");
+            before = key.chars().next_back();
+            rest = &tail[key.len()..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod mask_tests {
+    use super::mask_key;
+
+    #[test]
+    fn a_key_is_masked_where_it_stands_alone_and_words_are_left_whole() {
+        let key = "sk-ant-api03-secret_Key-0123";
+        assert_eq!(
+            mask_key(&format!("invalid x-api-key: {key}."), key),
+            "invalid x-api-key: ***."
+        );
+        assert_eq!(
+            mask_key(&format!("\"{key}\" and '{key}'"), key),
+            "\"***\" and '***'"
+        );
+        assert_eq!(mask_key(key, key), "***");
+        // A key inside a longer token is not the key.
+        assert_eq!(
+            mask_key(&format!("x{key} {key}y"), key),
+            format!("x{key} {key}y")
+        );
+        assert_eq!(
+            mask_key("mock overloaded_error (529)", "error"),
+            "mock overloaded_error (529)"
+        );
+        assert_eq!(
+            mask_key("mock overloaded_error (529)", "k"),
+            "mock overloaded_error (529)"
+        );
+        assert_eq!(mask_key("key k was refused", "k"), "key *** was refused");
+        assert_eq!(mask_key("ééé k é", "k"), "ééé *** é");
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-use super::validate::{check_count, check_pct, check_range, DAY, HOUR, MS};
+use super::validate::{check_count, check_pct, check_range, shown, DAY, HOUR, MS};
 
 /// Breaker settings for one target.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +122,20 @@ impl BreakerConfig {
             return Err(Error::config(
                 format!("{at}.open_duration_multiplier"),
                 format!("{m} is out of range (1.0, or 1.01 to 100)"),
+            ));
+        }
+        if self.max_open_duration < self.open_duration {
+            // Named both ways: a long `open_duration` alone meets the default cap (5 m), and
+            // the field to change is then one the user never wrote.
+            return Err(Error::config(
+                format!("{at}.max_open_duration"),
+                format!(
+                    "{} is shorter than open_duration ({}): the cap on the grown open \
+                     duration must be at least open_duration (default 5m); raise \
+                     max_open_duration too",
+                    shown(self.max_open_duration),
+                    shown(self.open_duration)
+                ),
             ));
         }
         check_range(

@@ -9,8 +9,25 @@ pub(crate) const MS: Duration = Duration::from_millis(1);
 pub(crate) const HOUR: Duration = Duration::from_secs(3600);
 pub(crate) const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// A duration as TOML writes it: `"250ms"`, `"1m 30s"`, `"0s"`.
+/// A duration as TOML writes it: `"250ms"`, `"1m 30s"`, `"0s"`; in one unit when one says it
+/// exactly (`"31d"`, not `"1month 13h 26m 24s"`: what a user wrote comes back as written).
 pub(crate) fn shown(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.subsec_nanos() % 1_000_000 == 0 && ms > 0 {
+        for (unit, per) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms % per == 0 {
+                return format!("\"{}{unit}\"", ms / per);
+            }
+        }
+        if ms < 1000 {
+            return format!("\"{ms}ms\"");
+        }
+    }
     format!("\"{}\"", humantime_serde::re::humantime::format_duration(d))
 }
 

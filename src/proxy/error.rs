@@ -157,7 +157,13 @@ impl ApiError {
             ),
         };
         let mut a = ApiError::new(status, error_type, format!("fusebox: {r}"));
-        a.retry_after = Some(r.retry_after().unwrap_or(Duration::from_secs(1)));
+        a.retry_after = Some(match r {
+            // The bulkhead's own hint is when the earliest held permit's lease ends: only the
+            // worst case (a holder that crashed), while calls usually end far sooner. A client
+            // honouring it waited 30 s for a slot that came back in 1.5 s (new-user review).
+            Rejection::BulkheadFull { .. } => Duration::from_secs(1),
+            _ => r.retry_after().unwrap_or(Duration::from_secs(1)),
+        });
         // The refusal is the answer, made at once: an SDK retrying it would sleep out
         // `retry-after` (an open breaker's whole open period: 30 s of the official SDK
         // blocked per call, seen by the new-user review) and ask again. The caller has the
