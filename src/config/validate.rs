@@ -13,14 +13,14 @@ pub(crate) const DAY: Duration = Duration::from_secs(24 * 3600);
 /// exactly (`"31d"`, not `"1month 13h 26m 24s"`: what a user wrote comes back as written).
 pub(crate) fn shown(d: Duration) -> String {
     let ms = d.as_millis();
-    if d.subsec_nanos() % 1_000_000 == 0 && ms > 0 {
+    if d.subsec_nanos().is_multiple_of(1_000_000) && ms > 0 {
         for (unit, per) in [
             ("d", 86_400_000),
             ("h", 3_600_000),
             ("m", 60_000),
             ("s", 1000),
         ] {
-            if ms % per == 0 {
+            if ms.is_multiple_of(per) {
                 return format!("\"{}{unit}\"", ms / per);
             }
         }
