@@ -742,6 +742,48 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
             !body.contains(KEY),
             "the bearer token came back in the error: {body}"
         );
+        // A scheme in another case, a bearer token beside an x-api-key, and the key glued
+        // to other text (each leaked before: adversarial review).
+        let other = "sk-ant-second-token-0123456789";
+        for (scheme, with_key, message) in [
+            ("bearer", false, format!("token {KEY} is invalid")),
+            ("BEARER", false, format!("token {KEY}-suffix is invalid")),
+            (
+                "Bearer",
+                true,
+                format!("tokens {KEY}_x and abc{other} are invalid"),
+            ),
+        ] {
+            let token = if with_key { other } else { KEY };
+            let echo = json!({"type": "error", "error": {"type": "authentication_error",
+                "message": message}});
+            s.mock.push(
+                PRIMARY,
+                [Reply::Raw {
+                    status: 401,
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: echo.to_string(),
+                }],
+            );
+            let mut req = Request::post("/v1/messages")
+                .header("content-type", "application/json")
+                .header("authorization", format!("{scheme} {token}"))
+                .header("anthropic-version", "2023-06-01");
+            if with_key {
+                req = req.header("x-api-key", KEY);
+            }
+            let req = req
+                .body(Body::from(ask(PRIMARY).to_string()))
+                .expect("request");
+            let (resp, bytes) = send(&s.state, req).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            assert!(body.contains("invalid"), "{body}");
+            assert!(
+                !body.contains(KEY) && !body.contains(other),
+                "{scheme}, x-api-key too: {with_key}: a credential came back: {body}"
+            );
+        }
         // A stream failing mid-way (logged by the proxy).
         s.mock
             .push(PRIMARY, [Reply::error_after_start("api_error")]);
@@ -761,6 +803,10 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
         text.chars().take(500).collect::<String>()
     );
     assert!(!text.contains(KEY), "the API key is in the logs");
+    assert!(
+        !text.contains("sk-ant-second-token-0123456789"),
+        "the bearer token is in the logs"
+    );
     assert!(
         !text.contains(&KEY[10..]),
         "part of the API key is in the logs"

@@ -612,12 +612,16 @@ fn stream_error_of(e: StreamError) -> UpstreamError {
     }
 }
 
-/// `message` with every occurrence of `key` that stands as a token of its own (not inside a
-/// longer run of key characters: letters, digits, `-`, `_`) replaced by `***`. A key echoed
-/// back ("invalid x-api-key: sk-ant-...") is masked; a short test key that happens to be part
-/// of a word is not (seen by the new-user review: with `x-api-key: error`, "overloaded_error"
-/// came back as "overloaded_***").
+/// `message` with `key` replaced by `***`: every occurrence of a key of 16 characters or more
+/// (a real key, wherever it is, glued to other text too); a shorter one only where it stands
+/// as a token of its own (not inside a longer run of key characters: letters, digits, `-`,
+/// `_`), so that a short test key that happens to be part of a word leaves the word whole
+/// (seen by the new-user review: with `x-api-key: error`, "overloaded_error" came back as
+/// "overloaded_***").
 fn mask_key(message: &str, key: &str) -> String {
+    if key.len() >= 16 {
+        return message.replace(key, "***");
+    }
     let keyish = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
@@ -659,11 +663,14 @@ mod mask_tests {
             "\"***\" and '***'"
         );
         assert_eq!(mask_key(key, key), "***");
-        // A key inside a longer token is not the key.
+        // A real key is masked glued to other text too (adversarial review: it leaked as
+        // `...-987-suffix`, `..._x`, `abc...`).
         assert_eq!(
-            mask_key(&format!("x{key} {key}y"), key),
-            format!("x{key} {key}y")
+            mask_key(&format!("x{key} {key}-suffix {key}_x"), key),
+            "x*** ***-suffix ***_x"
         );
+        // A short key inside a longer token is not the key.
+        assert_eq!(mask_key("xkey1 key1y", "key1"), "xkey1 key1y");
         assert_eq!(
             mask_key("mock overloaded_error (529)", "error"),
             "mock overloaded_error (529)"

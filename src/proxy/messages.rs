@@ -163,18 +163,29 @@ fn keyed(
     api_key: Option<HeaderValue>,
     forward: &HeaderMap,
 ) -> crate::anthropic::Client {
-    if let Some(k) = api_key {
-        return client.with_api_key(ApiKey::from_header(k));
-    }
+    // The bearer token is masked whether or not an `x-api-key` comes too (both may be
+    // forwarded), and whatever the case of its scheme (`bearer`, `BEARER`: the scheme is
+    // case-insensitive). Seen by the adversarial review: both leaked through an upstream
+    // message that echoed them.
     let bearer = forward
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim())
+        .map(|v| {
+            let v = v.trim();
+            match v.split_once(' ') {
+                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+                _ => v,
+            }
+        })
         .filter(|t| !t.is_empty())
         .and_then(|t| HeaderValue::from_str(t).ok());
+    let client = match api_key {
+        Some(k) => client.with_api_key(ApiKey::from_header(k)),
+        None => client.clone(),
+    };
     match bearer {
         Some(t) => client.masking(ApiKey::from_header(t)),
-        None => client.clone(),
+        None => client,
     }
 }
 
