@@ -22,7 +22,7 @@
 //! | connection error, timeout, body cut off, garbage body on a 2xx | retryable | failure |
 //! | `error` event inside a stream (`api_error`, ...) | as its status | as its status |
 //! | 413, or a 400 saying the prompt exceeds the context window | context too large | ignored |
-//! | 404 whose message names the model (`model: claude-...`: retired, or unknown to the key) | overloaded (the next target at once) | failure |
+//! | 404 whose message names the model (`model: claude-...`: retired, or unknown to the key) | overloaded (the next target at once) | ignored |
 //! | 400, 401, 402, 403, other 404s | final | ignored |
 //! | other statuses | final | failure |
 //!
@@ -213,7 +213,8 @@ pub enum Reason {
     /// 404: the model or endpoint does not exist.
     NotFound,
     /// 404 naming the model (`model: claude-...`): this target's model is retired or unknown
-    /// to the key, so the next target may well answer (and the breaker keeps calls off it).
+    /// to the key, so the next target may well answer. Not recorded on the breaker: it may
+    /// be one key's access, and one tenant must not shut a model for every other.
     ModelNotFound,
     /// The account: a spend cap (429 `enforced_spend_limit_reached`) or billing (402). No
     /// model of the same account can answer.
@@ -395,8 +396,12 @@ impl AnthropicPolicy {
             // The API's answer for a model it does not serve (a retired one, say):
             // `{"type":"not_found_error","message":"model: claude-..."}`. That is the target's
             // model, not the request: another model of the chain can answer.
+            // Not recorded on the breaker: the same 404 is the answer for a model one key may
+            // not use, and a breaker is shared by every caller (adversarial review: three
+            // requests with a restricted key opened the model for everyone).
             404 if f.message.is_some_and(names_the_model) => {
                 Classification::overloaded(Reason::ModelNotFound, None)
+                    .with_health(CallOutcome::Ignored)
             }
             404 => Classification::final_(Reason::NotFound),
             _ => Classification::final_(Reason::UnexpectedStatus).with_health(CallOutcome::Failure),
@@ -546,8 +551,8 @@ mod tests {
     }
 
     /// A model the API does not serve (retired, as `claude-sonnet-4-5` is from 2026-11-30, or
-    /// unknown to the key) moves the chain to its next target and counts against the
-    /// target's breaker; a 404 that does not name the model (a wrong path) stays final.
+    /// unknown to the key) moves the chain to its next target, and is not recorded on the
+    /// target's breaker (it may be one key's access); a 404 that does not name the model (a wrong path) stays final.
     /// Seen before: a retired primary ended every request with its 404 and the fallback was
     /// never tried.
     #[test]
@@ -560,10 +565,15 @@ mod tests {
             ));
             assert_eq!(
                 c,
-                Classification::overloaded(Reason::ModelNotFound, None),
+                Classification::overloaded(Reason::ModelNotFound, None)
+                    .with_health(CallOutcome::Ignored),
                 "{message}"
             );
-            assert_eq!(c.health, CallOutcome::Failure);
+            assert_eq!(
+                c.health,
+                CallOutcome::Ignored,
+                "one key's access opens nothing"
+            );
         }
         for message in [
             None,

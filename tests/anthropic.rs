@@ -79,7 +79,11 @@ async fn every_status_class_is_classified() {
         (402, Classification::final_(Reason::Account)),
         (403, Classification::final_(Reason::Permission)),
         // The mock answers a 404 as the API does for a model it does not serve.
-        (404, Classification::overloaded(Reason::ModelNotFound, None)),
+        (
+            404,
+            Classification::overloaded(Reason::ModelNotFound, None)
+                .with_health(CallOutcome::Ignored),
+        ),
         (408, retryable(Reason::UpstreamTimeout)),
         (
             409,
