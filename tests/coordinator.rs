@@ -1257,8 +1257,8 @@ async fn a_local_permit_whose_registration_timed_out_is_released_in_redis() {
 /// feature's limit of 1 held twice across two proxies): after an outage, registering the
 /// local permits of a feature whose permits key had the wrong type failed with WRONGTYPE,
 /// and every later operation of the replica, on every feature, was decided on local state
-/// for as long as such a permit ran. Now that feature's permits stay unregistered (reported)
-/// and the rest goes on with Redis.
+/// for as long as such a permit ran. Now the rest goes on with Redis, and that feature's
+/// permits are registered once Redis takes them (tried again a second after a refusal).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_key_of_one_feature_keeps_no_other_feature_off_redis() {
     bounded(async {
@@ -1294,6 +1294,24 @@ async fn a_corrupted_key_of_one_feature_keeps_no_other_feature_off_redis() {
                 "feature two's keys are fine: decided on Redis, while one's local permit runs"
             );
             p.success();
+        }
+        // Once the key is mended, the local permit still running is registered (tried again
+        // a second after the refusal): the fleet counts it. Seen before: never retried, so a
+        // limit of 1 ran 3 calls across two proxies (adversarial review).
+        env.server().cli(&["DEL", &permits]);
+        let started = Instant::now();
+        loop {
+            if let Ok(p) = a.admit("two", "m").await {
+                p.success();
+            }
+            if env.server().cli(&["ZCARD", &permits]) == "1" {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the running local permit was never registered after the key was mended"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         drop(held);
     })

@@ -165,6 +165,10 @@ pub(crate) struct Tiered {
     /// configured; the next operation on the shared store first counts the live local
     /// permits there ([`Self::reconcile`]).
     pub(crate) reconcile_pending: AtomicBool,
+    /// After Redis refused a registration (a key of the wrong type, OOM...): not before this
+    /// instant again, so that a lasting refusal costs one script call (and one warning) a
+    /// second rather than one per operation.
+    refused_until: Mutex<Option<tokio::time::Instant>>,
     /// Permits granted on local state (shared store configured), by call id.
     grants: Mutex<Grants>,
 }
@@ -202,6 +206,9 @@ fn release_of(call_id: String, g: Grant) -> Settle {
     }
 }
 
+/// How long after Redis refused a registration it is tried again.
+const REFUSED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Whether a store call that failed with `e` may still have run in Redis: its command was
 /// (maybe) sent and Redis can run it after the caller stopped waiting (a timeout, a connection
 /// dropped mid-call), or it ran and its reply was not understood. Not when it cannot have been
@@ -224,6 +231,7 @@ impl Tiered {
             local,
             reporter,
             reconcile_pending: AtomicBool::new(false),
+            refused_until: Mutex::new(None),
             grants: Mutex::default(),
         }
     }
@@ -276,6 +284,13 @@ impl Tiered {
     /// Registers this replica's live local permits in the shared store, before it decides
     /// anything there again (they were granted while it was unreachable and still run).
     async fn reconcile(&self, r: &Remote) -> Result<(), StoreError> {
+        let now = tokio::time::Instant::now();
+        {
+            let until = self.refused_until.lock().unwrap_or_else(|p| p.into_inner());
+            if until.is_some_and(|t| now < t) {
+                return Ok(());
+            }
+        }
         if !self.reconcile_pending.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -294,6 +309,7 @@ impl Tiered {
         // after it may have run: Redis can run a script after the caller gave up on it).
         let mut registered: HashSet<&str> = HashSet::new();
         let mut unreachable: Option<StoreError> = None;
+        let mut refused = false;
         for feature in features.values() {
             // Lease left per permit, from the local store (same keys as the shared spec).
             let ids: HashSet<&str> = snapshot
@@ -320,13 +336,16 @@ impl Tiered {
                         unreachable = Some(e);
                         break;
                     }
-                    // Redis answered and refused this feature (a key of the wrong type): its
-                    // local permits stay unregistered (only an operator can mend the key),
-                    // and the other features, and the operation, go on with shared state.
-                    // Seen before: one corrupted permits key sent every operation of the
-                    // replica, on every feature, to local state for as long as a local
-                    // permit of that feature ran.
+                    // Redis answered and refused this feature (a key of the wrong type, OOM):
+                    // the other features, and the operation, go on with shared state; this
+                    // one is tried again a second later, until Redis takes it (a refusal
+                    // that lasts is the operator's to mend). Seen before: one corrupted
+                    // permits key sent every operation of the replica, on every feature, to
+                    // local state for as long as a local permit of that feature ran; and,
+                    // never retried, local permits stayed uncounted once Redis took writes
+                    // again (a limit of 1 ran 3 calls).
                     self.reporter.store_failed(&e);
+                    refused = true;
                 }
             }
         }
@@ -354,8 +373,12 @@ impl Tiered {
         for (id, grant) in ended {
             self.enqueue(release_of(id, grant), false);
         }
-        if let Some(e) = unreachable {
+        *self.refused_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            refused.then(|| now + REFUSED_RETRY);
+        if refused || unreachable.is_some() {
             self.reconcile_pending.store(true, Ordering::Release);
+        }
+        if let Some(e) = unreachable {
             return Err(e);
         }
         Ok(())
