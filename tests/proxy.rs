@@ -1469,10 +1469,24 @@ async fn a_second_sigterm_ends_the_requests_in_flight_at_once() {
         let (mut child, addr) = tokio::task::spawn_blocking(move || start_serve(&config, "info"))
             .await
             .expect("joins");
+        let trickler = addr.clone();
         let call = tokio::spawn(async move { ask_at(&addr).await });
         while mock.in_flight(PRIMARY) < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // And a client still sending its body (it announced 100 bytes and sent 8): a second
+        // signal closes its connection too (seen by the adversarial review: the exit waited
+        // for that client for its whole read timeout).
+        let mut slow = tokio::net::TcpStream::connect(&trickler)
+            .await
+            .expect("connects");
+        tokio::io::AsyncWriteExt::write_all(
+            &mut slow,
+            b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"model\"",
+        )
+        .await
+        .expect("writes");
         sigterm(child.id());
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(

@@ -84,9 +84,9 @@ fn upstream_client(server: &ServerConfig) -> Result<Client, Error> {
 
 impl ProxyState {
     /// Ends the requests in flight at once, as when `server.shutdown_grace` runs out (a
-    /// stream with an SSE `error` event, a plain request with a 503), so that a graceful
-    /// shutdown under way completes without waiting out the grace: for a second shutdown
-    /// signal. Outside a shutdown it also ends every request from then on; call it only once
+    /// stream with an SSE `error` event, a plain request with a 503; a connection still
+    /// sending a request is closed), so that a graceful shutdown under way completes without
+    /// waiting out the grace: for a second shutdown signal. Outside a shutdown it also ends every request from then on; call it only once
     /// the server is stopping.
     pub fn end_requests_now(&self) {
         self.inner.cut.send_replace(true);
@@ -399,10 +399,20 @@ pub async fn serve(
             let _ = stopping.send(());
         });
         let server = std::pin::pin!(server);
+        let cut = Arc::clone(&inner);
         let out_of_grace = async move {
             if stopped.await.is_ok() {
                 tracing::info!(grace = ?grace, "shutting down: finishing requests in flight");
-                tokio::time::sleep(grace).await;
+                // The grace runs out, or the requests are ended at once
+                // ([`ProxyState::end_requests_now`], a second signal): then connections
+                // still sending a request's headers or body are closed too, as when the
+                // grace runs out (seen by the adversarial review: a client trickling its
+                // body held the exit back for its whole read timeout).
+                let mut ended = cut.cut.subscribe();
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {}
+                    _ = ended.wait_for(|c| *c) => {}
+                }
             } else {
                 std::future::pending::<()>().await;
             }
@@ -411,7 +421,11 @@ pub async fn serve(
             r = server => r,
             () = out_of_grace => {
                 let running = inner.cut.receiver_count();
-                tracing::warn!(grace = ?grace, running, "shutdown grace ran out: ending requests still in flight");
+                if *inner.cut.borrow() {
+                    tracing::info!(running, "ending the requests still in flight, as asked");
+                } else {
+                    tracing::warn!(grace = ?grace, running, "shutdown grace ran out: ending requests still in flight");
+                }
                 inner.cut.send_replace(true);
                 let until = tokio::time::Instant::now() + CUT_TIMEOUT;
                 while inner.cut.receiver_count() > 0 && tokio::time::Instant::now() < until {
