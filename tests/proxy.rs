@@ -191,6 +191,31 @@ fn tier_of(resp: &reqwest::Response) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// Queues, for the primary, a 401 `authentication_error` whose message is `message` (an
+/// upstream echoing a credential).
+fn echo_401(mock: &MockUpstream, message: String) {
+    let echo = json!({"type": "error", "error": {"type": "authentication_error",
+        "message": message}});
+    mock.push(
+        PRIMARY,
+        [Reply::Raw {
+            status: 401,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: echo.to_string(),
+        }],
+    );
+}
+
+/// The response is a 200 (else the body says why).
+fn assert_ok(resp: &Response<()>, bytes: &[u8]) {
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(bytes)
+    );
+}
+
 fn json_of(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|e| {
         panic!(
@@ -225,12 +250,7 @@ async fn unknown_fields_and_headers_pass_through_untouched(env: Env) {
         .body(Body::from(body.to_string()))
         .expect("request");
     let (resp, bytes) = send(&s.state, req).await;
-    assert_eq!(
-        resp.status(),
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
+    assert_ok(&resp, &bytes);
     let seen = s.mock.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].body, body, "the upstream got the body as sent");
@@ -292,12 +312,7 @@ async fn fallback_replaces_the_model_and_says_so(env: Env) {
     let mut body = ask(PRIMARY);
     body["temperature"] = json!(0.25);
     let (resp, bytes) = send(&s.state, request(&body)).await;
-    assert_eq!(
-        resp.status(),
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
+    assert_ok(&resp, &bytes);
     assert_eq!(json_of(&bytes)["model"], FALLBACK);
     assert_eq!(header(&resp, "x-fusebox-tier"), Some("fallback"));
     assert_eq!(header(&resp, "x-fusebox-model"), Some(FALLBACK));
@@ -319,12 +334,7 @@ async fn a_retired_model_falls_back_to_the_next(env: Env) {
     let s = setup(&env).await;
     s.mock.set(PRIMARY, Plan::always(Reply::status(404)));
     let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
-    assert_eq!(
-        resp.status(),
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
+    assert_ok(&resp, &bytes);
     assert_eq!(header(&resp, "x-fusebox-tier"), Some("fallback"));
     assert_eq!(json_of(&bytes)["model"], FALLBACK);
     let seen = s.mock.seen();
@@ -702,16 +712,7 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
         let (resp, _) = send(&s.state, request(&ask(PRIMARY))).await;
         assert_eq!(resp.status(), StatusCode::OK);
         // An upstream that echoes the key in its error message.
-        let echo = json!({"type": "error", "error": {"type": "authentication_error",
-            "message": format!("invalid x-api-key: {KEY}")}});
-        s.mock.push(
-            PRIMARY,
-            [Reply::Raw {
-                status: 401,
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: echo.to_string(),
-            }],
-        );
+        echo_401(&s.mock, format!("invalid x-api-key: {KEY}"));
         let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
         let body = String::from_utf8_lossy(&bytes).into_owned();
@@ -722,16 +723,7 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
         );
         // The same with the key as a bearer token (`authorization`, as the official SDKs
         // send an auth token), no x-api-key.
-        let echo = json!({"type": "error", "error": {"type": "authentication_error",
-            "message": format!("invalid bearer token: {KEY}")}});
-        s.mock.push(
-            PRIMARY,
-            [Reply::Raw {
-                status: 401,
-                headers: vec![("content-type".into(), "application/json".into())],
-                body: echo.to_string(),
-            }],
-        );
+        echo_401(&s.mock, format!("invalid bearer token: {KEY}"));
         let bearer = Request::post("/v1/messages")
             .header("content-type", "application/json")
             .header("authorization", format!("Bearer {KEY}"))
@@ -759,16 +751,7 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
             ),
         ] {
             let token = if with_key { other } else { KEY };
-            let echo = json!({"type": "error", "error": {"type": "authentication_error",
-                "message": message}});
-            s.mock.push(
-                PRIMARY,
-                [Reply::Raw {
-                    status: 401,
-                    headers: vec![("content-type".into(), "application/json".into())],
-                    body: echo.to_string(),
-                }],
-            );
+            echo_401(&s.mock, message);
             let mut req = Request::post("/v1/messages")
                 .header("content-type", "application/json")
                 .header("authorization", format!("{scheme} {token}"))
@@ -850,12 +833,7 @@ async fn routes_pick_the_feature_and_the_model_picks_where_the_chain_starts(env:
     // primary tier, not degraded, and the first model is not called.
     let before = s.mock.requests(PRIMARY);
     let (resp, bytes) = send(&s.state, request(&ask(FALLBACK))).await;
-    assert_eq!(
-        resp.status(),
-        StatusCode::OK,
-        "{}",
-        String::from_utf8_lossy(&bytes)
-    );
+    assert_ok(&resp, &bytes);
     assert_eq!(header(&resp, "x-fusebox-tier"), Some("primary"));
     assert_eq!(header(&resp, "x-fusebox-degraded"), Some("false"));
     assert_eq!(s.mock.requests(PRIMARY), before);
