@@ -771,6 +771,39 @@ async fn the_api_key_never_reaches_a_log_line_or_an_error() {
                 "{scheme}, x-api-key too: {with_key}: a credential came back: {body}"
             );
         }
+        // A key in the request id or the error code, and a key that is a word of the
+        // message: masked, and the 404 still read as a missing model (the chain moves on).
+        s.mock.push(
+            PRIMARY,
+            [Reply::Raw {
+                status: 401,
+                headers: vec![
+                    ("content-type".into(), "application/json".into()),
+                    ("request-id".into(), format!("req_{KEY}")),
+                ],
+                body: json!({"type": "error", "request_id": format!("req_{KEY}"),
+                    "error": {"type": "authentication_error", "message": "bad key",
+                    "details": {"error_code": format!("bad_{KEY}")}}})
+                .to_string(),
+            }],
+        );
+        let (resp, bytes) = send(&s.state, request(&ask(PRIMARY))).await;
+        let body = String::from_utf8_lossy(&bytes).into_owned();
+        assert!(body.contains("bad key") && !body.contains(KEY), "{body}");
+        assert!(
+            !header(&resp, "request-id").is_some_and(|id| id.contains(KEY)),
+            "{:?}",
+            header(&resp, "request-id")
+        );
+        s.mock.push(PRIMARY, [Reply::status(404)]);
+        let word = Request::post("/v1/messages")
+            .header("content-type", "application/json")
+            .header("x-api-key", "model")
+            .body(Body::from(ask(PRIMARY).to_string()))
+            .expect("request");
+        let (resp, bytes) = send(&s.state, word).await;
+        assert_ok(&resp, &bytes);
+        assert_eq!(header(&resp, "x-fusebox-tier"), Some("fallback"));
         // A stream failing mid-way (logged by the proxy).
         s.mock
             .push(PRIMARY, [Reply::error_after_start("api_error")]);

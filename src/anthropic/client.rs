@@ -316,18 +316,32 @@ impl Client {
     }
 
     fn classify(&self, mut e: UpstreamError) -> UpstreamError {
-        // An upstream that echoes the key in its error message ("invalid x-api-key: sk-...")
-        // must not put it into our error, which callers log.
+        // Judged on what the upstream said: masking first could change its meaning (a key
+        // that is a word of the message: with `x-api-key: model`, "model: claude-..." read
+        // as "***: claude-..." was no longer a missing model, and the chain ended).
+        let classification = self.shared.policy.classify(&e.failure());
+        // An upstream that echoes the key ("invalid x-api-key: sk-...") must not put it into
+        // our error, which callers log: not in the message, nor in the request id or error
+        // code the error carries (adversarial review: a key there reached the client and
+        // the logs).
         for key in [&self.api_key, &self.secret]
             .into_iter()
             .filter_map(|k| k.as_ref().and_then(|k| k.0.to_str().ok()))
+            .filter(|k| !k.is_empty())
         {
-            if !key.is_empty() && e.message.contains(key) {
-                e.message = mask_key(&e.message, key);
+            for field in [
+                Some(&mut e.message),
+                e.request_id.as_mut(),
+                e.error_code.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if field.contains(key) {
+                    *field = mask_key(field, key);
+                }
             }
         }
-        let failure = e.failure();
-        let classification = self.shared.policy.classify(&failure);
         UpstreamError {
             classification,
             ..e

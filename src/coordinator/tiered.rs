@@ -137,7 +137,7 @@ impl Reporter {
             // Redis answered and refused (a key of the wrong type, a reply that does not
             // parse): not an outage, so no local mode is entered, but the operation did not
             // happen on shared state. Loud, since only an operator can mend the key.
-            tracing::warn!(target: "fusebox", event = "store_error", error = %error, "store refused the operation (corrupted key?); decided without shared state");
+            tracing::warn!(target: "fusebox", event = "store_error", error = %error, "store refused the operation (a key of the wrong type? out of memory?); decided without shared state");
         }
         if let Some(h) = &self.health {
             if error.is_unavailable() && h.failure() == Change::Degraded {

@@ -422,7 +422,7 @@ pub async fn serve(
             () = out_of_grace => {
                 let running = inner.cut.receiver_count();
                 if *inner.cut.borrow() {
-                    tracing::info!(running, "ending the requests still in flight, as asked");
+                    tracing::info!("ending the requests still in flight, as asked");
                 } else {
                     tracing::warn!(grace = ?grace, running, "shutdown grace ran out: ending requests still in flight");
                 }
