@@ -1029,6 +1029,17 @@ fn quick_local_with_one(env: &Env) -> Config {
     config
 }
 
+/// Warms `a` up on Redis, then pauses Redis (SIGSTOP; the caller resumes it) and takes a
+/// permit of feature `one`, which `a` grants on local state.
+async fn stall_and_admit_locally(env: &Env, a: &Coordinator) -> fusebox::Permit {
+    a.admit("two", "warm").await.expect("warm up").success();
+    flush(a).await;
+    env.server().pause();
+    let held = a.admit("one", "m").await.expect("admitted locally");
+    assert!(held.is_local());
+    held
+}
+
 /// Regression (§2.4): going local ignored this replica's shared permits still running, so
 /// with a limit of 2 held in Redis, a SIGSTOP let 2 more in locally: 4 in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1131,11 +1142,7 @@ async fn a_permit_granted_during_a_short_stall_stays_counted_after_it() {
         }
         let (a, _) = env.start(config.clone()).await;
         let (b, _) = env.start(config).await;
-        a.admit("two", "warm").await.expect("warm up").success();
-        flush(&a).await;
-        env.server().pause();
-        let held = a.admit("one", "m").await.expect("admitted locally");
-        assert!(held.is_local());
+        let held = stall_and_admit_locally(&env, &a).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         env.server().resume();
         let mut both = Vec::new();
@@ -1196,12 +1203,8 @@ async fn a_local_permit_whose_registration_timed_out_is_released_in_redis() {
         // Local after one 100 ms timeout; one probe of Redis per second.
         let config = quick_local_with_one(&env);
         let (a, _) = env.start(config.clone()).await;
-        a.admit("two", "warm").await.expect("warm up").success();
-        flush(&a).await;
-        env.server().pause();
-        let held = a.admit("one", "m").await.expect("admitted locally");
+        let held = stall_and_admit_locally(&env, &a).await;
         let down = Instant::now();
-        assert!(held.is_local());
         env.server().resume();
         // Redis answers again but is busy from 0.9 s to 1.7 s after the replica went local.
         // The first probe (1 s after) starts by registering `held` (adopt.lua): it times out
@@ -1268,11 +1271,7 @@ async fn a_corrupted_key_of_one_feature_keeps_no_other_feature_off_redis() {
             r.retry_interval = Duration::from_millis(100);
         }
         let (a, _) = env.start(config).await;
-        a.admit("two", "warm").await.expect("warm up").success();
-        flush(&a).await;
-        env.server().pause();
-        let held = a.admit("one", "m").await.expect("admitted locally");
-        assert!(held.is_local());
+        let held = stall_and_admit_locally(&env, &a).await;
         env.server().resume();
         let permits = fusebox::keys::feature_keys("coordinator-test", "one").permits;
         assert_eq!(env.server().cli(&["SET", &permits, "garbage"]), "OK");
